@@ -1,0 +1,85 @@
+"""Annealing: weights ``(β_lik, β_prior, β_q)`` on the three ELBO terms as a function of the epoch (SPEC §4).
+
+``β = 1`` for every term is the true objective. Weighted values are only ever optimised; results
+store the unweighted ELBO and the weights separately.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+TERMS = ("likelihood", "prior", "entropy")
+
+
+@dataclass(frozen=True)
+class AnnealingWeights:
+    likelihood: float = 1.0
+    prior: float = 1.0
+    entropy: float = 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.likelihood == 1.0 and self.prior == 1.0 and self.entropy == 1.0
+
+
+def _check_term(term: str) -> None:
+    if term not in TERMS:
+        raise ValueError(f"annealing.term must be one of {list(TERMS)}, got {term!r}")
+
+
+class NoAnnealing:
+    """All weights 1 at every epoch."""
+
+    def __call__(self, epoch: int) -> AnnealingWeights:
+        return AnnealingWeights()
+
+    def final_epoch(self) -> int:
+        """First epoch from which the weights stay 1."""
+        return 0
+
+
+class StepAnnealing:
+    """``β_term = max(1, start - step · epoch)``.
+
+    The authors' prior annealing for non-amortised natural-image learning is
+    ``start=10, step=2`` on the prior: 10, 8, 6, 4, 2, then 1 (``max(1, 2(5 - epoch))``).
+    The authors' amortised schedule ``max(1, 2 - 0.1 epoch)`` is ``start=2, step=0.1``.
+    """
+
+    def __init__(self, term: str = "prior", start: float = 10.0, step: float = 2.0):
+        _check_term(term)
+        if start < 1:
+            raise ValueError(f"annealing.start must be >= 1, got {start}")
+        if step <= 0:
+            raise ValueError(f"annealing.step must be > 0, got {step}")
+        self.term, self.start, self.step = term, float(start), float(step)
+
+    def __call__(self, epoch: int) -> AnnealingWeights:
+        return AnnealingWeights(**{self.term: max(1.0, self.start - self.step * epoch)})
+
+    def final_epoch(self) -> int:
+        return max(0, math.ceil((self.start - 1.0) / self.step))
+
+
+class ExponentialAnnealing:
+    """``β_term = 1 + (start - 1) · decay^epoch``, set to exactly 1 once within ``tolerance`` of 1."""
+
+    def __init__(self, term: str = "prior", start: float = 10.0, decay: float = 0.5, tolerance: float = 1e-3):
+        _check_term(term)
+        if start < 1:
+            raise ValueError(f"annealing.start must be >= 1, got {start}")
+        if not 0 < decay < 1:
+            raise ValueError(f"annealing.decay must be in (0, 1), got {decay}")
+        if not tolerance > 0:
+            raise ValueError(f"annealing.tolerance must be > 0, got {tolerance}")
+        self.term, self.start, self.decay, self.tolerance = term, float(start), float(decay), float(tolerance)
+
+    def __call__(self, epoch: int) -> AnnealingWeights:
+        excess = (self.start - 1.0) * self.decay**epoch
+        return AnnealingWeights(**{self.term: 1.0 if excess < self.tolerance else 1.0 + excess})
+
+    def final_epoch(self) -> int:
+        if self.start - 1.0 < self.tolerance:
+            return 0
+        return math.ceil(math.log(self.tolerance / (self.start - 1.0)) / math.log(self.decay))

@@ -1,0 +1,158 @@
+"""Data sets (SPEC §7). Each builder returns a ``Dataset``: ``x (N,D)`` float64 numpy plus what is known
+about how it was made. Data are validated here, before any compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SOURCES = ("laplace", "bernoulli")
+FILE_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".mat")
+
+
+@dataclass
+class Dataset:
+    """x (N,D); W_true (D,H) when the generator is known; sources (N,H) likewise;
+    image_shape: how one data vector reshapes into an image (for figures), or None."""
+
+    name: str
+    x: np.ndarray
+    W_true: np.ndarray | None = None
+    sources: np.ndarray | None = None
+    noise: float | None = None
+    image_shape: tuple[int, int] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_data(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def n_observed(self) -> int:
+        return self.x.shape[1]
+
+
+def validate_data(x: np.ndarray, origin: str) -> np.ndarray:
+    """Check a data matrix: numeric, rank 2, non-empty, finite.  Returns float64 (N,D)."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise ValueError(f"{origin}: data must be a real numeric array, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{origin}: data must have shape (N, D) (rank 2), got shape {x.shape}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"{origin}: data is empty, shape {x.shape}")
+    finite = np.isfinite(x)
+    if not finite.all():
+        rows = np.unique(np.nonzero(~finite)[0])
+        raise ValueError(
+            f"{origin}: data holds {int((~finite).sum())} NaN/Inf values (first bad rows: {rows[:5].tolist()})"
+        )
+    return x.astype(np.float64, copy=False)
+
+
+def bars_dictionary(grid: int) -> np.ndarray:
+    """The ``2g`` bars of a ``g×g`` image: g vertical then g horizontal, amplitude 1.  -> (g², 2g)"""
+    W = np.zeros((grid, grid, 2 * grid))
+    for i in range(grid):
+        W[:, i, i] = 1.0  # vertical bar: column i
+        W[i, :, grid + i] = 1.0  # horizontal bar: row i
+    return W.reshape(grid * grid, 2 * grid)
+
+
+def make_bars(
+    grid: int = 5,
+    n_data: int = 1000,
+    sources: str = "laplace",
+    noise: float = 0.1,
+    bernoulli_probability: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """``x_n = W_bars z_n + σ_gen ε_n`` with ``z_nh ~ Laplace(0,1)`` or ``Bernoulli(π)``, ``ε ~ N(0, I)``."""
+    if int(grid) < 2:
+        raise ValueError(f"dataset.grid must be >= 2, got {grid}")
+    if int(n_data) < 1:
+        raise ValueError(f"dataset.n_data must be >= 1, got {n_data}")
+    if sources not in SOURCES:
+        raise ValueError(f"dataset.sources must be one of {list(SOURCES)}, got {sources!r}")
+    if not noise > 0:
+        raise ValueError(f"dataset.noise must be > 0, got {noise}")
+    if not 0 < bernoulli_probability <= 1:
+        raise ValueError(f"dataset.bernoulli_probability must be in (0, 1], got {bernoulli_probability}")
+    rng = np.random.default_rng(seed)
+    W = bars_dictionary(int(grid))
+    shape = (int(n_data), W.shape[1])
+    if sources == "laplace":
+        z = rng.laplace(0.0, 1.0, size=shape)
+    else:
+        z = (rng.random(shape) < bernoulli_probability).astype(np.float64)
+    x = z @ W.T + noise * rng.standard_normal((int(n_data), W.shape[0]))
+    return Dataset(
+        name="bars",
+        x=x,
+        W_true=W,
+        sources=z,
+        noise=float(noise),
+        image_shape=(int(grid), int(grid)),
+        info={"sources": sources},
+    )
+
+
+def _read_array(path: Path, key: str | None) -> np.ndarray:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return _pick(dict(archive), key, path)
+    if suffix in (".h5", ".hdf5"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            names: list[str] = []
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            chosen = _pick_name(names, key, path)
+            return f[chosen][()]
+    import scipy.io
+
+    variables = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
+    return _pick(variables, key, path)
+
+
+def _pick_name(names: list[str], key: str | None, path: Path) -> str:
+    if key is not None:
+        if key not in names:
+            raise KeyError(f"dataset.key={key!r} not found in {path}; available keys: {sorted(names)}")
+        return key
+    if len(names) != 1:
+        raise KeyError(f"{path} holds {len(names)} arrays {sorted(names)}: set dataset.key to one of them")
+    return names[0]
+
+
+def _pick(arrays: dict, key: str | None, path: Path) -> np.ndarray:
+    return np.asarray(arrays[_pick_name(list(arrays), key, path)])
+
+
+def load_file(path: str, key: str | None = None, max_data: int | None = None) -> Dataset:
+    """A user's ``(N, D)`` array from ``.npy``, ``.npz``, ``.h5``/``.hdf5`` (dataset name) or ``.mat`` (variable)."""
+    if path is None or str(path) == "":
+        raise ValueError("dataset.path must name a data file (dataset=file)")
+    file = Path(str(path)).expanduser()
+    if file.suffix.lower() not in FILE_SUFFIXES:
+        raise ValueError(f"dataset.path={str(path)!r}: unsupported file type {file.suffix!r}; allowed: {list(FILE_SUFFIXES)}")
+    if not file.is_file():
+        raise FileNotFoundError(f"dataset.path={str(path)!r}: no such file")
+    if file.stat().st_size == 0:
+        raise ValueError(f"dataset.path={str(path)!r}: the file is empty")
+    try:
+        raw = _read_array(file, key)
+    except (KeyError, ValueError, FileNotFoundError):
+        raise
+    except Exception as error:  # corrupt or unreadable container
+        raise ValueError(f"dataset.path={str(path)!r}: could not read the file ({error})") from error
+    x = validate_data(raw, f"dataset.path={str(path)!r}")
+    if max_data is not None:
+        x = x[: int(max_data)]
+    return Dataset(name="file", x=x, info={"path": str(file.resolve()), "key": key})

@@ -1,0 +1,114 @@
+"""Gaussian posterior batches ``q_n(z) = N(μ_n, Σ_n)``: the quantities the objectives need.
+
+Each class holds one minibatch of per-data-point Gaussians and exposes
+``mean (N,H)``, ``variance (N,H)`` (marginal ``Σ_n,hh``), ``entropy() (N,)``,
+``trace_term(gram) (N,)`` = ``tr(G Σ_n)`` with ``G = WᵀW`` and ``rsample(K) (K,N,H)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparse_elbo import closed_forms
+
+
+@dataclass
+class DiagonalGaussian:
+    """``Σ_n = diag(s_n²)``.  mean (N,H), std (N,H)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_std: torch.Tensor | None = None  # (N,H), when the std is stored as a log (exact entropy for tiny s)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.std**2
+
+    def entropy(self) -> torch.Tensor:
+        """``(H/2) log(2πe) + Σ_h log s_h``  ->  (N,)"""
+        log_std = self.log_std if self.log_std is not None else torch.log(self.std)
+        return closed_forms.gaussian_entropy_from_log_diag(log_std)
+
+    def trace_term(self, gram: torch.Tensor) -> torch.Tensor:
+        """``tr(G Σ) = Σ_h s_h² G_hh``;  gram (H,H)  ->  (N,)"""
+        return self.variance @ torch.diagonal(gram)
+
+    def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``z = μ + s ⊙ ε``  ->  (K,N,H)"""
+        eps = torch.randn(
+            (n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator
+        )
+        return self.mean + self.std * eps
+
+
+@dataclass
+class FullGaussian:
+    """``Σ_n = L_n L_nᵀ`` with lower-triangular ``L_n``.  mean (N,H), scale_tril (N,H,H)."""
+
+    mean: torch.Tensor
+    scale_tril: torch.Tensor
+    log_diag: torch.Tensor | None = None  # (N,H) = log|L_hh|, when stored as a log
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """``Σ_hh = Σ_j L_hj²``  ->  (N,H)"""
+        return self.scale_tril.pow(2).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        """``(H/2) log(2πe) + Σ_h log|L_hh|``  ->  (N,)"""
+        log_diag = self.log_diag
+        if log_diag is None:
+            log_diag = torch.log(torch.diagonal(self.scale_tril, dim1=-2, dim2=-1).abs())
+        return closed_forms.gaussian_entropy_from_log_diag(log_diag)
+
+    def trace_term(self, gram: torch.Tensor) -> torch.Tensor:
+        """``tr(G L Lᵀ) = Σ_ij (G L)_ij L_ij``;  gram (H,H)  ->  (N,)"""
+        return ((gram @ self.scale_tril) * self.scale_tril).sum((-2, -1))
+
+    def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``z = μ + L ε``  ->  (K,N,H)"""
+        eps = torch.randn(
+            (n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator
+        )
+        return self.mean + torch.einsum("nij,knj->kni", self.scale_tril, eps)
+
+
+@dataclass
+class LowRankGaussian:
+    """``Σ_n = V_n V_nᵀ + diag(d_n²)``.  mean (N,H), factor V (N,H,R), diag_std d (N,H).
+
+    Entropy and trace without a Cholesky factor (SPEC §3): the matrix determinant lemma
+    ``log det Σ = Σ_h log d_h² + log det(I_R + Vᵀ diag(d⁻²) V)`` and
+    ``tr(WᵀWΣ) = ||W V||_F² + Σ_h d_h² ||W_h||²``.
+    """
+
+    mean: torch.Tensor
+    factor: torch.Tensor
+    diag_std: torch.Tensor
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.factor.pow(2).sum(-1) + self.diag_std**2
+
+    def entropy(self) -> torch.Tensor:
+        scaled = self.factor / self.diag_std.unsqueeze(-1)  # (N,H,R)
+        rank = self.factor.shape[-1]
+        capacitance = torch.eye(rank, dtype=self.mean.dtype, device=self.mean.device) + scaled.transpose(
+            -1, -2
+        ) @ scaled  # (N,R,R)
+        logdet = 2.0 * torch.log(self.diag_std).sum(-1) + torch.logdet(capacitance)
+        return closed_forms.gaussian_entropy_from_logdet(logdet, self.mean.shape[-1])
+
+    def trace_term(self, gram: torch.Tensor) -> torch.Tensor:
+        """``tr(G (VVᵀ + D²)) = Σ (G V) ⊙ V + Σ_h d_h² G_hh``  ->  (N,)"""
+        low_rank = ((gram @ self.factor) * self.factor).sum((-2, -1))
+        return low_rank + self.diag_std.pow(2) @ torch.diagonal(gram)
+
+    def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        shape = (n_samples, *self.mean.shape)
+        kwargs = dict(dtype=self.mean.dtype, device=self.mean.device, generator=generator)
+        eps_low = torch.randn((n_samples, *self.factor.shape[:-2], self.factor.shape[-1]), **kwargs)
+        eps_diag = torch.randn(shape, **kwargs)
+        return self.mean + torch.einsum("nhr,knr->knh", self.factor, eps_low) + self.diag_std * eps_diag

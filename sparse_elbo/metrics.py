@@ -1,0 +1,56 @@
+"""Evaluation metrics (SPEC §8): sparseness and ground-truth field matching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def gini(values: torch.Tensor) -> torch.Tensor:
+    """Gini coefficient of ``|v|`` along the last axis (0 = all equal, 1 - 1/H = one non-zero):
+
+        G = Σ_i (2i - H - 1) |v|_(i) / (H Σ_i |v|_(i)),   |v|_(1) ≤ … ≤ |v|_(H)
+
+    values (...,H) -> (...)
+    """
+    H = values.shape[-1]
+    sorted_abs = values.abs().sort(dim=-1).values
+    ranks = torch.arange(1, H + 1, dtype=values.dtype, device=values.device)
+    total = sorted_abs.sum(-1)
+    weighted = (sorted_abs * (2 * ranks - H - 1)).sum(-1)
+    return weighted / (H * total.clamp_min(torch.finfo(values.dtype).tiny))
+
+
+def posterior_sample_gini(q, n_samples: int, generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Mean and std of the Gini coefficient of ``|z|`` over samples ``z ~ q_n`` and data points."""
+    z = q.rsample(n_samples, generator=generator)  # (K,N,H)
+    g = gini(z)
+    return float(g.mean()), float(g.std())
+
+
+@dataclass
+class FieldMatch:
+    """Learned-to-true matching up to permutation and sign.  assignment[j] = learned index matched
+    to true field j; cosines (H_true,) the matched |cosine|; recovered: min |cosine| ≥ threshold."""
+
+    assignment: np.ndarray
+    cosines: np.ndarray
+    min_cosine: float
+    recovered: bool
+
+
+def match_fields(W_learned: np.ndarray, W_true: np.ndarray, threshold: float = 0.95) -> FieldMatch:
+    """Hungarian matching on ``|cos(W_true_j, W_learned_h)|`` (sign-invariant).
+
+    W_learned (D,H), W_true (D,H_true) with H ≥ H_true.
+    """
+    learned = W_learned / np.linalg.norm(W_learned, axis=0).clip(1e-300)
+    true = W_true / np.linalg.norm(W_true, axis=0).clip(1e-300)
+    similarity = np.abs(true.T @ learned)  # (H_true,H)
+    rows, cols = linear_sum_assignment(similarity, maximize=True)
+    cosines = similarity[rows, cols]
+    min_cos = float(cosines.min())
+    return FieldMatch(assignment=cols, cosines=cosines, min_cosine=min_cos, recovered=min_cos >= threshold)

@@ -1,0 +1,76 @@
+"""The generative model ``p(z) = Π_h p(z_h; λ_h)``, ``p(x|z) = N(x; W z, σ² I_D)`` (SPEC §2).
+
+Gauge ``(W_h, λ_h) → (c W_h, λ_h / c)`` is fixed in one of two ways:
+
+- ``unit_norm`` (default, the paper's ``W̃``): ``W`` is stored unconstrained and used with unit-norm
+  columns, ``W_h = W_raw_h / ||W_raw_h||``; ``λ`` is free.
+- ``unit_lambda``: ``λ_h = 1`` and ``W`` is free.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparse_elbo.priors import LaplacePrior
+
+GAUGES = ("unit_norm", "unit_lambda")
+
+
+class SparseCodingModel(nn.Module):
+    """Parameters: ``W_raw (D,H)``, ``log_sigma2 ()``, ``log_lambda (H,)``."""
+
+    def __init__(
+        self,
+        n_observed: int,
+        n_latents: int,
+        prior=None,
+        gauge: str = "unit_norm",
+        init_sigma2: float = 1.0,
+        init_lambda: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if gauge not in GAUGES:
+            raise ValueError(f"model.gauge must be one of {list(GAUGES)}, got {gauge!r}")
+        if n_observed < 1 or n_latents < 1:
+            raise ValueError(f"model sizes must be >= 1, got D={n_observed}, n_latents={n_latents}")
+        if not (init_sigma2 > 0 and init_lambda > 0):
+            raise ValueError("model.init_sigma2 and model.init_lambda must be > 0")
+        self.n_observed, self.n_latents, self.gauge = n_observed, n_latents, gauge
+        self.prior = prior if prior is not None else LaplacePrior()
+        W = torch.randn(n_observed, n_latents, generator=generator, dtype=torch.float64)
+        self.W_raw = nn.Parameter((W / W.norm(dim=0)).float())
+        self.log_sigma2 = nn.Parameter(torch.tensor(math.log(init_sigma2)))
+        self.log_lambda = nn.Parameter(torch.full((n_latents,), math.log(init_lambda)))
+        if gauge == "unit_lambda":
+            self.log_lambda.requires_grad_(False)
+            self.log_lambda.data.zero_()
+
+    @property
+    def W(self) -> torch.Tensor:
+        """The dictionary used by the likelihood, (D,H)."""
+        if self.gauge == "unit_norm":
+            return self.W_raw / self.W_raw.norm(dim=0)
+        return self.W_raw
+
+    @property
+    def sigma2(self) -> torch.Tensor:
+        return self.log_sigma2.exp()
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return self.log_lambda.exp()
+
+    @torch.no_grad()
+    def set_dictionary(self, W: torch.Tensor) -> None:
+        """Set ``W (D,H)``; under ``unit_norm`` its columns are normalised when used."""
+        self.W_raw.copy_(W)
+
+    @torch.no_grad()
+    def set_noise_and_prior_scale(self, sigma2: torch.Tensor, lam: torch.Tensor) -> None:
+        self.log_sigma2.copy_(torch.log(sigma2))
+        if self.gauge == "unit_norm":
+            self.log_lambda.copy_(torch.log(lam))

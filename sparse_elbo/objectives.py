@@ -1,0 +1,150 @@
+"""The three objectives of SPEC §4. Each returns the ELBO averaged per data point (nats), its named
+terms and the annealing-weighted value that an optimiser maximises. Higher is better.
+
+- ``SampledELBO``:  ``(1/K) Σ_k [log p(x|z⁽ᵏ⁾) + log p(z⁽ᵏ⁾)] + H[q]``, ``z⁽ᵏ⁾ = μ + L ε⁽ᵏ⁾``; σ², λ learned.
+- ``AnalyticELBO``: ``E_q[log p(x|z)] + E_q[log p(z)] + H[q]`` in closed form; σ², λ learned.
+- ``EntropyELBO``:  ``L_H = (1/N) Σ_n H[q_n] - H[p(z; λ*)] - (D/2) log(2πe σ²*)`` with
+  ``λ*``, ``σ²*`` the closed-form optima (SPEC §3) and unit-norm dictionary columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sparse_elbo import closed_forms
+from sparse_elbo.annealing import AnnealingWeights
+
+UNIT_WEIGHTS = AnnealingWeights()
+
+
+@dataclass
+class ObjectiveValue:
+    """elbo: unweighted per-data-point ELBO (scalar); weighted: what the optimiser maximises;
+    terms: the three named terms (scalars), summing to elbo; sigma2 (), lam (H,): values used."""
+
+    elbo: torch.Tensor
+    weighted: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    sigma2: torch.Tensor
+    lam: torch.Tensor
+    per_point: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class DataStatistics:
+    """Full-data means used for ``σ²*`` and ``λ*``: residual (scalar) = mean_n E||x_n - W z||²,
+    prior_statistic (H,) = mean_n t_nh (e.g. E|z_h|). Trainers pass these when the batch is not the data."""
+
+    residual: torch.Tensor
+    prior_statistic: torch.Tensor
+
+
+def _weighted_sum(terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], weights: AnnealingWeights):
+    likelihood, prior, entropy = terms
+    return weights.likelihood * likelihood + weights.prior * prior + weights.entropy * entropy
+
+
+class AnalyticELBO:
+    """Closed-form ELBO with σ² and λ as learned model parameters."""
+
+    learns_noise_and_prior_scale = True
+    requires_unit_norm = False
+
+    def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
+        W = model.W  # (D,H)
+        sigma2, lam = model.sigma2, model.lam
+        trace = q.trace_term(W.T @ W)  # (N,)
+        log_lik = closed_forms.expected_log_likelihood(x, W, q.mean, trace, sigma2)  # (N,)
+        log_prior = model.prior.expected_log_prob(q.mean, q.variance, lam)  # (N,)
+        entropy = q.entropy()  # (N,)
+        per_point = log_lik + log_prior + entropy
+        terms = (log_lik.mean(), log_prior.mean(), entropy.mean())
+        return ObjectiveValue(
+            elbo=per_point.mean(),
+            weighted=_weighted_sum(terms, weights),
+            terms=dict(zip(("expected_log_likelihood", "expected_log_prior", "posterior_entropy"), terms)),
+            sigma2=sigma2,
+            lam=lam,
+            per_point=per_point,
+        )
+
+
+class SampledELBO:
+    """Reparameterised Monte Carlo ELBO with ``n_samples`` samples per data point; entropy exact."""
+
+    learns_noise_and_prior_scale = True
+    requires_unit_norm = False
+
+    def __init__(self, n_samples: int = 1):
+        if int(n_samples) < 1:
+            raise ValueError(f"objective.n_samples must be >= 1 for the sampled objective, got {n_samples}")
+        self.n_samples = int(n_samples)
+
+    def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
+        W = model.W  # (D,H)
+        sigma2, lam = model.sigma2, model.lam
+        z = q.rsample(self.n_samples, generator=generator)  # (K,N,H)
+        residual = (x - z @ W.T).pow(2).sum(-1)  # (K,N)
+        D = x.shape[-1]
+        log_lik = (-0.5 * D * (closed_forms.LOG_2PI + torch.log(sigma2)) - residual / (2 * sigma2)).mean(0)  # (N,)
+        log_prior = model.prior.log_prob(z, lam).mean(0)  # (N,)
+        entropy = q.entropy()  # (N,)
+        per_point = log_lik + log_prior + entropy
+        terms = (log_lik.mean(), log_prior.mean(), entropy.mean())
+        return ObjectiveValue(
+            elbo=per_point.mean(),
+            weighted=_weighted_sum(terms, weights),
+            terms=dict(zip(("expected_log_likelihood", "expected_log_prior", "posterior_entropy"), terms)),
+            sigma2=sigma2,
+            lam=lam,
+            per_point=per_point,
+        )
+
+
+class EntropyELBO:
+    """The paper's entropy objective ``L_H`` (three entropies) at ``λ*``, ``σ²*``.
+
+    ``statistics=None`` takes the optima from the batch itself (exact when the batch is the data);
+    trainers that see minibatches pass full-data ``DataStatistics`` (SPEC §4 ``full``).
+    """
+
+    learns_noise_and_prior_scale = False
+    requires_unit_norm = True
+
+    def batch_statistics(self, x, q, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-data-point residual energy (N,) and prior statistic (N,H)."""
+        W = model.W
+        trace = q.trace_term(W.T @ W)
+        residual = closed_forms.residual_energy(x, W, q.mean, trace)  # (N,)
+        return residual, model.prior.statistic(q.mean, q.variance)  # (N,), (N,H)
+
+    def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
+        D = x.shape[-1]
+        if statistics is None:
+            residual, prior_stat = self.batch_statistics(x, q, model)
+            statistics = DataStatistics(residual.mean(), prior_stat.mean(0))
+        sigma2 = statistics.residual / D  # σ²*
+        lam = statistics.prior_statistic  # λ*
+        entropy = q.entropy()  # (N,)
+        posterior_entropy = entropy.mean()
+        prior_entropy = model.prior.entropy(lam)
+        likelihood_entropy = closed_forms.gaussian_noise_entropy(sigma2, D)
+        elbo = posterior_entropy - prior_entropy - likelihood_entropy
+        weighted = (
+            weights.entropy * posterior_entropy
+            - weights.prior * prior_entropy
+            - weights.likelihood * likelihood_entropy
+        )
+        return ObjectiveValue(
+            elbo=elbo,
+            weighted=weighted,
+            terms={
+                "posterior_entropy": posterior_entropy,
+                "prior_entropy": prior_entropy,
+                "likelihood_entropy": likelihood_entropy,
+            },
+            sigma2=sigma2,
+            lam=lam,
+        )

@@ -1,0 +1,63 @@
+"""What a trainer works on: data on the device, the model, the posterior, the objective, the schedule."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sparse_elbo.annealing import AnnealingWeights
+
+
+@dataclass
+class Problem:
+    """x (N,D) on the run's device and dtype; components already built and moved there."""
+
+    x: torch.Tensor
+    model: torch.nn.Module
+    posterior: torch.nn.Module
+    objective: object
+    annealing: object
+    seed: int = 0
+
+    def trainable_parameters(self, train_dictionary: bool = True) -> list[torch.nn.Parameter]:
+        """W (if trained), σ² and λ (if the objective learns them) and every posterior parameter."""
+        params = list(self.posterior.parameters())
+        if train_dictionary:
+            params.append(self.model.W_raw)
+        if self.objective.learns_noise_and_prior_scale:
+            params.append(self.model.log_sigma2)
+            if self.model.log_lambda.requires_grad:
+                params.append(self.model.log_lambda)
+        return params
+
+
+@dataclass
+class FitOutcome:
+    epochs: int
+    converged: bool
+    stop_reason: str
+    train_time: float
+
+
+# evaluate(epoch, weights, train_time) is called after every epoch; it logs and returns the
+# unweighted full-data objective value.
+Evaluate = Callable[[int, AnnealingWeights, float], object]
+
+
+@dataclass
+class Stopwatch:
+    """Accumulates training time, excluding evaluation."""
+
+    total: float = 0.0
+    _start: float | None = field(default=None, repr=False)
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self._start
+        return False

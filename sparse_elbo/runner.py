@@ -1,0 +1,252 @@
+"""Assemble one run from a composed config: validate, build components with ``_target_``, train,
+evaluate, write ``results.h5`` and return a summary. ``sparse_elbo.train`` is the Hydra front end."""
+
+from __future__ import annotations
+
+import platform
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_elbo import __version__, metrics
+from sparse_elbo.evaluation import evaluate_problem, ground_truth_elbo, sparseness
+from sparse_elbo.problem import Problem
+from sparse_elbo.results import ResultsWriter
+
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class RunInterrupted(RuntimeError):
+    """SIGTERM (or SIGINT) arrived while training."""
+
+
+@dataclass
+class RunSummary:
+    results_path: Path
+    elbo: float
+    ground_truth_elbo: float | None
+    min_cosine: float | None
+    recovered: bool | None
+    sigma: float
+    lambda_range: tuple[float, float]
+    epochs: int
+    stop_reason: str
+    train_time: float
+
+    def lines(self) -> list[str]:
+        out = [f"final ELBO            {self.elbo:.4f} nats per data point"]
+        if self.ground_truth_elbo is not None:
+            out.append(f"ground-truth ELBO     {self.ground_truth_elbo:.4f} (W fixed to the generator's)")
+        if self.min_cosine is not None:
+            out.append(f"min matched |cosine|  {self.min_cosine:.4f} ({'all fields recovered' if self.recovered else 'NOT all recovered'})")
+        out += [
+            f"sigma                 {self.sigma:.4f}",
+            f"lambda range          [{self.lambda_range[0]:.4f}, {self.lambda_range[1]:.4f}]",
+            f"training time         {self.train_time:.2f} s over {self.epochs} epochs (stop: {self.stop_reason})",
+            f"results               {self.results_path}",
+        ]
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {list(DEVICES)}, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def resolve_n_latents(cfg: DictConfig, dataset) -> int:
+    n_latents = cfg.n_latents
+    if n_latents is None:
+        if dataset.W_true is None:
+            raise ValueError("n_latents is missing: set n_latents=<H> (this data set has no generating dictionary)")
+        return int(dataset.W_true.shape[1])
+    if int(n_latents) < 1:
+        raise ValueError(f"n_latents must be >= 1, got {n_latents}")
+    return int(n_latents)
+
+
+def _versions() -> str:
+    import h5py
+    import hydra
+
+    return (
+        f"sparse_elbo={__version__} torch={torch.__version__} numpy={np.__version__} "
+        f"h5py={h5py.__version__} hydra={hydra.__version__} python={platform.python_version()}"
+    )
+
+
+def build(cfg: DictConfig):
+    """Validate the config and build every component; nothing is trained here."""
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    torch.manual_seed(int(cfg.seed))
+    dataset = instantiate(cfg.dataset)
+    n_latents = resolve_n_latents(cfg, dataset)
+    objective = instantiate(cfg.objective)
+    annealing = instantiate(cfg.annealing)
+    trainer = instantiate(cfg.trainer)
+    posterior_factory = instantiate(cfg.posterior)
+    family = getattr(posterior_factory.func, "family", None)
+    if family not in trainer.supported_families:
+        raise ValueError(
+            f"posterior={family} is not supported by trainer {type(trainer).__name__}; "
+            f"allowed posteriors: {list(trainer.supported_families)}"
+        )
+    model_factory = instantiate(cfg.model)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    model = model_factory(n_observed=dataset.n_observed, n_latents=n_latents, generator=generator)
+    if objective.requires_unit_norm and model.gauge != "unit_norm":
+        raise ValueError(f"objective={type(objective).__name__} needs model.gauge=unit_norm, got {model.gauge!r}")
+    posterior = posterior_factory(n_data=dataset.n_data, n_latents=n_latents)
+    x = torch.as_tensor(dataset.x, dtype=dtype, device=device)
+    problem = Problem(
+        x=x,
+        model=model.to(device=device, dtype=dtype),
+        posterior=posterior.to(device=device, dtype=dtype),
+        objective=objective,
+        annealing=annealing,
+        seed=int(cfg.seed),
+    )
+    return dataset, problem, trainer, posterior_factory
+
+
+def _posterior_fits(problem: Problem, limit: int) -> bool:
+    return sum(v.numel() for v in problem.posterior.state_arrays().values()) <= limit
+
+
+def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None, progress: bool | None = None) -> RunSummary:
+    """Run one experiment; write ``output_dir/results.h5``; return its summary."""
+    dataset, problem, trainer, posterior_factory = build(cfg)
+    device = problem.x.device
+    W_true = None if dataset.W_true is None else torch.as_tensor(dataset.W_true, dtype=problem.x.dtype, device=device)
+    writer = ResultsWriter(
+        Path(output_dir) / "results.h5",
+        attrs={
+            "config": OmegaConf.to_yaml(cfg, resolve=True),
+            "overrides": "\n".join(overrides or []),
+            "versions": _versions(),
+            "seed": int(cfg.seed),
+            "device": str(device),
+            "dtype": str(cfg.dtype),
+        },
+    )
+    if dataset.W_true is not None:
+        writer.write_group("data", {"W_true": dataset.W_true})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=trainer.max_epochs, desc="epochs", disable=None if progress is None else not progress, leave=False)
+
+    def evaluate(epoch, weights, train_time):
+        value = evaluate_problem(problem, weights)
+        gini_mean, gini_std = sparseness(problem, cfg.evaluation.gini_samples)
+        row = {
+            "epoch": epoch,
+            "elbo": value.elbo,
+            **{f"term/{k}": v for k, v in value.terms.items()},
+            "sigma2": value.sigma2,
+            "lambda": value.lam,
+            "weight/likelihood": weights.likelihood,
+            "weight/prior": weights.prior,
+            "weight/entropy": weights.entropy,
+            "gini_mean": gini_mean,
+            "gini_std": gini_std,
+            "wall_time": train_time,
+        }
+        if W_true is not None:
+            row["min_matched_cosine"] = metrics.match_fields(
+                problem.model.W.detach().cpu().numpy(), dataset.W_true, cfg.evaluation.recovery_threshold
+            ).min_cosine
+        if not all(np.isfinite(np.asarray(v.detach().cpu() if torch.is_tensor(v) else v)).all() for v in row.values()):
+            bad = [k for k, v in row.items() if not np.isfinite(np.asarray(v.detach().cpu() if torch.is_tensor(v) else v)).all()]
+            raise FloatingPointError(f"non-finite values at epoch {epoch}: {bad}")
+        writer.append_metrics(row)
+        if cfg.results.snapshot_every > 0 and epoch % cfg.results.snapshot_every == 0:
+            writer.append_snapshot(epoch, problem.model.W.detach())
+        bar.update(1)
+        bar.set_postfix(elbo=f"{float(value.elbo):.4f}")
+        return value
+
+    def on_sigterm(signum, frame):
+        raise RunInterrupted(f"received signal {signum}")
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
+    try:
+        outcome = trainer.fit(problem, evaluate)
+        bar.close()
+        final_value = evaluate_problem(problem, problem.annealing(10**9))
+        problem.model.set_noise_and_prior_scale(final_value.sigma2.detach(), final_value.lam.detach())
+        final = {
+            "W": problem.model.W.detach(),
+            "sigma2": final_value.sigma2,
+            "lambda": final_value.lam,
+            "elbo": final_value.elbo,
+            "epochs": outcome.epochs,
+            "converged": outcome.converged,
+            "stop_reason": outcome.stop_reason,
+            "train_time": outcome.train_time,
+        }
+        if _posterior_fits(problem, int(cfg.results.max_posterior_numbers)):
+            final["posterior"] = problem.posterior.state_arrays()
+        gt_elbo = match = None
+        if W_true is not None:
+            match = metrics.match_fields(problem.model.W.detach().cpu().numpy(), dataset.W_true, cfg.evaluation.recovery_threshold)
+            final.update(
+                min_matched_cosine=match.min_cosine,
+                recovered=match.recovered,
+                matched_cosines=match.cosines,
+                assignment=match.assignment,
+            )
+            if cfg.evaluation.ground_truth:
+                gt_elbo = ground_truth_elbo(
+                    problem.x, W_true, posterior_factory, problem.model.prior, instantiate(cfg.evaluation.ground_truth_trainer), int(cfg.seed)
+                )
+                final["ground_truth_elbo"] = gt_elbo
+        writer.write_group("final", final)
+    except (KeyboardInterrupt, RunInterrupted) as error:
+        bar.close()
+        writer.close("interrupted", reason=repr(error))
+        raise
+    except BaseException as error:
+        bar.close()
+        writer.close("failed", reason=f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    writer.close("finished")
+    lam = final_value.lam.detach().cpu().numpy()
+    return RunSummary(
+        results_path=writer.path,
+        elbo=float(final_value.elbo),
+        ground_truth_elbo=gt_elbo,
+        min_cosine=None if match is None else match.min_cosine,
+        recovered=None if match is None else match.recovered,
+        sigma=float(final_value.sigma2.sqrt()),
+        lambda_range=(float(lam.min()), float(lam.max())),
+        epochs=outcome.epochs,
+        stop_reason=outcome.stop_reason,
+        train_time=outcome.train_time,
+    )
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,1 @@
+"""Learning algorithms (SPEC §6). Each trainer exposes ``fit(problem, evaluate) -> FitOutcome``."""
