@@ -148,7 +148,7 @@ def load_file(path: str, key: str | None = None, max_data: int | None = None) ->
         raise ValueError(f"dataset.path={str(path)!r}: the file is empty")
     try:
         raw = _read_array(file, key)
-    except (KeyError, ValueError, FileNotFoundError):
+    except KeyError:
         raise
     except Exception as error:  # corrupt or unreadable container
         raise ValueError(f"dataset.path={str(path)!r}: could not read the file ({error})") from error

@@ -82,7 +82,10 @@ class ResultsWriter:
                 continue
             if name in target:
                 del target[name]
-            target.create_dataset(name, data=_as_numpy(value))
+            if isinstance(value, str):
+                target.create_dataset(name, data=value, dtype=h5py.string_dtype())
+            else:
+                target.create_dataset(name, data=_as_numpy(value))
         self.file.flush()
 
     def set_attrs(self, **attrs) -> None:
@@ -121,7 +124,11 @@ class Results:
 def _read_group(group: h5py.Group) -> dict:
     out = {}
     for name, item in group.items():
-        out[name] = _read_group(item) if isinstance(item, h5py.Group) else item[()]
+        if isinstance(item, h5py.Group):
+            out[name] = _read_group(item)
+        else:
+            value = item[()]
+            out[name] = value.decode() if isinstance(value, bytes) else value
     return out
 
 
