@@ -56,10 +56,15 @@ class StepAnnealing:
         self.term, self.start, self.step = term, float(start), float(step)
 
     def __call__(self, epoch: int) -> AnnealingWeights:
-        return AnnealingWeights(**{self.term: max(1.0, self.start - self.step * epoch)})
+        weight = 1.0 if epoch >= self.final_epoch() else max(1.0, self.start - self.step * epoch)
+        return AnnealingWeights(**{self.term: weight})
 
     def final_epoch(self) -> int:
-        return max(0, math.ceil((self.start - 1.0) / self.step))
+        """First epoch ``e`` with ``start - step·e ≤ 1`` (checked exactly, not through a rounded ratio)."""
+        epoch = max(0, math.floor((self.start - 1.0) / self.step) - 1)
+        while self.start - self.step * epoch > 1.0:
+            epoch += 1
+        return epoch
 
 
 class ExponentialAnnealing:
@@ -75,11 +80,18 @@ class ExponentialAnnealing:
             raise ValueError(f"annealing.tolerance must be > 0, got {tolerance}")
         self.term, self.start, self.decay, self.tolerance = term, float(start), float(decay), float(tolerance)
 
+    def _excess(self, epoch: int) -> float:
+        return (self.start - 1.0) * self.decay**epoch
+
     def __call__(self, epoch: int) -> AnnealingWeights:
-        excess = (self.start - 1.0) * self.decay**epoch
-        return AnnealingWeights(**{self.term: 1.0 if excess < self.tolerance else 1.0 + excess})
+        weight = 1.0 if epoch >= self.final_epoch() else 1.0 + self._excess(epoch)
+        return AnnealingWeights(**{self.term: weight})
 
     def final_epoch(self) -> int:
+        """First epoch whose excess weight ``(start - 1)·decay^e`` is below ``tolerance``."""
         if self.start - 1.0 < self.tolerance:
             return 0
-        return math.ceil(math.log(self.tolerance / (self.start - 1.0)) / math.log(self.decay))
+        epoch = max(0, math.floor(math.log(self.tolerance / (self.start - 1.0)) / math.log(self.decay)) - 1)
+        while self._excess(epoch) >= self.tolerance:
+            epoch += 1
+        return epoch

@@ -20,21 +20,27 @@ class _FoldedNormalMean(torch.autograd.Function):
     """``E|z|`` with hand-written gradients that stay finite for ``s → 0`` and ``|μ|/s → ∞``:
 
         ∂E|z|/∂μ = erf(μ / (sqrt(2) s)),     ∂E|z|/∂s = sqrt(2/π) exp(-μ²/(2 s²))
+
+    The backward pass is itself built from differentiable operations on the inputs, so Hessians
+    (double backward) are exact too.
     """
 
     @staticmethod
     def forward(ctx, mean, std):
+        ctx.save_for_backward(mean, std)
         std = std.clamp_min(torch.finfo(std.dtype).tiny)
         ratio = mean / std
         density = math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * ratio**2)  # 2 φ(μ/s)
         sign_mass = torch.erf(ratio / math.sqrt(2.0))  # P(z>0) - P(z<0)
-        ctx.save_for_backward(sign_mass, density)
         return std * density + mean * sign_mass
 
     @staticmethod
     def backward(ctx, grad_output):
-        sign_mass, density = ctx.saved_tensors
-        return grad_output * sign_mass, grad_output * density
+        mean, std = ctx.saved_tensors
+        ratio = mean / std.clamp_min(torch.finfo(std.dtype).tiny)
+        grad_mean = torch.erf(ratio / math.sqrt(2.0))
+        grad_std = math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * ratio**2)
+        return grad_output * grad_mean, grad_output * grad_std
 
 
 def folded_normal_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from sparse_elbo import metrics
 from sparse_elbo.model import SparseCodingModel
-from sparse_elbo.objectives import AnalyticELBO, EntropyELBO, ObjectiveValue
+from sparse_elbo.objectives import AnalyticELBO, DataStatistics, EntropyELBO, ObjectiveValue
 from sparse_elbo.problem import Problem
 
 
@@ -17,17 +17,44 @@ def exact_objective(objective):
     return AnalyticELBO() if objective.learns_noise_and_prior_scale else EntropyELBO()
 
 
-@torch.no_grad()
-def evaluate_problem(problem: Problem, weights) -> ObjectiveValue:
-    """Exact full-data objective; ``weighted`` uses ``weights``, ``elbo`` never does."""
-    q = problem.posterior()
-    return exact_objective(problem.objective)(problem.x, q, problem.model, weights)
+def data_blocks(n: int, size: int, device) -> list[torch.Tensor]:
+    """Consecutive index blocks covering ``0..n-1``."""
+    return [torch.arange(start, min(start + size, n), device=device) for start in range(0, n, size)]
 
 
 @torch.no_grad()
-def sparseness(problem: Problem, n_samples: int = 10) -> tuple[float, float]:
+def evaluate_problem(problem: Problem, weights, block_size: int = 16384) -> ObjectiveValue:
+    """Exact full-data objective, accumulated over blocks of data points so that memory stays bounded;
+    ``weighted`` uses ``weights``, ``elbo`` never does."""
+    objective = exact_objective(problem.objective)
+    x, model, n = problem.x, problem.model, problem.x.shape[0]
+    if n <= block_size:
+        return objective(x, problem.posterior(), model, weights)
+    if isinstance(objective, EntropyELBO):
+        residual, prior_stat, entropy = x.new_zeros(()), x.new_zeros(model.n_latents), x.new_zeros(())
+        for index in data_blocks(n, block_size, x.device):
+            q = problem.posterior(index)
+            r, t = objective.batch_statistics(x[index], q, model)
+            residual, prior_stat, entropy = residual + r.sum(), prior_stat + t.sum(0), entropy + q.entropy().sum()
+        statistics = DataStatistics(residual / n, prior_stat / n)
+        return EntropyELBO.from_statistics(entropy / n, statistics, x.shape[1], model.prior, weights)
+    values = [(len(index), objective(x[index], problem.posterior(index), model, weights)) for index in data_blocks(n, block_size, x.device)]
+    terms = {name: sum(m * v.terms[name] for m, v in values) / n for name in values[0][1].terms}
+    return ObjectiveValue(
+        elbo=sum(m * v.elbo for m, v in values) / n,
+        weighted=sum(m * v.weighted for m, v in values) / n,
+        terms=terms,
+        sigma2=model.sigma2,
+        lam=model.lam,
+    )
+
+
+@torch.no_grad()
+def sparseness(problem: Problem, n_samples: int = 10, max_data_points: int = 10000) -> tuple[float, float]:
+    """Gini of |z| over ``n_samples`` posterior samples of (at most) the first ``max_data_points`` points."""
     generator = torch.Generator(device=problem.x.device).manual_seed(problem.seed + 7)
-    return metrics.posterior_sample_gini(problem.posterior(), n_samples, generator)
+    index = torch.arange(min(problem.x.shape[0], max_data_points), device=problem.x.device)
+    return metrics.posterior_sample_gini(problem.posterior(index), n_samples, generator)
 
 
 def ground_truth_elbo(

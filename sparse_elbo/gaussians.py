@@ -31,6 +31,10 @@ class DiagonalGaussian:
         log_std = self.log_std if self.log_std is not None else torch.log(self.std)
         return closed_forms.gaussian_entropy_from_log_diag(log_std)
 
+    def covariance_sum(self) -> torch.Tensor:
+        """``Σ_n Σ_n``  ->  (H,H)"""
+        return torch.diag(self.variance.sum(0))
+
     def trace_term(self, gram: torch.Tensor) -> torch.Tensor:
         """``tr(G Σ) = Σ_h s_h² G_hh``;  gram (H,H)  ->  (N,)"""
         return self.variance @ torch.diagonal(gram)
@@ -62,6 +66,10 @@ class FullGaussian:
         if log_diag is None:
             log_diag = torch.log(torch.diagonal(self.scale_tril, dim1=-2, dim2=-1).abs())
         return closed_forms.gaussian_entropy_from_log_diag(log_diag)
+
+    def covariance_sum(self) -> torch.Tensor:
+        """``Σ_n L_n L_nᵀ``  ->  (H,H)"""
+        return torch.einsum("nij,nkj->ik", self.scale_tril, self.scale_tril)
 
     def trace_term(self, gram: torch.Tensor) -> torch.Tensor:
         """``tr(G L Lᵀ) = Σ_ij (G L)_ij L_ij``;  gram (H,H)  ->  (N,)"""
@@ -100,6 +108,10 @@ class LowRankGaussian:
         ) @ scaled  # (N,R,R)
         logdet = 2.0 * torch.log(self.diag_std).sum(-1) + torch.logdet(capacitance)
         return closed_forms.gaussian_entropy_from_logdet(logdet, self.mean.shape[-1])
+
+    def covariance_sum(self) -> torch.Tensor:
+        """``Σ_n (V_n V_nᵀ + diag(d_n²))``  ->  (H,H)"""
+        return torch.einsum("nir,nkr->ik", self.factor, self.factor) + torch.diag(self.diag_std.pow(2).sum(0))
 
     def trace_term(self, gram: torch.Tensor) -> torch.Tensor:
         """``tr(G (VVᵀ + D²)) = Σ (G V) ⊙ V + Σ_h d_h² G_hh``  ->  (N,)"""

@@ -54,3 +54,23 @@ def match_fields(W_learned: np.ndarray, W_true: np.ndarray, threshold: float = 0
     cosines = similarity[rows, cols]
     min_cos = float(cosines.min())
     return FieldMatch(assignment=cols, cosines=cosines, min_cosine=min_cos, recovered=min_cos >= threshold)
+
+
+def localisation_index(W: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
+    """Spatial spread of each field's energy relative to that of a uniform field (1 ≈ unlocalised,
+    small = localised):
+
+        e_hp = W_hp² / Σ_p W_hp²,   c_h = Σ_p e_hp r_p,   spread_h = sqrt(Σ_p e_hp ||r_p - c_h||²)
+        index_h = spread_h / spread(uniform field),   spread(uniform)² = (rows² - 1)/12 + (cols² - 1)/12
+
+    W (D,H) with D = rows·cols  ->  (H,)
+    """
+    rows, cols = image_shape
+    energy = W**2 / np.clip((W**2).sum(0, keepdims=True), 1e-300, None)  # (D,H)
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    coords = np.stack([r.ravel(), c.ravel()], axis=1).astype(np.float64)  # (D,2)
+    centre = energy.T @ coords  # (H,2)
+    squared_distance = ((coords[None, :, :] - centre[:, None, :]) ** 2).sum(-1)  # (H,D)
+    spread = np.sqrt((energy.T * squared_distance).sum(-1))  # (H,)
+    uniform = np.sqrt((rows**2 - 1) / 12 + (cols**2 - 1) / 12)
+    return spread / uniform

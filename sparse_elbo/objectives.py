@@ -22,7 +22,9 @@ UNIT_WEIGHTS = AnnealingWeights()
 @dataclass
 class ObjectiveValue:
     """elbo: unweighted per-data-point ELBO (scalar); weighted: what the optimiser maximises;
-    terms: the three named terms (scalars), summing to elbo; sigma2 (), lam (H,): values used."""
+    terms: the three named terms (scalars) — expectations that sum to elbo for the analytic and
+    sampled objectives, entropies with elbo = posterior − prior − likelihood entropy for ``L_H``;
+    sigma2 (), lam (H,): the values used."""
 
     elbo: torch.Tensor
     weighted: torch.Tensor
@@ -46,6 +48,20 @@ def _weighted_sum(terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], weight
     return weights.likelihood * likelihood + weights.prior * prior + weights.entropy * entropy
 
 
+def _expectation_value(log_lik, log_prior, entropy, weights, sigma2, lam) -> ObjectiveValue:
+    """ELBO ``= E[log p(x|z)] + E[log p(z)] + H[q]`` from per-data-point terms (N,) each."""
+    per_point = log_lik + log_prior + entropy  # (N,)
+    terms = (log_lik.mean(), log_prior.mean(), entropy.mean())
+    return ObjectiveValue(
+        elbo=per_point.mean(),
+        weighted=_weighted_sum(terms, weights),
+        terms=dict(zip(("expected_log_likelihood", "expected_log_prior", "posterior_entropy"), terms)),
+        sigma2=sigma2,
+        lam=lam,
+        per_point=per_point,
+    )
+
+
 class AnalyticELBO:
     """Closed-form ELBO with σ² and λ as learned model parameters."""
 
@@ -58,17 +74,7 @@ class AnalyticELBO:
         trace = q.trace_term(W.T @ W)  # (N,)
         log_lik = closed_forms.expected_log_likelihood(x, W, q.mean, trace, sigma2)  # (N,)
         log_prior = model.prior.expected_log_prob(q.mean, q.variance, lam)  # (N,)
-        entropy = q.entropy()  # (N,)
-        per_point = log_lik + log_prior + entropy
-        terms = (log_lik.mean(), log_prior.mean(), entropy.mean())
-        return ObjectiveValue(
-            elbo=per_point.mean(),
-            weighted=_weighted_sum(terms, weights),
-            terms=dict(zip(("expected_log_likelihood", "expected_log_prior", "posterior_entropy"), terms)),
-            sigma2=sigma2,
-            lam=lam,
-            per_point=per_point,
-        )
+        return _expectation_value(log_lik, log_prior, q.entropy(), weights, sigma2, lam)
 
 
 class SampledELBO:
@@ -90,17 +96,7 @@ class SampledELBO:
         D = x.shape[-1]
         log_lik = (-0.5 * D * (closed_forms.LOG_2PI + torch.log(sigma2)) - residual / (2 * sigma2)).mean(0)  # (N,)
         log_prior = model.prior.log_prob(z, lam).mean(0)  # (N,)
-        entropy = q.entropy()  # (N,)
-        per_point = log_lik + log_prior + entropy
-        terms = (log_lik.mean(), log_prior.mean(), entropy.mean())
-        return ObjectiveValue(
-            elbo=per_point.mean(),
-            weighted=_weighted_sum(terms, weights),
-            terms=dict(zip(("expected_log_likelihood", "expected_log_prior", "posterior_entropy"), terms)),
-            sigma2=sigma2,
-            lam=lam,
-            per_point=per_point,
-        )
+        return _expectation_value(log_lik, log_prior, q.entropy(), weights, sigma2, lam)
 
 
 class EntropyELBO:
@@ -121,16 +117,20 @@ class EntropyELBO:
         return residual, model.prior.statistic(q.mean, q.variance)  # (N,), (N,H)
 
     def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
-        D = x.shape[-1]
         if statistics is None:
             residual, prior_stat = self.batch_statistics(x, q, model)
             statistics = DataStatistics(residual.mean(), prior_stat.mean(0))
-        sigma2 = statistics.residual / D  # σ²*
+        return self.from_statistics(q.entropy().mean(), statistics, x.shape[-1], model.prior, weights)
+
+    @staticmethod
+    def from_statistics(
+        posterior_entropy: torch.Tensor, statistics: DataStatistics, n_observed: int, prior, weights=UNIT_WEIGHTS
+    ) -> ObjectiveValue:
+        """``L_H`` from the mean posterior entropy and the data means behind ``σ²*`` and ``λ*``."""
+        sigma2 = statistics.residual / n_observed  # σ²*
         lam = statistics.prior_statistic  # λ*
-        entropy = q.entropy()  # (N,)
-        posterior_entropy = entropy.mean()
-        prior_entropy = model.prior.entropy(lam)
-        likelihood_entropy = closed_forms.gaussian_noise_entropy(sigma2, D)
+        prior_entropy = prior.entropy(lam)
+        likelihood_entropy = closed_forms.gaussian_noise_entropy(sigma2, n_observed)
         elbo = posterior_entropy - prior_entropy - likelihood_entropy
         weighted = (
             weights.entropy * posterior_entropy

@@ -2,9 +2,15 @@
 
 ``posterior(index)`` returns the Gaussians ``q_n`` of the data points ``index`` (all when None).
 Standard deviations and the diagonal of ``L`` are stored as logs so that they stay positive.
+Every parameter has the data index as its first axis, so that a trainer can optimise a block of
+data points on its own: ``block = posterior.block_parameters(index)`` gives detached leaf copies,
+``posterior.gaussian(block)`` the Gaussians they define, ``posterior.write_block(index, block)``
+stores them back.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -21,7 +27,43 @@ def _check_sizes(n_data: int, n_latents: int, init_std: float) -> None:
         raise ValueError(f"posterior.init_std must be > 0, got {init_std}")
 
 
-class DiagonalPosterior(nn.Module):
+def _check_positive(scale: torch.Tensor) -> None:
+    if not bool((scale > 0).all()):
+        raise ValueError("rescale_latents needs positive scales (a sign flip is not a rescaling)")
+
+
+class _PerDataPointPosterior(nn.Module):
+    """Shared block handling; subclasses define ``gaussian(params)`` and ``initial_values(n)``."""
+
+    def forward(self, index: torch.Tensor | None = None):
+        params = dict(self.named_parameters())
+        if index is not None:
+            params = {name: value[index] for name, value in params.items()}
+        return self.gaussian(params)
+
+    def block_parameters(self, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Detached leaf copies of the parameters of data points ``index`` (all when None)."""
+        return {
+            name: (value if index is None else value[index]).detach().clone().requires_grad_(True)
+            for name, value in self.named_parameters()
+        }
+
+    @torch.no_grad()
+    def write_block(self, index: torch.Tensor | None, block: dict[str, torch.Tensor]) -> None:
+        for name, value in self.named_parameters():
+            if index is None:
+                value.copy_(block[name])
+            else:
+                value[index] = block[name].to(value.dtype)
+
+    @torch.no_grad()
+    def reset_block(self, index: torch.Tensor) -> None:
+        """Re-initialise the posteriors of data points ``index`` (a fresh q, as the authors' E-step)."""
+        for name, value in self.named_parameters():
+            value[index] = self.initial_value(name, len(index)).to(value)
+
+
+class DiagonalPosterior(_PerDataPointPosterior):
     """``q_n(z) = N(μ_n, diag(s_n²))``.  Parameters: mean (N,H), log_std (N,H)."""
 
     family = "diag"
@@ -30,17 +72,22 @@ class DiagonalPosterior(nn.Module):
         super().__init__()
         _check_sizes(n_data, n_latents, init_std)
         self.n_data, self.n_latents = n_data, n_latents
-        self.mean = nn.Parameter(torch.zeros(n_data, n_latents))
-        self.log_std = nn.Parameter(torch.full((n_data, n_latents), float(torch.log(torch.tensor(init_std)))))
+        self.init_std = float(init_std)
+        self.mean = nn.Parameter(self.initial_value("mean", n_data))  # (N,H)
+        self.log_std = nn.Parameter(self.initial_value("log_std", n_data))  # (N,H)
 
-    def forward(self, index: torch.Tensor | None = None) -> DiagonalGaussian:
-        mean = self.mean if index is None else self.mean[index]  # (N,H)
-        log_std = self.log_std if index is None else self.log_std[index]  # (N,H)
-        return DiagonalGaussian(mean, log_std.exp(), log_std)
+    def initial_value(self, name: str, n: int) -> torch.Tensor:
+        if name == "mean":
+            return torch.zeros(n, self.n_latents)
+        return torch.full((n, self.n_latents), math.log(self.init_std))
+
+    def gaussian(self, params: dict[str, torch.Tensor]) -> DiagonalGaussian:
+        return DiagonalGaussian(params["mean"], params["log_std"].exp(), params["log_std"])
 
     @torch.no_grad()
     def rescale_latents(self, scale: torch.Tensor) -> None:
-        """``z_h → c_h z_h`` (the gauge change that accompanies ``W_h → W_h / c_h``); scale (H,)."""
+        """``z_h → c_h z_h`` (the gauge change that accompanies ``W_h → W_h / c_h``); scale (H,) > 0."""
+        _check_positive(scale)
         self.mean.mul_(scale)
         self.log_std.add_(torch.log(scale.abs()))
 
@@ -52,7 +99,7 @@ class DiagonalPosterior(nn.Module):
         return {"mean": self.mean.detach(), "std": self.log_std.detach().exp()}
 
 
-class FullCovariancePosterior(nn.Module):
+class FullCovariancePosterior(_PerDataPointPosterior):
     """``q_n(z) = N(μ_n, L_n L_nᵀ)``.  Parameters: mean (N,H), the strictly lower part of L packed
     row by row (N, H(H-1)/2), and the log of L's diagonal (N,H)."""
 
@@ -62,31 +109,41 @@ class FullCovariancePosterior(nn.Module):
         super().__init__()
         _check_sizes(n_data, n_latents, init_std)
         self.n_data, self.n_latents = n_data, n_latents
+        self.init_std = float(init_std)
         rows, cols = torch.tril_indices(n_latents, n_latents, offset=-1)
-        self.mean = nn.Parameter(torch.zeros(n_data, n_latents))
-        self.lower = nn.Parameter(torch.zeros(n_data, rows.numel()))
-        self.log_diag = nn.Parameter(torch.full((n_data, n_latents), float(torch.log(torch.tensor(init_std)))))
+        self.n_lower = rows.numel()
+        self.mean = nn.Parameter(self.initial_value("mean", n_data))  # (N,H)
+        self.lower = nn.Parameter(self.initial_value("lower", n_data))  # (N,H(H-1)/2)
+        self.log_diag = nn.Parameter(self.initial_value("log_diag", n_data))  # (N,H)
         diag = torch.arange(n_latents)
         # positions in the flattened (H*H) matrix of [packed strict-lower entries, diagonal entries]
         self.register_buffer("flat_index", torch.cat([rows * n_latents + cols, diag * n_latents + diag]), persistent=False)
         self.register_buffer("lower_rows", rows, persistent=False)
 
-    def scale_tril(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        lower = self.lower if index is None else self.lower[index]  # (N,P)
-        log_diag = self.log_diag if index is None else self.log_diag[index]  # (N,H)
+    def initial_value(self, name: str, n: int) -> torch.Tensor:
+        if name == "mean":
+            return torch.zeros(n, self.n_latents)
+        if name == "lower":
+            return torch.zeros(n, self.n_lower)
+        return torch.full((n, self.n_latents), math.log(self.init_std))
+
+    def _scale_tril(self, lower: torch.Tensor, log_diag: torch.Tensor) -> torch.Tensor:
+        """lower (N,P), log_diag (N,H)  ->  L (N,H,H)"""
         H = self.n_latents
         values = torch.cat([lower, log_diag.exp()], dim=-1)  # (N,P+H)
         flat = values.new_zeros(values.shape[0], H * H).index_copy(1, self.flat_index, values)
-        return flat.view(-1, H, H)  # (N,H,H)
+        return flat.view(-1, H, H)
 
-    def forward(self, index: torch.Tensor | None = None) -> FullGaussian:
-        mean = self.mean if index is None else self.mean[index]  # (N,H)
-        log_diag = self.log_diag if index is None else self.log_diag[index]  # (N,H)
-        return FullGaussian(mean, self.scale_tril(index), log_diag)
+    def scale_tril(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        return self(index).scale_tril
+
+    def gaussian(self, params: dict[str, torch.Tensor]) -> FullGaussian:
+        return FullGaussian(params["mean"], self._scale_tril(params["lower"], params["log_diag"]), params["log_diag"])
 
     @torch.no_grad()
     def rescale_latents(self, scale: torch.Tensor) -> None:
-        """``z → diag(c) z``: row h of L scales by c_h; scale (H,) positive."""
+        """``z → diag(c) z``: row h of L scales by c_h; scale (H,) > 0."""
+        _check_positive(scale)
         self.mean.mul_(scale)
         self.lower.mul_(scale[self.lower_rows])
         self.log_diag.add_(torch.log(scale.abs()))

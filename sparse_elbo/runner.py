@@ -148,6 +148,8 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     )
     if dataset.W_true is not None:
         writer.write_group("data", {"W_true": dataset.W_true})
+    if dataset.image_shape is not None:
+        writer.write_group("data", {"image_shape": np.asarray(dataset.image_shape)})
 
     from tqdm.auto import tqdm
 
@@ -155,7 +157,7 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
 
     def evaluate(epoch, weights, train_time):
         value = evaluate_problem(problem, weights)
-        gini_mean, gini_std = sparseness(problem, cfg.evaluation.gini_samples)
+        gini_mean, gini_std = sparseness(problem, cfg.evaluation.gini_samples, cfg.evaluation.gini_data_points)
         row = {
             "epoch": epoch,
             "elbo": value.elbo,
@@ -173,6 +175,10 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
             row["min_matched_cosine"] = metrics.match_fields(
                 problem.model.W.detach().cpu().numpy(), dataset.W_true, cfg.evaluation.recovery_threshold
             ).min_cosine
+        if dataset.image_shape is not None and dataset.W_true is None:
+            row["localisation_median"] = float(
+                np.median(metrics.localisation_index(problem.model.W.detach().cpu().numpy(), dataset.image_shape))
+            )
         if not all(np.isfinite(np.asarray(v.detach().cpu() if torch.is_tensor(v) else v)).all() for v in row.values()):
             bad = [k for k, v in row.items() if not np.isfinite(np.asarray(v.detach().cpu() if torch.is_tensor(v) else v)).all()]
             raise FloatingPointError(f"non-finite values at epoch {epoch}: {bad}")
@@ -204,6 +210,8 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
         }
         if _posterior_fits(problem, int(cfg.results.max_posterior_numbers)):
             final["posterior"] = problem.posterior.state_arrays()
+        if dataset.image_shape is not None:
+            final["localisation"] = metrics.localisation_index(problem.model.W.detach().cpu().numpy(), dataset.image_shape)
         gt_elbo = match = None
         if W_true is not None:
             match = metrics.match_fields(problem.model.W.detach().cpu().numpy(), dataset.W_true, cfg.evaluation.recovery_threshold)

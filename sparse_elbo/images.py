@@ -1,0 +1,391 @@
+"""Natural-image patches (SPEC §7): whitening, image loaders and random patch extraction.
+
+The authors train on Olshausen's ``IMAGES.mat`` (ten whitened 512×512 photographs, 16×16 patches,
+N = 204,800).  That file cannot be downloaded here, so the embedded default (``source="builtin"``)
+whitens the natural photographs that ship inside the scikit-image wheel the same way Olshausen did.
+A user's own ``IMAGES.mat`` (``source="mat"``), a folder of image files (``source="folder"``) or van
+Hateren ``.iml`` files (``source="vanhateren"``) load through the same ``make_image_patches``.
+
+Every loader returns a list of 2-D float64 images (they may differ in size).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from sparse_elbo.data import Dataset, validate_data
+
+SOURCES = ("builtin", "mat", "folder", "vanhateren")
+
+# Natural photographs stored inside the scikit-image wheel: each loads offline (no pooch download).
+# Left out: synthetic or diagrammatic images (checkerboard, logo, text, page, phantom, ...), microscopy
+# and astronomy (immunohistochemistry, cells, moon, hubble), and the man-made regular brick texture.
+BUILTIN_IMAGES = ("camera", "astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "grass", "gravel")
+
+# File types read by ``load_folder_images`` (through ``skimage.io.imread``).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".pgm", ".ppm", ".pnm", ".webp")
+
+# van Hateren & van der Schaaf (1998) natural images: 1536 wide × 1024 high, big-endian uint16.
+VANHATEREN_SHAPE = (1024, 1536)
+
+
+# --------------------------------------------------------------------------------------------- whitening
+
+
+def whiten(image: np.ndarray, f0_fraction: float = 0.4, target_variance: float = 0.1) -> np.ndarray:
+    """Olshausen & Field's zero-phase whitening of one 2-D image.
+
+        X̂(k)  = FFT2(image)(k)
+        R(f)  = f · exp(-(f / f0)^4),     f = |k| in cycles per image,   f0 = f0_fraction · size
+        out   = Re IFFT2(X̂ · R),   then   out ← (out - mean(out)) · sqrt(target_variance / var(out))
+
+    ``f·`` flattens the ~1/f amplitude spectrum of natural images; ``exp(-(f/f0)^4)`` rolls off the
+    highest frequencies (noise, aliasing, the rectangular sampling lattice).  ``R`` is real and
+    symmetric, so the filter is zero-phase: edges stay where they are.
+
+    ``size`` is the image's smaller side, and ``f`` is measured isotropically in cycles per that side:
+    ``f = size · sqrt(u² + v²)`` with ``u, v`` the FFT frequencies in cycles per pixel along each axis.
+    For Olshausen's square 512×512 images this is exactly his filter (``f0 = 0.4·512`` cycles per
+    image).  For non-square images it keeps the filter circular in physical frequency (``f0 =
+    f0_fraction`` cycles per pixel whatever the shape), so it does not favour one orientation, as a
+    filter built from each axis' own cycles-per-image would.
+
+    image (R, C) real -> (R, C) float64 with mean 0 and variance ``target_variance``.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2 or min(image.shape) < 2:
+        raise ValueError(f"whiten needs a 2-D image of at least 2×2 pixels, got shape {image.shape}")
+    if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
+        raise ValueError(f"whiten needs a real numeric image, got dtype {image.dtype}")
+    if not np.isfinite(image).all():
+        raise ValueError("whiten: the image holds NaN/Inf values")
+    if not f0_fraction > 0:
+        raise ValueError(f"f0_fraction must be > 0, got {f0_fraction}")
+    if not target_variance > 0:
+        raise ValueError(f"target_variance must be > 0, got {target_variance}")
+    rows, cols = image.shape
+    size = min(rows, cols)
+    u = np.fft.fftfreq(rows)[:, None]  # (R, 1) cycles per pixel, vertical
+    v = np.fft.rfftfreq(cols)[None, :]  # (1, C//2+1) cycles per pixel, horizontal
+    f = size * np.hypot(u, v)  # (R, C//2+1) cycles per image (smaller side)
+    f0 = f0_fraction * size
+    R = f * np.exp(-((f / f0) ** 4))  # zero-phase filter; R(0) = 0 removes the mean
+    out = np.fft.irfft2(np.fft.rfft2(image.astype(np.float64)) * R, s=image.shape)
+    out -= out.mean()
+    variance = out.var()
+    if not variance > 0:
+        raise ValueError("whiten: the image is constant (nothing is left after whitening)")
+    out *= np.sqrt(target_variance / variance)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+
+
+def _to_grey_float(image: np.ndarray, origin: str) -> np.ndarray:
+    """Grey float64 (R, C) from a grey, grey+alpha, RGB or RGBA array; integer pixels are scaled to [0, 1]."""
+    from skimage.color import rgb2gray, rgba2rgb
+    from skimage.util import img_as_float64
+
+    a = np.asarray(image)
+    if a.dtype == bool:
+        a = a.astype(np.float64)
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = rgba2rgb(a)
+    if a.ndim == 3 and a.shape[-1] == 3:
+        a = rgb2gray(a)
+    elif a.ndim == 3 and a.shape[-1] == 2:  # grey + alpha
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise ValueError(f"{origin}: expected a grey or RGB(A) image, got an array of shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        raise ValueError(f"{origin}: image must be real numeric, got dtype {a.dtype}")
+    a = img_as_float64(a) if np.issubdtype(a.dtype, np.integer) else a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{origin}: image holds NaN/Inf values")
+    return a
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_raw() -> tuple[np.ndarray, ...]:
+    import skimage.data
+
+    loaders = {name: getattr(skimage.data, name, None) for name in BUILTIN_IMAGES}
+    loaders["motorcycle_left"] = lambda: skimage.data.stereo_motorcycle()[0]
+    images = []
+    for name in BUILTIN_IMAGES:
+        image = _to_grey_float(loaders[name](), f"skimage.data.{name}")
+        image.setflags(write=False)  # shared by the cache
+        images.append(image)
+    return tuple(images)
+
+
+def builtin_images() -> list[np.ndarray]:
+    """The grey natural photographs in the scikit-image wheel, in ``BUILTIN_IMAGES`` order, float64 in [0, 1].
+
+    No network access: every one is stored inside the wheel.  Returns fresh (writable) copies.
+    """
+    return [image.copy() for image in _builtin_raw()]
+
+
+@functools.lru_cache(maxsize=4)
+def _whitened_builtin(f0_fraction: float = 0.4, target_variance: float = 0.1) -> tuple[np.ndarray, ...]:
+    out = []
+    for image in _builtin_raw():
+        white = whiten(image, f0_fraction, target_variance)
+        white.setflags(write=False)  # shared by the cache
+        out.append(white)
+    return tuple(out)
+
+
+def _require_path(path, what: str) -> Path:
+    if path is None or str(path) == "":
+        raise ValueError(f"dataset.path must name {what}")
+    file = Path(str(path)).expanduser()
+    if not file.exists():
+        raise FileNotFoundError(f"dataset.path={str(path)!r}: no such file or folder")
+    return file
+
+
+def _match_files(path, pattern: str, suffixes: tuple[str, ...] | None, what: str) -> list[Path]:
+    """``path`` itself when it is a file; else the files in folder ``path`` matching ``pattern``, sorted."""
+    root = _require_path(path, f"a file or a folder of {what}")
+    if root.is_file():
+        return [root]
+    if not pattern:
+        raise ValueError(f"dataset.pattern must be a glob pattern such as '*', got {pattern!r}")
+    files = sorted(p for p in root.glob(pattern) if p.is_file())
+    kept = [p for p in files if suffixes is None or p.suffix.lower() in suffixes]
+    if not kept:
+        skipped = f" ({len(files)} matched files had other types; allowed: {list(suffixes)})" if files else ""
+        raise ValueError(f"dataset.pattern={pattern!r} matched no {what} in dataset.path={str(path)!r}{skipped}")
+    return kept
+
+
+def load_mat_images(path, key: str = "IMAGES", axis: int = -1) -> list[np.ndarray]:
+    """Images stacked in one MATLAB variable, e.g. Olshausen's ``IMAGES.mat`` (``IMAGES``: 512×512×10).
+
+    ``axis`` is the axis that indexes the images (MATLAB's layout: the last).  A 2-D variable is one image.
+    MATLAB v7.3 files (HDF5) are read with h5py, transposed back to MATLAB's axis order.
+    Values are returned unscaled (Olshausen's file is already whitened, variance ≈ 0.1).
+    """
+    file = _require_path(path, "a .mat file")
+    if not file.is_file():
+        raise ValueError(f"dataset.path={str(path)!r} is a folder; dataset.source=mat needs a .mat file")
+    import h5py
+
+    try:
+        if h5py.is_hdf5(file):
+            with h5py.File(file, "r") as f:
+                names = [n for n, obj in f.items() if isinstance(obj, h5py.Dataset) and not n.startswith("#")]
+                array = f[key][()].T if key in names else None  # h5py sees MATLAB arrays transposed
+        else:
+            import scipy.io
+
+            variables = {k: v for k, v in scipy.io.loadmat(file).items() if not k.startswith("__")}
+            names = list(variables)
+            array = variables.get(key)
+    except Exception as error:  # corrupt or not a .mat file
+        raise ValueError(f"dataset.path={str(path)!r}: could not read the .mat file ({error})") from error
+    if key not in names:
+        raise KeyError(f"dataset.key={key!r} not found in {file}; available keys: {sorted(names)}")
+    array = np.asarray(array)
+    origin = f"dataset.path={str(path)!r}, dataset.key={key!r}"
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{origin}: images must be a real numeric array, got dtype {array.dtype}")
+    if array.ndim == 2:
+        stack = array[None]
+    elif array.ndim == 3:
+        if not -3 <= int(axis) <= 2:
+            raise ValueError(f"dataset.image_axis={axis} is out of range for an array of shape {array.shape}")
+        stack = np.moveaxis(array, int(axis), 0)
+    else:
+        raise ValueError(f"{origin}: expected a 2-D image or a 3-D stack of images, got shape {array.shape}")
+    stack = stack.astype(np.float64)
+    if not np.isfinite(stack).all():
+        raise ValueError(f"{origin}: images hold NaN/Inf values")
+    return list(stack)
+
+
+def load_folder_images(path, pattern: str = "*") -> list[np.ndarray]:
+    """Every image file (``IMAGE_SUFFIXES``) in folder ``path`` matching ``pattern``, in sorted name order,
+    read with ``skimage.io.imread`` and converted to grey float64 (integer pixels scaled to [0, 1]).
+    ``path`` may also name a single image file."""
+    import skimage.io
+
+    images = []
+    for file in _match_files(path, pattern, IMAGE_SUFFIXES, "image files"):
+        try:
+            raw = skimage.io.imread(file)
+        except Exception as error:
+            raise ValueError(f"dataset.path: could not read image {file} ({error})") from error
+        images.append(_to_grey_float(raw, f"dataset.path: image {file}"))
+    return images
+
+
+def load_vanhateren(path, pattern: str = "*.iml", shape: tuple[int, int] = VANHATEREN_SHAPE) -> list[np.ndarray]:
+    """van Hateren natural images: raw big-endian uint16, ``shape = (rows, cols) = (1024, 1536)``, no header.
+
+    ``path`` is a folder (files matching ``pattern``, sorted) or one file.  Pixel values are returned as
+    float64 raw intensities (not scaled).  The calibrated ``.imc`` files share the format (``pattern='*.imc'``).
+    """
+    rows, cols = (int(s) for s in shape)
+    expected = rows * cols * 2
+    images = []
+    for file in _match_files(path, pattern, None, "van Hateren files"):
+        size = file.stat().st_size
+        if size != expected:
+            raise ValueError(
+                f"dataset.path: {file} holds {size} bytes; a van Hateren image of {rows}×{cols} big-endian "
+                f"uint16 pixels holds {expected} bytes"
+            )
+        images.append(np.fromfile(file, dtype=">u2").reshape(rows, cols).astype(np.float64))
+    return images
+
+
+# --------------------------------------------------------------------------------------------- patches
+
+
+def _check_int(value, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise ValueError(f"dataset.{key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def extract_patches(
+    images,
+    patch_size: int,
+    n_patches: int,
+    seed: int | np.random.Generator,
+    remove_dc: bool = False,
+    return_positions: bool = False,
+):
+    """``n_patches`` square patches at random positions, uniform over every valid position in every image.
+
+    Positions are drawn without replacement (no patch appears twice; a larger image gives proportionally
+    more patches), so ``n_patches`` may not exceed the number of positions.  ``remove_dc`` subtracts each
+    patch's mean.  images: a list of 2-D arrays or an (I, R, C) stack.
+    -> patches (n_patches, patch_size²) float64, rows in raster order of the patch;
+       with ``return_positions`` also positions (n_patches, 3) int: image index, top row, left column.
+    """
+    p = _check_int(patch_size, "patch_size", 1)
+    n = _check_int(n_patches, "n_patches", 1)
+    images = [np.asarray(image) for image in images]
+    if not images:
+        raise ValueError("dataset: no images to cut patches from")
+    for i, image in enumerate(images):
+        if image.ndim != 2:
+            raise ValueError(f"dataset: image {i} must be 2-D, got shape {image.shape}")
+        if min(image.shape) < p:
+            raise ValueError(f"dataset.patch_size={p} is larger than image {i} of shape {image.shape}")
+    counts = np.array([(r - p + 1) * (c - p + 1) for r, c in (im.shape for im in images)], dtype=np.int64)
+    total = int(counts.sum())
+    if n > total:
+        raise ValueError(
+            f"dataset.n_patches (+ dataset.held_out) = {n} exceeds the {total} distinct {p}×{p} patch positions "
+            f"in the {len(images)} images"
+        )
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(total, size=n, replace=False)  # (n,) uniform over all positions, random order
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    which = np.searchsorted(starts, flat, side="right") - 1  # (n,) image index
+    local = flat - starts[which]
+    widths = np.array([im.shape[1] - p + 1 for im in images])[which]
+    top, left = np.divmod(local, widths)
+    patches = np.empty((n, p, p))
+    for i, image in enumerate(images):
+        rows = np.nonzero(which == i)[0]
+        if rows.size:
+            windows = sliding_window_view(image, (p, p))  # (R-p+1, C-p+1, p, p) view
+            patches[rows] = windows[top[rows], left[rows]]
+    patches = patches.reshape(n, p * p)
+    if remove_dc:
+        patches -= patches.mean(axis=1, keepdims=True)
+    if return_positions:
+        return patches, np.stack([which, top, left], axis=1)
+    return patches
+
+
+def make_image_patches(
+    source: str = "builtin",
+    path: str | None = None,
+    key: str = "IMAGES",
+    image_axis: int = -1,
+    pattern: str | None = None,
+    patch_size: int = 16,
+    n_patches: int = 204800,
+    held_out: int = 0,
+    whiten_images: bool = True,
+    remove_dc: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """Random ``p×p`` patches of (whitened) natural images -> ``Dataset`` with ``x (n_patches, p²)``.
+
+    source: ``builtin`` (the scikit-image photographs ``BUILTIN_IMAGES``; needs no path), ``mat`` (``path``
+    to a .mat file, variable ``key``, images along ``image_axis``), ``folder`` (image files in ``path``
+    matching ``pattern``, default ``*``) or ``vanhateren`` (``.iml`` files in ``path`` matching ``pattern``,
+    default ``*.iml``).
+    whiten_images: apply ``whiten`` (f0 = 0.4·size, variance 0.1) to every image before cutting patches.
+    Set it to false for Olshausen's ``IMAGES.mat``, which is already whitened: whitening twice multiplies
+    the spectrum by ``f²`` and leaves mostly high-frequency noise.
+    held_out: extra patches at positions distinct from every training patch, returned in
+    ``info["held_out"]`` as ``(held_out, p²)`` (None when 0).  They are drawn with the training patches
+    (``n_patches + held_out`` distinct positions, then split), so they may overlap training patches
+    partially (shifted by a few pixels) but never coincide with one.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"dataset.source must be one of {list(SOURCES)}, got {source!r}")
+    p = _check_int(patch_size, "patch_size", 1)
+    n = _check_int(n_patches, "n_patches", 1)
+    n_held = _check_int(held_out, "held_out", 0)
+    for name, flag in (("whiten_images", whiten_images), ("remove_dc", remove_dc)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"dataset.{name} must be true or false, got {flag!r}")
+    info: dict = {"source": source}
+    if source == "builtin":
+        if path is not None and str(path) != "":
+            raise ValueError(
+                f"dataset.path={str(path)!r} is set but dataset.source=builtin uses no files; "
+                f"set dataset.source to one of {list(SOURCES[1:])}"
+            )
+        images = list(_whitened_builtin()) if whiten_images else list(_builtin_raw())
+        names = list(BUILTIN_IMAGES)
+    else:
+        if path is None or str(path) == "":
+            raise ValueError(f"dataset.path must name the images to read with dataset.source={source}")
+        if source == "mat":
+            images = load_mat_images(path, key=key, axis=image_axis)
+            names = [f"{key}[{i}]" for i in range(len(images))]
+            info["key"] = key
+        else:
+            pattern = pattern or ("*" if source == "folder" else "*.iml")
+            if source == "folder":
+                images = load_folder_images(path, pattern)
+            else:
+                images = load_vanhateren(path, pattern, shape=VANHATEREN_SHAPE)
+            files = _match_files(path, pattern, IMAGE_SUFFIXES if source == "folder" else None, "files")
+            names = [f.name for f in files]
+            info["pattern"] = pattern
+        info["path"] = str(Path(str(path)).expanduser().resolve())
+        if whiten_images:
+            white = []
+            for name, image in zip(names, images):
+                try:
+                    white.append(whiten(image))
+                except ValueError as error:
+                    raise ValueError(f"dataset.path: image {name}: {error}") from error
+            images = white
+    patches = extract_patches(images, p, n + n_held, seed, remove_dc=remove_dc)  # (n + n_held, p²)
+    x = validate_data(patches[:n], "dataset=image_patches")
+    info.update(
+        images=names,
+        image_shapes=[tuple(int(s) for s in image.shape) for image in images],
+        whitened=bool(whiten_images),
+        remove_dc=bool(remove_dc),
+        held_out=patches[n:].copy() if n_held else None,
+    )
+    return Dataset(name="image_patches", x=x, image_shape=(p, p), info=info)
