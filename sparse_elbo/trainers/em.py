@@ -1,6 +1,6 @@
 """Variational EM (SPEC §6): E-steps on the per-data-point posteriors, M-steps on the dictionary.
 
-One epoch, ``statistics="full"`` (default, SPEC §4): with ``σ², λ`` fixed at their full-data optima
+One EM iteration, ``statistics="full"`` (default, SPEC §4): with ``σ², λ`` fixed at their full-data optima
 ``σ²*, λ*``, the E-step maximises the (annealing-weighted) analytic ELBO over every ``q_n`` — the
 problem separates across data points, so blocks of ``e_step_block_size`` points (the whole data set
 where memory allows) are optimised at once with L-BFGS on the block's summed objective. Then the
@@ -15,6 +15,9 @@ M-step for ``W``:
   coordinate ascent, so the ELBO never decreases while the annealing weights are 1.
 - ``gradient``: the authors' single gradient-ascent step of size ``m_step_lr`` on the batch objective,
   after each batch, followed by column normalisation.
+
+An epoch is ``em_iterations_per_epoch`` EM iterations (warm-started E-steps of ``e_step_iterations``
+L-BFGS iterations each), then an evaluation; annealing weights change per epoch.
 
 ``statistics="batch"`` is the authors' scheme: each batch of ``batch_size`` points is optimised on
 its own entropy objective ``L_H`` (``σ²*, λ*`` from the batch alone — biased), in fixed order.
@@ -42,6 +45,7 @@ class EMTrainer:
     def __init__(
         self,
         max_epochs: int = 10,
+        em_iterations_per_epoch: int = 1,
         e_step_iterations: int = 100,
         e_step_block_size: int = 65536,
         history_size: int = 20,
@@ -53,7 +57,8 @@ class EMTrainer:
         fresh_posterior: bool = False,
         relative_tolerance: float = 0.0,
     ):
-        for key, value in (("max_epochs", max_epochs), ("e_step_iterations", e_step_iterations),
+        for key, value in (("max_epochs", max_epochs), ("em_iterations_per_epoch", em_iterations_per_epoch),
+                           ("e_step_iterations", e_step_iterations),
                            ("e_step_block_size", e_step_block_size), ("history_size", history_size),
                            ("batch_size", batch_size)):
             if int(value) < 1:
@@ -69,6 +74,7 @@ class EMTrainer:
         if statistics == "full" and m_step == "gradient":
             raise ValueError("trainer.m_step=gradient needs trainer.statistics=batch (the authors' per-batch scheme)")
         self.max_epochs = int(max_epochs)
+        self.em_iterations_per_epoch = int(em_iterations_per_epoch)
         self.e_step_iterations = int(e_step_iterations)
         self.e_step_block_size = int(e_step_block_size)
         self.history_size = int(history_size)
@@ -152,13 +158,14 @@ class EMTrainer:
     def run_epoch(self, problem: Problem, weights) -> None:
         n = problem.x.shape[0]
         if self.statistics == "full":
-            self._fix_noise_and_prior_scale(problem)
             objective = AnalyticELBO()
-            for index in self._blocks(n, self.e_step_block_size, problem.x.device):
-                if self.fresh_posterior:
-                    problem.posterior.reset_block(index)
-                self.e_step(problem, index, objective, weights)
-            self.closed_form_m_step(problem)
+            for _ in range(self.em_iterations_per_epoch):
+                self._fix_noise_and_prior_scale(problem)
+                for index in self._blocks(n, self.e_step_block_size, problem.x.device):
+                    if self.fresh_posterior:
+                        problem.posterior.reset_block(index)
+                    self.e_step(problem, index, objective, weights)
+                self.closed_form_m_step(problem)
             return
         objective = EntropyELBO()
         for index in self._blocks(n, self.batch_size, problem.x.device):

@@ -1,0 +1,179 @@
+"""Variational EM: the E-step reaches a float64 reference optimum, the closed-form M-step is the
+maximiser, EM never decreases the ELBO without annealing, and full vs batch statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from sparse_elbo.annealing import AnnealingWeights, NoAnnealing
+from sparse_elbo.data import make_bars
+from sparse_elbo.evaluation import evaluate_problem
+from sparse_elbo.model import SparseCodingModel
+from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
+from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
+from sparse_elbo.problem import Problem
+from sparse_elbo.trainers.em import EMTrainer
+
+POSTERIORS = {"diag": DiagonalPosterior, "full": FullCovariancePosterior}
+
+
+def small_problem(family="diag", n_data=60, grid=3, seed=0, n_latents=None):
+    data = make_bars(grid=grid, n_data=n_data, noise=0.2, seed=seed)
+    H = n_latents or data.W_true.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    model = SparseCodingModel(data.n_observed, H, generator=generator).double()
+    posterior = POSTERIORS[family](n_data, H, init_std=0.3).double()
+    x = torch.as_tensor(data.x)
+    return Problem(x=x, model=model, posterior=posterior, objective=EntropyELBO(), annealing=NoAnnealing(), seed=seed)
+
+
+@pytest.mark.parametrize("family", ["diag", "full"])
+def test_e_step_increases_the_objective_and_matches_a_float64_reference_optimum(family):
+    problem = small_problem(family, n_data=6)
+    with torch.no_grad():
+        problem.model.set_noise_and_prior_scale(torch.tensor(0.05, dtype=torch.float64), torch.full((6,), 0.8, dtype=torch.float64))
+    objective = AnalyticELBO()
+    with torch.no_grad():
+        before = float(objective(problem.x, problem.posterior(), problem.model).elbo)
+    index = torch.arange(6)
+    EMTrainer(e_step_iterations=500, e_step_tolerance=0.0).e_step(problem, index, objective, AnnealingWeights())
+    after = float(objective(problem.x, problem.posterior(), problem.model).elbo)
+    assert after > before
+
+    # reference: scipy's L-BFGS-B on each data point separately, from a different start, in float64
+    names = [name for name, _ in problem.posterior.named_parameters()]
+    reference = []
+    for n in range(6):
+        shapes = [p[n : n + 1].shape for _, p in problem.posterior.named_parameters()]
+        sizes = [int(np.prod(s)) for s in shapes]
+
+        def f(theta, n=n):
+            tensors, offset = [], 0
+            for shape, size in zip(shapes, sizes):
+                tensors.append(torch.tensor(theta[offset : offset + size]).reshape(shape).requires_grad_(True))
+                offset += size
+            q = problem.posterior.gaussian(dict(zip(names, tensors)))
+            value = -objective(problem.x[n : n + 1], q, problem.model).elbo
+            grads = torch.autograd.grad(value, tensors)
+            return float(value), np.concatenate([g.reshape(-1).numpy() for g in grads])
+
+        start = np.concatenate([np.full(size, -0.5 if name != "mean" else 0.3) for name, size in zip(names, sizes)])
+        result = scipy.optimize.minimize(f, start, jac=True, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 5000})
+        reference.append(-result.fun)
+    per_point = objective(problem.x, problem.posterior(), problem.model).per_point.detach().numpy()
+    np.testing.assert_allclose(per_point, reference, atol=1e-6)
+
+
+def test_closed_form_m_step_is_the_maximiser_of_the_expected_log_likelihood():
+    problem = small_problem("full", n_data=40)
+    q = problem.posterior()
+    with torch.no_grad():  # a non-trivial posterior
+        problem.posterior.mean.normal_()
+        problem.posterior.lower.normal_(std=0.1)
+    q = problem.posterior()
+    x = problem.x
+    cross = x.T @ q.mean
+    second = q.mean.T @ q.mean + q.covariance_sum()
+    W_opt = torch.linalg.solve(second, cross.T).T.detach().requires_grad_(True)
+    free = SparseCodingModel(x.shape[1], W_opt.shape[1], gauge="unit_lambda").double()
+    with torch.no_grad():
+        free.W_raw.copy_(W_opt)
+    value = AnalyticELBO()(x, problem.posterior(), free)
+    (grad,) = torch.autograd.grad(value.elbo, free.W_raw)
+    assert float(grad.abs().max()) < 1e-10
+    with torch.no_grad():  # and it is a maximum: any perturbation lowers the ELBO
+        for _ in range(5):
+            free.W_raw.copy_(W_opt + 1e-3 * torch.randn_like(W_opt))
+            assert float(AnalyticELBO()(x, problem.posterior(), free).elbo) < float(value.elbo)
+
+
+@pytest.mark.parametrize("family", ["diag", "full"])
+def test_em_never_decreases_the_elbo_without_annealing(family):
+    problem = small_problem(family, n_data=80, seed=2)
+    trainer = EMTrainer(max_epochs=12, em_iterations_per_epoch=2, e_step_iterations=20, e_step_block_size=32)
+    elbos = []
+    trainer.fit(problem, lambda e, w, t: elbos.append(evaluate_problem(problem, w)) or elbos[-1])
+    values = np.array([float(v.elbo) for v in elbos])
+    assert np.all(np.diff(values) >= -1e-9), np.diff(values)
+    assert values[-1] > values[0] + 0.1
+
+
+def test_gauge_fix_of_the_m_step_leaves_the_elbo_unchanged():
+    problem = small_problem("full", n_data=50, seed=4)
+    trainer = EMTrainer(e_step_iterations=30)
+    trainer._fix_noise_and_prior_scale(problem)
+    trainer.e_step(problem, torch.arange(50), AnalyticELBO(), AnnealingWeights())
+    # the unconstrained maximiser in the gauge lambda = model.lam, evaluated without normalising
+    q = problem.posterior()
+    W_opt = torch.linalg.solve(q.mean.T @ q.mean + q.covariance_sum(), (problem.x.T @ q.mean).T).T.detach()
+    free = SparseCodingModel(problem.x.shape[1], W_opt.shape[1], gauge="unit_lambda").double()
+    with torch.no_grad():
+        free.W_raw.copy_(W_opt)
+        free.log_sigma2.copy_(problem.model.log_sigma2)
+    free.log_lambda.data.copy_(problem.model.log_lambda)  # same σ², λ, unnormalised W
+    before = float(AnalyticELBO()(problem.x, problem.posterior(), free).elbo)
+    lam_before = problem.model.lam.detach().clone()
+    trainer.closed_form_m_step(problem)
+    norms = W_opt.norm(dim=0)
+    with torch.no_grad():
+        problem.model.log_lambda.copy_(torch.log(lam_before * norms))  # λ_h → c_h λ_h
+    after = float(AnalyticELBO()(problem.x, problem.posterior(), problem.model).elbo)
+    assert after == pytest.approx(before, abs=1e-10)
+    np.testing.assert_allclose(problem.model.W.detach().norm(dim=0).numpy(), 1.0, atol=1e-12)
+
+
+def test_batch_statistics_optimise_each_batchs_own_entropy_objective():
+    """statistics=batch: the E-step maximises the batch's L_H (its own σ²*, λ*); statistics=full keeps
+    the full-data σ², λ — the two E-steps reach different posteriors, and each is (near) stationary only
+    for its own objective. (The batch L_H converges slowly: latents unused within a batch have
+    λ*_batch → 0 and s → 0 together, a flat direction of the batch objective.)"""
+    batch = torch.arange(20)
+    results = {}
+    for statistics in ("full", "batch"):
+        problem = small_problem("diag", n_data=100, seed=5)
+        trainer = EMTrainer(statistics=statistics, batch_size=20, e_step_iterations=300, e_step_tolerance=0.0)
+        trainer._fix_noise_and_prior_scale(problem)
+        objective = AnalyticELBO() if statistics == "full" else EntropyELBO()
+        trainer.e_step(problem, batch, objective, AnnealingWeights())
+        block = problem.posterior.block_parameters(batch)
+        grads = {}
+        for name, obj in (("full", AnalyticELBO()), ("batch", EntropyELBO())):
+            value = obj(problem.x[batch], problem.posterior.gaussian(block), problem.model)
+            grads[name] = max(float(g.abs().max()) for g in torch.autograd.grad(20 * value.elbo, list(block.values())))
+        results[statistics] = (grads, problem.posterior.mean[batch].detach().clone())
+    # each E-step is (close to) stationary for its own objective, far from it for the other one
+    assert results["full"][0]["full"] < 1e-4 and results["full"][0]["batch"] > 1e-2
+    assert results["batch"][0]["batch"] < 0.1 * results["batch"][0]["full"]
+    assert not torch.allclose(results["full"][1], results["batch"][1], atol=1e-3)
+
+
+def test_authors_reference_procedure_improves_the_elbo():
+    problem = small_problem("diag", n_data=200, seed=6)
+    trainer = EMTrainer(
+        max_epochs=3, statistics="batch", m_step="gradient", m_step_lr=0.5, batch_size=50,
+        fresh_posterior=True, e_step_block_size=50, e_step_iterations=100,
+    )
+    values = []
+    trainer.fit(problem, lambda e, w, t: values.append(float(evaluate_problem(problem, w).elbo)) or evaluate_problem(problem, w))
+    initial = small_problem("diag", n_data=200, seed=6)
+    assert values[0] > float(evaluate_problem(initial, AnnealingWeights()).elbo)
+    assert values[-1] > values[0] + 0.05  # the gradient M-steps improve the dictionary
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"m_step": "newton"}, "trainer.m_step must be one of ['closed_form', 'gradient']"),
+        ({"statistics": "mini"}, "trainer.statistics must be one of ['full', 'batch']"),
+        ({"e_step_iterations": 0}, "trainer.e_step_iterations must be >= 1"),
+        ({"m_step": "gradient"}, "trainer.m_step=gradient needs trainer.statistics=batch"),
+        ({"m_step_lr": 0}, "trainer.m_step_lr must be > 0"),
+    ],
+)
+def test_bad_em_settings_are_rejected(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        EMTrainer(**kwargs)
+    assert message in str(error.value)
