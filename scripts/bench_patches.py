@@ -1,0 +1,75 @@
+"""Benchmark natural-image-patch learning: the fast EM (``experiment=patches_em`` or any overrides) and
+the authors' procedure (``trainer=em_reference``) on the same data, scaled to a subset.
+
+Prints time per epoch, total training time, peak memory (CUDA: max allocated; CPU: peak RSS of this
+process) and the final unweighted full-data ELBO of each.
+
+    python scripts/bench_patches.py                                    # full patches_em + reference on 1/40 of the data
+    python scripts/bench_patches.py --reference-fraction 0.05 -- dataset.n_patches=20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from sparse_elbo.results import read_results
+from sparse_elbo.runner import run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def peak_memory(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (CUDA max allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak RSS)"
+
+
+def bench(name: str, overrides: list[str], out: Path) -> None:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        cfg = compose("train", overrides=overrides)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    summary = run(cfg, out / name, overrides=overrides, progress=False)
+    wall = time.perf_counter() - start
+    results = read_results(summary.results_path)
+    epoch_times = np.diff(np.concatenate([[0.0], results.metrics["wall_time"]]))
+    print(f"\n== {name}: {' '.join(overrides)}")
+    print(f"   data {cfg.dataset.n_patches} patches of {cfg.dataset.patch_size}x{cfg.dataset.patch_size}, H={cfg.n_latents}, device {results.attrs['device']}, dtype {cfg.dtype}")
+    print(f"   time per epoch (s): {' '.join(f'{t:.2f}' for t in epoch_times)}")
+    print(f"   training time {summary.train_time:.2f} s (whole run with data, evaluation, writing: {wall:.2f} s)")
+    print(f"   peak memory {peak_memory(results.attrs['device'])}")
+    print(f"   final full-data ELBO {summary.elbo:.4f} nats/patch; sigma {summary.sigma:.4f}; "
+          f"median localisation {np.median(results.final['localisation']):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="patches_em")
+    parser.add_argument("--reference-fraction", type=float, default=1 / 40,
+                        help="fraction of the patches the authors' procedure runs on (0 to skip)")
+    parser.add_argument("overrides", nargs="*", help="extra overrides for both runs")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        base = [f"experiment={args.experiment}", *args.overrides]
+        bench("fast_em", base, out)
+        if args.reference_fraction > 0:
+            with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+                n = compose("train", overrides=base).dataset.n_patches
+            subset = max(512, int(n * args.reference_fraction))
+            for name, trainer in (("fast_em_subset", []), ("authors_reference_subset", ["trainer=em_reference"])):
+                bench(name, [*base, *trainer, f"dataset.n_patches={subset}"], out)
+
+
+if __name__ == "__main__":
+    main()
