@@ -63,6 +63,7 @@ def _expectation_value(log_lik, log_prior, entropy, weights, sigma2, lam) -> Obj
 
 
 class AnalyticELBO:
+    name = "analytic"
     """Closed-form ELBO with σ² and λ as learned model parameters."""
 
     learns_noise_and_prior_scale = True
@@ -78,6 +79,7 @@ class AnalyticELBO:
 
 
 class SampledELBO:
+    name = "sampled"
     """Reparameterised Monte Carlo ELBO with ``n_samples`` samples per data point; entropy exact."""
 
     learns_noise_and_prior_scale = True
@@ -100,6 +102,7 @@ class SampledELBO:
 
 
 class EntropyELBO:
+    name = "entropy"
     """The paper's entropy objective ``L_H`` (three entropies) at ``λ*``, ``σ²*``.
 
     ``statistics=None`` takes the optima from the batch itself (exact when the batch is the data);

@@ -108,6 +108,11 @@ def build(cfg: DictConfig):
             f"posterior={family} is not supported by trainer {type(trainer).__name__}; "
             f"allowed posteriors: {list(trainer.supported_families)}"
         )
+    if objective.name not in trainer.supported_objectives:
+        raise ValueError(
+            f"objective={objective.name} is not supported by trainer {type(trainer).__name__}; "
+            f"allowed objectives: {list(trainer.supported_objectives)}"
+        )
     model_factory = instantiate(cfg.model)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     model = model_factory(n_observed=dataset.n_observed, n_latents=n_latents, generator=generator)

@@ -24,9 +24,10 @@ GROUPS = {
     "posterior": ["diag", "full"],
     "objective": ["sampled", "analytic", "entropy"],
     "annealing": ["none", "prior", "linear", "exponential"],
-    "trainer": ["lbfgs"],
+    "trainer": ["lbfgs", "em", "em_reference"],
 }
 SMALL = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.iterations_per_epoch=5", "evaluation.ground_truth=false"]
+SMALL_EM = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.e_step_iterations=5", "evaluation.ground_truth=false"]
 
 
 def compose_cfg(overrides):
@@ -42,7 +43,8 @@ def test_every_group_option_exists_as_a_file():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_instantiates(group, option):
-    cfg = compose_cfg([f"{group}={option}", *SMALL])
+    small = SMALL_EM if group == "trainer" and option.startswith("em") else SMALL
+    cfg = compose_cfg([f"{group}={option}", *small])
     dataset, problem, trainer, _ = build(cfg)
     assert problem.x.shape == (40, 25)
     assert problem.model.W.shape == (25, 10)
@@ -176,6 +178,9 @@ def test_cli_runs_and_prints_a_summary(tmp_path):
         ("annealing=linear annealing.term=noise", "annealing.term must be one of"),
         ("model.gauge=unit_lambda", "needs model.gauge=unit_norm"),
         ("dataset.grdi=3", "grdi"),
+        ("trainer=em objective=analytic", "objective=analytic is not supported by trainer EMTrainer; allowed objectives: ['entropy']"),
+        ("trainer=em trainer.statistics=mini", "trainer.statistics must be one of ['full', 'batch']"),
+        ("dataset=file", "Missing mandatory value: dataset.path"),
     ],
 )
 def test_bad_overrides_fail_fast_with_a_clear_message(tmp_path, override, message):

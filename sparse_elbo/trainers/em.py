@@ -41,6 +41,7 @@ STATISTICS = ("full", "batch")
 
 class EMTrainer:
     supported_families = ("diag", "full")
+    supported_objectives = ("entropy",)  # σ², λ are always set to their closed-form optima
 
     def __init__(
         self,

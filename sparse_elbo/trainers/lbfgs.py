@@ -21,6 +21,7 @@ from sparse_elbo.problem import Evaluate, FitOutcome, Problem, Stopwatch
 
 class LBFGSTrainer:
     supported_families = ("diag", "full")
+    supported_objectives = ("sampled", "analytic", "entropy")
 
     def __init__(
         self,
