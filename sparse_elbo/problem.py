@@ -46,6 +46,10 @@ class FitOutcome:
 # unweighted full-data objective value.
 Evaluate = Callable[[int, AnnealingWeights, float], object]
 
+# checkpoint(epoch, trainer_state) is called after every completed epoch with the trainer's own state
+# (optimiser memory, convergence bookkeeping, training time); the runner adds the modules' parameters.
+Checkpoint = Callable[[int, dict], None]
+
 
 @dataclass
 class Stopwatch:

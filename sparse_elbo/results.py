@@ -13,6 +13,7 @@ Layout::
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,52 +34,69 @@ def _as_numpy(value) -> np.ndarray:
 
 
 class ResultsWriter:
-    """Creates a new results file (never overwrites one) and appends to it as training goes."""
+    """Creates a new results file (never overwrites one), or reopens one to resume, and appends to it
+    as training goes. The file is opened for each write and closed again, so that at any moment outside
+    a write (a few milliseconds per epoch) it is complete and consistent on disk: a run killed with
+    SIGKILL leaves a readable file with every completed epoch, and other processes can read it while
+    the run goes on."""
 
-    def __init__(self, path: str | Path, attrs: dict):
+    def __init__(self, path: str | Path, attrs: dict | None = None, resume: bool = False):
         self.path = Path(path)
+        if resume:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"resume={str(path)!r}: no such results file")
+            with self._open() as f:
+                f.attrs["status"] = "running"
+                f.attrs["resumed_time"] = _now()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.path, "w-")  # fails if the file exists: no run overwrites another
-        for key, value in attrs.items():
-            self.file.attrs[key] = value if value is not None else ""
-        self.file.attrs["status"] = "running"
-        self.file.attrs["start_time"] = _now()
-        for group in ("metrics", "snapshots", "final", "data"):
-            self.file.require_group(group)
-        self.file.flush()
+        with h5py.File(self.path, "w-") as f:  # fails if the file exists: no run overwrites another
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value if value is not None else ""
+            f.attrs["status"] = "running"
+            f.attrs["start_time"] = _now()
+            for group in ("metrics", "snapshots", "final", "data"):
+                f.require_group(group)
+
+    def _open(self):
+        return h5py.File(self.path, "a")
 
     def append_metrics(self, row: dict) -> None:
         """Append one evaluation: scalars, or arrays such as λ (H,) stored as (E,H)."""
-        metrics = self.file["metrics"]
-        for name, value in row.items():
-            value = _as_numpy(value)
-            if name not in metrics:
-                metrics.create_dataset(
-                    name, shape=(0, *value.shape), maxshape=(None, *value.shape), dtype=value.dtype, chunks=True
-                )
-            dataset = metrics[name]
-            dataset.resize(dataset.shape[0] + 1, axis=0)
-            dataset[-1] = value
-        self.file.flush()
+        with self._open() as f:
+            metrics = f["metrics"]
+            for name, value in row.items():
+                value = _as_numpy(value)
+                if name not in metrics:
+                    metrics.create_dataset(
+                        name, shape=(0, *value.shape), maxshape=(None, *value.shape), dtype=value.dtype, chunks=True
+                    )
+                dataset = metrics[name]
+                dataset.resize(dataset.shape[0] + 1, axis=0)
+                dataset[-1] = value
 
     def append_snapshot(self, epoch: int, W) -> None:
         W = _as_numpy(W)
-        snapshots = self.file["snapshots"]
-        if "W" not in snapshots:
-            snapshots.create_dataset("W", shape=(0, *W.shape), maxshape=(None, *W.shape), dtype=W.dtype, chunks=True)
-            snapshots.create_dataset("epoch", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=True)
-        for name, value in (("W", W), ("epoch", epoch)):
-            dataset = snapshots[name]
-            dataset.resize(dataset.shape[0] + 1, axis=0)
-            dataset[-1] = value
-        self.file.flush()
+        with self._open() as f:
+            snapshots = f["snapshots"]
+            if "W" not in snapshots:
+                snapshots.create_dataset("W", shape=(0, *W.shape), maxshape=(None, *W.shape), dtype=W.dtype, chunks=True)
+                snapshots.create_dataset("epoch", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=True)
+            for name, value in (("W", W), ("epoch", epoch)):
+                dataset = snapshots[name]
+                dataset.resize(dataset.shape[0] + 1, axis=0)
+                dataset[-1] = value
 
     def write_group(self, group: str, values: dict) -> None:
         """Write (or replace) arrays under ``/group``; nested dicts become subgroups."""
-        target = self.file.require_group(group)
+        with self._open() as f:
+            self._write_group(f, group, values)
+
+    def _write_group(self, f: h5py.File, group: str, values: dict) -> None:
+        target = f.require_group(group)
         for name, value in values.items():
             if isinstance(value, dict):
-                self.write_group(f"{group}/{name}", value)
+                self._write_group(f, f"{group}/{name}", value)
                 continue
             if name in target:
                 del target[name]
@@ -86,22 +104,56 @@ class ResultsWriter:
                 target.create_dataset(name, data=value, dtype=h5py.string_dtype())
             else:
                 target.create_dataset(name, data=_as_numpy(value))
-        self.file.flush()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return checkpoint_path(self.path)
+
+    def write_checkpoint(self, epoch: int, blob: bytes) -> None:
+        """Atomically replace ``checkpoint.pt`` beside the results file (a serialised training state
+        after a completed epoch) and record its epoch in the results file."""
+        temporary = self.checkpoint_path.with_suffix(".pt.tmp")
+        with open(temporary, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.checkpoint_path)
+        self.set_attrs(checkpoint_epoch=epoch)
+
+    def truncate_to_epoch(self, epoch: int) -> None:
+        """Drop metric rows and snapshots after ``epoch`` (written after the last checkpoint)."""
+        with self._open() as f:
+            for group_name in ("metrics", "snapshots"):
+                group = f[group_name]
+                if "epoch" not in group:
+                    continue
+                keep = int((group["epoch"][()] <= epoch).sum())
+                for dataset in group.values():
+                    dataset.resize(keep, axis=0)
 
     def set_attrs(self, **attrs) -> None:
-        for key, value in attrs.items():
-            self.file.attrs[key] = value
-        self.file.flush()
+        with self._open() as f:
+            for key, value in attrs.items():
+                f.attrs[key] = value
 
     def close(self, status: str, reason: str = "") -> None:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-        if not self.file.id.valid:
-            return
-        self.file.attrs["status"] = status
-        self.file.attrs["reason"] = reason
-        self.file.attrs["end_time"] = _now()
-        self.file.close()
+        self.set_attrs(status=status, reason=reason, end_time=_now())
+
+
+def checkpoint_path(results_path: str | Path) -> Path:
+    return Path(results_path).with_name("checkpoint.pt")
+
+
+def read_checkpoint(path: str | Path) -> tuple[int, bytes]:
+    """The last completed epoch and the serialised training state saved beside a results file."""
+    with h5py.File(path, "r") as f:
+        epoch = f.attrs.get("checkpoint_epoch")
+    file = checkpoint_path(path)
+    if epoch is None or not file.is_file():
+        raise ValueError(f"resume={str(path)!r}: no checkpoint beside this results file (no epoch completed)")
+    return int(epoch), file.read_bytes()
 
 
 @dataclass

@@ -136,10 +136,11 @@ def _posterior_fits(problem: Problem, limit: int) -> bool:
 
 
 def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None, progress: bool | None = None) -> RunSummary:
-    """Run one experiment; write ``output_dir/results.h5``; return its summary."""
+    """Run one experiment and write ``output_dir/results.h5`` — or, with ``resume=PATH``, continue the
+    run stored in ``PATH`` from its last checkpoint, appending to the same file; return the summary."""
+    if cfg.get("resume"):
+        return resume(cfg.resume, progress=progress)
     dataset, problem, trainer, posterior_factory = build(cfg)
-    device = problem.x.device
-    W_true = None if dataset.W_true is None else torch.as_tensor(dataset.W_true, dtype=problem.x.dtype, device=device)
     writer = ResultsWriter(
         Path(output_dir) / "results.h5",
         attrs={
@@ -147,7 +148,7 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
             "overrides": "\n".join(overrides or []),
             "versions": _versions(),
             "seed": int(cfg.seed),
-            "device": str(device),
+            "device": str(problem.x.device),
             "dtype": str(cfg.dtype),
         },
     )
@@ -155,10 +156,47 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
         writer.write_group("data", {"W_true": dataset.W_true})
     if dataset.image_shape is not None:
         writer.write_group("data", {"image_shape": np.asarray(dataset.image_shape)})
+    return _train(cfg, dataset, problem, trainer, posterior_factory, writer, None, progress)
+
+
+def resume(path: str | Path, progress: bool | None = None) -> RunSummary:
+    """Continue a run from ``path`` (its results.h5): the stored config is rebuilt and validated, W, σ², λ,
+    the posteriors, the trainer's state (optimiser memory, annealing position = epoch, convergence
+    bookkeeping), the RNG state and the epoch are restored, and training goes on in the same file."""
+    import io
+
+    from sparse_elbo.results import read_checkpoint, read_results
+
+    path = Path(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={str(path)!r}: no such results file")
+    cfg = OmegaConf.create(read_results(path).config)
+    epoch, blob = read_checkpoint(path)
+    dataset, problem, trainer, posterior_factory = build(cfg)
+    state = torch.load(io.BytesIO(blob), map_location=problem.x.device, weights_only=False)
+    problem.model.load_state_dict(state["model"])
+    problem.posterior.load_state_dict(state["posterior"])
+    torch.set_rng_state(state["torch_rng"])
+    writer = ResultsWriter(path, resume=True)
+    writer.truncate_to_epoch(epoch)
+    return _train(cfg, dataset, problem, trainer, posterior_factory, writer, state["trainer"], progress)
+
+
+def _check_finite_parameters(problem: Problem, epoch: int) -> None:
+    for owner, module in (("model", problem.model), ("posterior", problem.posterior)):
+        for name, value in module.named_parameters():
+            if not bool(torch.isfinite(value).all()):
+                raise FloatingPointError(f"non-finite values at epoch {epoch}: parameter {owner}.{name}")
+
+
+def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: ResultsWriter, state, progress) -> RunSummary:
+    import io
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=trainer.max_epochs, desc="epochs", disable=None if progress is None else not progress, leave=False)
+    W_true = None if dataset.W_true is None else torch.as_tensor(dataset.W_true, dtype=problem.x.dtype, device=problem.x.device)
+    start_epoch = 0 if state is None else state["epoch"] + 1
+    bar = tqdm(total=trainer.max_epochs, initial=start_epoch, desc="epochs", disable=None if progress is None else not progress, leave=False)
 
     def evaluate(epoch, weights, train_time):
         value = evaluate_problem(problem, weights)
@@ -178,15 +216,16 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
         }
         if W_true is not None:
             row["min_matched_cosine"] = metrics.match_fields(
-                problem.model.W.detach().cpu().numpy(), dataset.W_true, cfg.evaluation.recovery_threshold
+                np.nan_to_num(problem.model.W.detach().cpu().numpy()), dataset.W_true, cfg.evaluation.recovery_threshold
             ).min_cosine
         if dataset.image_shape is not None and dataset.W_true is None:
             row["localisation_median"] = float(
                 np.median(metrics.localisation_index(problem.model.W.detach().cpu().numpy(), dataset.image_shape))
             )
-        if not all(np.isfinite(np.asarray(v.detach().cpu() if torch.is_tensor(v) else v)).all() for v in row.values()):
-            bad = [k for k, v in row.items() if not np.isfinite(np.asarray(v.detach().cpu() if torch.is_tensor(v) else v)).all()]
-            raise FloatingPointError(f"non-finite values at epoch {epoch}: {bad}")
+        bad = [k for k, v in row.items() if not np.isfinite(np.asarray(v.detach().cpu() if torch.is_tensor(v) else v)).all()]
+        if bad:
+            raise FloatingPointError(f"non-finite values at epoch {epoch}: {', '.join(bad)}")
+        _check_finite_parameters(problem, epoch)
         writer.append_metrics(row)
         if cfg.results.snapshot_every > 0 and epoch % cfg.results.snapshot_every == 0:
             writer.append_snapshot(epoch, problem.model.W.detach())
@@ -194,12 +233,27 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
         bar.set_postfix(elbo=f"{float(value.elbo):.4f}")
         return value
 
+    def checkpoint(epoch, trainer_state):
+        if cfg.results.checkpoint_every <= 0 or (epoch + 1) % cfg.results.checkpoint_every:
+            return
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "model": problem.model.state_dict(),
+                "posterior": problem.posterior.state_dict(),
+                "trainer": trainer_state,
+                "torch_rng": torch.get_rng_state(),
+            },
+            buffer,
+        )
+        writer.write_checkpoint(epoch, buffer.getvalue())
+
     def on_sigterm(signum, frame):
         raise RunInterrupted(f"received signal {signum}")
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
     try:
-        outcome = trainer.fit(problem, evaluate)
+        outcome = trainer.fit(problem, evaluate, checkpoint=checkpoint, state=state)
         bar.close()
         final_value = evaluate_problem(problem, problem.annealing(10**9))
         problem.model.set_noise_and_prior_scale(final_value.sigma2.detach(), final_value.lam.detach())

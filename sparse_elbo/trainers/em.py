@@ -33,7 +33,7 @@ import torch
 
 from sparse_elbo.evaluation import data_blocks
 from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
-from sparse_elbo.problem import Evaluate, FitOutcome, Problem, Stopwatch
+from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
 
 M_STEPS = ("closed_form", "gradient")
 STATISTICS = ("full", "batch")
@@ -178,11 +178,15 @@ class EMTrainer:
         if self.m_step == "closed_form":
             self.closed_form_m_step(problem)
 
-    def fit(self, problem: Problem, evaluate: Evaluate) -> FitOutcome:
-        stopwatch = Stopwatch()
-        previous = None
+    def fit(self, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, state: dict | None = None) -> FitOutcome:
+        """Train; after each completed epoch ``checkpoint(epoch, trainer_state)`` (if given) receives what
+        is needed to continue exactly (the posteriors and W live in the problem's modules)."""
+        state = state or {}
+        stopwatch = Stopwatch(total=state.get("train_time", 0.0))
+        previous = state.get("previous")
         final_annealed_epoch = problem.annealing.final_epoch()
-        for epoch in range(self.max_epochs):
+        outcome = None
+        for epoch in range(state.get("epoch", -1) + 1, self.max_epochs):
             weights = problem.annealing(epoch)
             with stopwatch:
                 self.run_epoch(problem, weights)
@@ -196,6 +200,10 @@ class EMTrainer:
                 and previous is not None
                 and abs(current - previous) / max(1.0, abs(current)) < self.relative_tolerance
             ):
-                return FitOutcome(epoch + 1, True, "converged", stopwatch.total)
+                outcome = FitOutcome(epoch + 1, True, "converged", stopwatch.total)
             previous = current
-        return FitOutcome(self.max_epochs, False, "max_epochs", stopwatch.total)
+            if checkpoint is not None:
+                checkpoint(epoch, {"epoch": epoch, "previous": previous, "train_time": stopwatch.total, "outcome": outcome})
+            if outcome is not None:
+                return outcome
+        return state.get("outcome") or FitOutcome(self.max_epochs, False, "max_epochs", stopwatch.total)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_elbo.problem import Evaluate, FitOutcome, Problem, Stopwatch
+from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
 
 
 class LBFGSTrainer:
@@ -57,19 +57,25 @@ class LBFGSTrainer:
             line_search_fn="strong_wolfe",
         )
 
-    def fit(self, problem: Problem, evaluate: Evaluate) -> FitOutcome:
+    def fit(self, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, state: dict | None = None) -> FitOutcome:
+        """Train; after each completed epoch ``checkpoint(epoch, trainer_state)`` (if given) receives
+        everything needed to continue exactly: pass it back as ``state`` to resume."""
         x, model, posterior, objective = problem.x, problem.model, problem.posterior, problem.objective
         params = problem.trainable_parameters(self.train_dictionary)
         n_data = x.shape[0]
         generator = torch.Generator(device=x.device)
-        stopwatch = Stopwatch()
-        previous, weights, optimizer = None, None, None
-        converged, reason = False, "max_epochs"
-        stalled_epochs = 0
+        state = state or {}
+        stopwatch = Stopwatch(total=state.get("train_time", 0.0))
+        previous, stalled_epochs = state.get("previous"), state.get("stalled_epochs", 0)
+        weights, optimizer = state.get("weights"), None
+        if state.get("optimizer") is not None:
+            optimizer = self._optimizer(params)
+            optimizer.load_state_dict(state["optimizer"])
         final_annealed_epoch = problem.annealing.final_epoch()
-        for epoch in range(self.max_epochs):
+        outcome = None
+        for epoch in range(state.get("epoch", -1) + 1, self.max_epochs):
             new_weights = problem.annealing(epoch)
-            if new_weights != weights:  # the objective changed: stale curvature pairs would mislead
+            if new_weights != weights or optimizer is None:  # the objective changed: stale curvature pairs would mislead
                 weights, optimizer = new_weights, self._optimizer(params)
             noise_seed = problem.seed * 1_000_003 + epoch  # common random numbers within an epoch
 
@@ -92,12 +98,21 @@ class LBFGSTrainer:
                 change = abs(current - previous) / max(1.0, abs(current))
                 if change < self.relative_tolerance:
                     if max_grad < self.gradient_tolerance:
-                        return FitOutcome(epoch + 1, True, "converged", stopwatch.total)
-                    stalled_epochs += 1
-                    if stalled_epochs >= 2:
-                        return FitOutcome(epoch + 1, False, "stalled", stopwatch.total)
-                    optimizer = self._optimizer(params)
+                        outcome = FitOutcome(epoch + 1, True, "converged", stopwatch.total)
+                    else:
+                        stalled_epochs += 1
+                        if stalled_epochs >= 2:
+                            outcome = FitOutcome(epoch + 1, False, "stalled", stopwatch.total)
+                        optimizer = self._optimizer(params)
                 else:
                     stalled_epochs = 0
             previous = current
-        return FitOutcome(self.max_epochs, converged, reason, stopwatch.total)
+            if checkpoint is not None:
+                checkpoint(epoch, {
+                    "epoch": epoch, "previous": previous, "stalled_epochs": stalled_epochs, "weights": weights,
+                    "optimizer": optimizer.state_dict(), "train_time": stopwatch.total,
+                    "outcome": outcome,
+                })
+            if outcome is not None:
+                return outcome
+        return state.get("outcome") or FitOutcome(self.max_epochs, False, "max_epochs", stopwatch.total)

@@ -1,0 +1,223 @@
+"""Reliability: crash-safe results (SIGKILL, SIGTERM), resume equal to an uninterrupted run,
+bitwise determinism, the numerical guard, and finite closed forms at extreme inputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_elbo import closed_forms
+from sparse_elbo.results import read_results
+from sparse_elbo.runner import run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+LBFGS_SMALL = ["dataset.grid=3", "dataset.n_data=60", "trainer.iterations_per_epoch=10", "trainer.max_epochs=6",
+               "evaluation.ground_truth=false"]
+EM_SMALL = ["trainer=em", "dataset.grid=3", "dataset.n_data=60", "trainer.e_step_iterations=10",
+            "trainer.em_iterations_per_epoch=2", "trainer.max_epochs=6", "annealing=prior", "annealing.start=3",
+            "annealing.step=1", "evaluation.ground_truth=false"]
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        return compose("train", overrides=list(overrides))
+
+
+def _interrupt_after(monkeypatch, epoch_to_fail: int):
+    """Make the run raise KeyboardInterrupt right after evaluating ``epoch_to_fail`` (before its checkpoint)."""
+    import sparse_elbo.runner as runner
+
+    original = runner.evaluate_problem
+    calls = {"n": 0}
+
+    def interrupting(problem, weights, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == epoch_to_fail + 2:  # evaluations of epochs 0..epoch_to_fail, then interrupt
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return original(problem, weights, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate_problem", interrupting)
+
+
+@pytest.mark.parametrize("overrides", [LBFGS_SMALL, [*LBFGS_SMALL, "objective=sampled", "posterior=diag"], EM_SMALL],
+                         ids=["lbfgs-entropy-full", "lbfgs-sampled-diag", "em-annealed"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, overrides):
+    reference = run(compose_cfg(overrides), tmp_path / "reference", progress=False)
+    ref = read_results(reference.results_path)
+
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run(compose_cfg(overrides), tmp_path / "interrupted", progress=False)
+    interrupted = read_results(tmp_path / "interrupted" / "results.h5")
+    assert interrupted.status == "interrupted"
+    assert len(interrupted.metrics["epoch"]) >= 3  # epochs 0..2 kept (2 evaluated before the interrupt)
+
+    resumed = run(compose_cfg([f"resume={tmp_path / 'interrupted' / 'results.h5'}"]), tmp_path / "unused", progress=False)
+    assert resumed.results_path == tmp_path / "interrupted" / "results.h5"
+    res = read_results(resumed.results_path)
+    assert res.status == "finished"
+    np.testing.assert_array_equal(res.metrics["epoch"], ref.metrics["epoch"])
+    np.testing.assert_allclose(res.metrics["elbo"], ref.metrics["elbo"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(res.final["W"], ref.final["W"], rtol=0, atol=1e-6)
+    assert float(res.final["elbo"]) == pytest.approx(float(ref.final["elbo"]), abs=1e-6)
+    assert res.snapshots["W"].shape == ref.snapshots["W"].shape
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "results.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["config"] = "seed: 0\n"
+    with pytest.raises(ValueError, match="no checkpoint beside this results file"):
+        run(compose_cfg([f"resume={path}"]), tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="no such results file"):
+        run(compose_cfg([f"resume={tmp_path / 'missing.h5'}"]), tmp_path, progress=False)
+
+
+def test_same_seed_gives_bitwise_identical_results_and_records_provenance(tmp_path):
+    overrides = [*LBFGS_SMALL, "objective=sampled", "trainer.max_epochs=3"]
+    a = read_results(run(compose_cfg(overrides), tmp_path / "a", progress=False).results_path)
+    b = read_results(run(compose_cfg(overrides), tmp_path / "b", progress=False).results_path)
+    for key in ("elbo", "sigma2", "lambda", "gini_mean"):
+        np.testing.assert_array_equal(a.metrics[key], b.metrics[key])
+    np.testing.assert_array_equal(a.final["W"], b.final["W"])
+    np.testing.assert_array_equal(a.final["posterior"]["scale_tril"], b.final["posterior"]["scale_tril"])
+    c = read_results(run(compose_cfg([*overrides, "seed=1"]), tmp_path / "c", progress=False).results_path)
+    assert not np.array_equal(a.final["W"], c.final["W"])
+    for key in ("seed", "device", "dtype", "versions"):
+        assert key in a.attrs
+    assert "torch=" in a.attrs["versions"] and a.attrs["device"] == "cpu" and a.attrs["dtype"] == "float64"
+
+
+def test_non_finite_parameters_stop_the_run_naming_epoch_and_parameter(tmp_path, monkeypatch):
+    import sparse_elbo.runner as runner
+
+    original = runner.evaluate_problem
+    calls = {"n": 0}
+
+    def poisoning(problem, weights, *args, **kwargs):
+        calls["n"] += 1
+        value = original(problem, weights, *args, **kwargs)
+        if calls["n"] == 3:
+            with torch.no_grad():
+                problem.model.W_raw[0, 0] = float("inf")
+        return value
+
+    monkeypatch.setattr(runner, "evaluate_problem", poisoning)
+    with pytest.raises(FloatingPointError, match=r"epoch 2: parameter model.W_raw"):
+        run(compose_cfg(LBFGS_SMALL), tmp_path, progress=False)
+    res = read_results(tmp_path / "results.h5")
+    assert res.status == "failed" and "model.W_raw" in res.attrs["reason"]
+    np.testing.assert_array_equal(res.metrics["epoch"], [0, 1])  # the last good epochs are kept
+    assert np.isfinite(res.snapshots["W"]).all() and res.snapshots["W"].shape[0] == 2
+
+
+def _cli_process(args, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparse_elbo.train", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _wait_for_epochs(path: Path, n: int, process, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        if path.exists():
+            try:
+                with h5py.File(path, "r") as f:
+                    if "epoch" in f["metrics"] and f["metrics/epoch"].shape[0] >= n:
+                        return
+            except OSError:  # caught between the writer's open and close
+                pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not reach {n} epochs")
+
+
+LONG_RUN = ["dataset.n_data=300", "trainer.iterations_per_epoch=5", "trainer.max_epochs=400",
+            "trainer.relative_tolerance=0", "evaluation.ground_truth=false"]
+
+
+def test_sigkill_leaves_a_readable_file_with_every_completed_epoch(tmp_path):
+    process = _cli_process([*LONG_RUN, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    results = tmp_path / "run" / "results.h5"
+    _wait_for_epochs(results, 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    res = read_results(results)
+    assert res.status == "running"  # it never got to say otherwise
+    n = len(res.metrics["epoch"])
+    assert n >= 3
+    np.testing.assert_array_equal(res.metrics["epoch"], np.arange(n))
+    for name, values in res.metrics.items():
+        assert values.shape[0] == n, name  # every quantity has every completed epoch
+    assert res.snapshots["W"].shape[0] == n
+    from sparse_elbo.results import read_checkpoint
+
+    checkpoint_epoch, _ = read_checkpoint(results)  # and a checkpoint to continue from
+    assert checkpoint_epoch >= n - 2
+
+
+def test_sigterm_marks_the_run_interrupted(tmp_path):
+    process = _cli_process([*LONG_RUN, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    results = tmp_path / "run" / "results.h5"
+    _wait_for_epochs(results, 2, process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    res = read_results(results)
+    assert res.status == "interrupted" and "signal 15" in res.attrs["reason"]
+    assert len(res.metrics["epoch"]) >= 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    mean=st.floats(-1e4, 1e4, allow_nan=False),
+    log_std=st.floats(np.log(1e-8), np.log(1e3)),
+)
+def test_folded_normal_mean_and_gradients_stay_finite(mean, log_std):
+    m = torch.tensor([mean], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([np.exp(log_std)], dtype=torch.float64, requires_grad=True)
+    value = closed_forms.folded_normal_mean(m, s)
+    grad_m, grad_s = torch.autograd.grad(value.sum(), (m, s))
+    assert torch.isfinite(value).all() and torch.isfinite(grad_m).all() and torch.isfinite(grad_s).all()
+    assert float(value.detach()) >= abs(mean) - 1e-9 * max(1.0, abs(mean))  # E|z| ≥ |E z|
+    assert abs(float(grad_m)) <= 1.0 and 0.0 <= float(grad_s) <= np.sqrt(2 / np.pi) + 1e-12
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    log_sigma2=st.floats(np.log(1e-12), np.log(1e4)),
+    log_std=st.floats(np.log(1e-8), np.log(10.0)),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_objectives_stay_finite_with_finite_gradients_for_extreme_inputs(log_sigma2, log_std, scale):
+    from sparse_elbo.model import SparseCodingModel
+    from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
+    from sparse_elbo.posteriors import FullCovariancePosterior
+
+    generator = torch.Generator().manual_seed(0)
+    model = SparseCodingModel(4, 3, generator=generator).double()
+    posterior = FullCovariancePosterior(5, 3).double()
+    with torch.no_grad():
+        posterior.mean.copy_(scale * torch.randn(5, 3, generator=generator, dtype=torch.float64))
+        posterior.log_diag.fill_(log_std)
+        model.log_sigma2.fill_(log_sigma2)
+    x = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    for objective in (AnalyticELBO(), EntropyELBO()):
+        value = objective(x, posterior(), model)
+        grads = torch.autograd.grad(value.elbo, [model.W_raw, model.log_sigma2, *posterior.parameters()], allow_unused=True)
+        assert torch.isfinite(value.elbo)
+        assert all(g is None or torch.isfinite(g).all() for g in grads)
