@@ -37,6 +37,7 @@ from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopw
 
 M_STEPS = ("closed_form", "gradient")
 STATISTICS = ("full", "batch")
+INITIAL_MEANS = ("least_squares", "zeros")
 
 
 class EMTrainer:
@@ -57,6 +58,7 @@ class EMTrainer:
         batch_size: int = 512,
         fresh_posterior: bool = False,
         relative_tolerance: float = 0.0,
+        initial_means: str = "least_squares",
     ):
         for key, value in (("max_epochs", max_epochs), ("em_iterations_per_epoch", em_iterations_per_epoch),
                            ("e_step_iterations", e_step_iterations),
@@ -72,6 +74,8 @@ class EMTrainer:
             raise ValueError(f"trainer.m_step_lr must be > 0, got {m_step_lr}")
         if not (e_step_tolerance >= 0 and relative_tolerance >= 0):
             raise ValueError("trainer.e_step_tolerance and trainer.relative_tolerance must be >= 0")
+        if initial_means not in INITIAL_MEANS:
+            raise ValueError(f"trainer.initial_means must be one of {list(INITIAL_MEANS)}, got {initial_means!r}")
         if statistics == "full" and m_step == "gradient":
             raise ValueError("trainer.m_step=gradient needs trainer.statistics=batch (the authors' per-batch scheme)")
         self.max_epochs = int(max_epochs)
@@ -86,6 +90,7 @@ class EMTrainer:
         self.batch_size = int(batch_size)
         self.fresh_posterior = bool(fresh_posterior)
         self.relative_tolerance = float(relative_tolerance)
+        self.initial_means = initial_means
 
     # ----------------------------------------------------------------------------------- E-step
     def e_step(self, problem: Problem, index: torch.Tensor, objective, weights) -> None:
@@ -140,6 +145,18 @@ class EMTrainer:
             W = model.W_raw + self.m_step_lr * grad
             model.set_dictionary(W / W.norm(dim=0))
 
+    @torch.no_grad()
+    def initialise_means(self, problem: Problem) -> None:
+        """``μ_n = (WᵀW + εI)⁻¹ Wᵀ x_n`` (ε = 1e-3) for the initial W, so that the first ``σ²*, λ*`` reflect
+        the data's scale. From ``μ = 0`` they would be ``λ* ≈ 0.8 s_init``: with prior annealing the first
+        E-step then switches every latent off, and EM stays in that fixed point."""
+        W = problem.model.W  # (D,H)
+        gram = W.T @ W + 1e-3 * torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
+        for index in self._blocks(problem.x.shape[0], self.e_step_block_size, problem.x.device):
+            block = problem.posterior.block_parameters(index)
+            block["mean"] = torch.linalg.solve(gram, W.T @ problem.x[index].T).T
+            problem.posterior.write_block(index, block)
+
     # ----------------------------------------------------------------------------------- epochs
     _blocks = staticmethod(data_blocks)
 
@@ -186,6 +203,9 @@ class EMTrainer:
         previous = state.get("previous")
         final_annealed_epoch = problem.annealing.final_epoch()
         outcome = None
+        if not state and self.initial_means == "least_squares":
+            with stopwatch:
+                self.initialise_means(problem)
         for epoch in range(state.get("epoch", -1) + 1, self.max_epochs):
             weights = problem.annealing(epoch)
             with stopwatch:
