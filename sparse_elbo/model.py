@@ -19,6 +19,24 @@ from sparse_elbo.priors import LaplacePrior
 GAUGES = ("unit_norm", "unit_lambda")
 
 
+def load_dictionary(path: str, n_observed: int, n_latents: int):
+    """A user's initial dictionary (D,H) from any file ``dataset=file`` reads; checked against the data."""
+    from sparse_elbo.data import load_file
+
+    try:
+        W = load_file(str(path)).x
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"model.init_dictionary: {error}".replace("dataset.path", "path")) from error
+    if W.shape != (n_observed, n_latents):
+        raise ValueError(
+            f"model.init_dictionary={str(path)!r} has shape {W.shape}, but the data have D={n_observed} "
+            f"and n_latents={n_latents}: expected ({n_observed}, {n_latents})"
+        )
+    if (abs(W).sum(0) == 0).any():
+        raise ValueError(f"model.init_dictionary={str(path)!r} has an all-zero column")
+    return W
+
+
 class SparseCodingModel(nn.Module):
     """Parameters: ``W_raw (D,H)``, ``log_sigma2 ()``, ``log_lambda (H,)``."""
 
@@ -30,6 +48,7 @@ class SparseCodingModel(nn.Module):
         gauge: str = "unit_norm",
         init_sigma2: float = 1.0,
         init_lambda: float = 1.0,
+        init_dictionary: str | None = None,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -41,8 +60,12 @@ class SparseCodingModel(nn.Module):
             raise ValueError("model.init_sigma2 and model.init_lambda must be > 0")
         self.n_observed, self.n_latents, self.gauge = n_observed, n_latents, gauge
         self.prior = prior if prior is not None else LaplacePrior()
-        W = torch.randn(n_observed, n_latents, generator=generator, dtype=torch.float64)
-        self.W_raw = nn.Parameter((W / W.norm(dim=0)).float())
+        if init_dictionary:
+            W = torch.as_tensor(load_dictionary(init_dictionary, n_observed, n_latents))
+        else:
+            W = torch.randn(n_observed, n_latents, generator=generator, dtype=torch.float64)
+            W = W / W.norm(dim=0)
+        self.W_raw = nn.Parameter(W.float())
         self.log_sigma2 = nn.Parameter(torch.tensor(math.log(init_sigma2)))
         self.log_lambda = nn.Parameter(torch.full((n_latents,), math.log(init_lambda)))
         if gauge == "unit_lambda":

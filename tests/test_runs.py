@@ -109,6 +109,19 @@ def test_tiny_seeded_bars_run_recovers_every_bar_and_round_trips(tmp_path):
     assert float(value.sigma2) == pytest.approx(float(res.final["sigma2"]), rel=1e-8)
 
 
+def test_a_given_initial_dictionary_is_used_and_checked_against_the_data(tmp_path):
+    W = np.random.default_rng(1).normal(size=(25, 10))
+    np.save(tmp_path / "W.npy", W)
+    _, problem, _, _ = build(compose_cfg([f"model.init_dictionary={tmp_path / 'W.npy'}", *SMALL]))
+    np.testing.assert_allclose(problem.model.W.detach().numpy(), W / np.linalg.norm(W, axis=0), atol=1e-12)
+    np.save(tmp_path / "W_bad.npy", W[:, :8])
+    with pytest.raises(ValueError, match=r"has shape \(25, 8\), but the data have D=25 and n_latents=10"):
+        build(compose_cfg([f"model.init_dictionary={tmp_path / 'W_bad.npy'}", *SMALL]))
+    np.save(tmp_path / "W_nan.npy", np.full((25, 10), np.nan))
+    with pytest.raises(ValueError, match="model.init_dictionary: .*NaN/Inf"):
+        build(compose_cfg([f"model.init_dictionary={tmp_path / 'W_nan.npy'}", *SMALL]))
+
+
 def test_diag_posterior_results_store_std(tmp_path):
     cfg = compose_cfg(["posterior=diag", *SMALL])
     summary = run(cfg, tmp_path, progress=False)
