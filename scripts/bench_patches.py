@@ -5,6 +5,7 @@ Prints time per epoch, total training time, peak memory (CUDA: max allocated; CP
 process) and the final unweighted full-data ELBO of each.
 
     python scripts/bench_patches.py                                    # full patches_em + reference on 1/40 of the data
+    python scripts/bench_patches.py --full-epochs 2                    # time per epoch of the full run only
     python scripts/bench_patches.py --reference-fraction 0.05 -- dataset.n_patches=20000
 """
 
@@ -56,13 +57,16 @@ def main() -> None:
     parser.add_argument("--experiment", default="patches_em")
     parser.add_argument("--reference-fraction", type=float, default=1 / 40,
                         help="fraction of the patches the authors' procedure runs on (0 to skip)")
+    parser.add_argument("--full-epochs", type=int, default=None,
+                        help="cap the epochs of the full-size run (its time per epoch is still measured); default: all")
     parser.add_argument("overrides", nargs="*", help="extra overrides for both runs")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         base = [f"experiment={args.experiment}", *args.overrides]
-        bench("fast_em", base, out)
+        capped = [] if args.full_epochs is None else [f"trainer.max_epochs={args.full_epochs}"]
+        bench("fast_em", [*base, *capped], out)
         if args.reference_fraction > 0:
             with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
                 n = compose("train", overrides=base).dataset.n_patches

@@ -107,6 +107,7 @@ class EMTrainer:
             line_search_fn="strong_wolfe",
         )
         model = problem.model
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
 
         def closure():
             optimizer.zero_grad(set_to_none=False)
@@ -115,7 +116,13 @@ class EMTrainer:
             loss.backward()
             return loss
 
-        optimizer.step(closure)
+        for p in model_parameters:  # W, σ², λ are fixed here: no gradients for them (a third less work)
+            p.requires_grad_(False)
+        try:
+            optimizer.step(closure)
+        finally:
+            for p in model_parameters:
+                p.requires_grad_(True)
         problem.posterior.write_block(index, {k: v.detach() for k, v in block.items()})
 
     # ----------------------------------------------------------------------------------- M-steps
