@@ -50,7 +50,7 @@ class ResultsWriter:
                 f.attrs["resumed_time"] = _now()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(self.path, "w-") as f:  # fails if the file exists: no run overwrites another
+        with h5py.File(self.path, "w-", locking=False) as f:  # fails if the file exists: no run overwrites another
             for key, value in (attrs or {}).items():
                 f.attrs[key] = value if value is not None else ""
             f.attrs["status"] = "running"
@@ -59,7 +59,9 @@ class ResultsWriter:
                 f.require_group(group)
 
     def _open(self):
-        return h5py.File(self.path, "a")
+        # No HDF5 file lock: a reader in another process (a user watching the run, a summary script)
+        # must never make the run's next write fail.
+        return h5py.File(self.path, "a", locking=False)
 
     def append_metrics(self, row: dict) -> None:
         """Append one evaluation: scalars, or arrays such as λ (H,) stored as (E,H)."""

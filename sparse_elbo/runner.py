@@ -3,6 +3,7 @@ evaluate, write ``results.h5`` and return a summary. ``sparse_elbo.train`` is th
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import signal
 import time
@@ -25,6 +26,31 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 class RunInterrupted(RuntimeError):
     """SIGTERM (or SIGINT) arrived while training."""
+
+
+class SignalGuard:
+    """Turns SIGTERM into ``RunInterrupted`` — at once while computing, but deferred to the end of a
+    results-file write (``with guard.writing():``) so that a write is never cut in half."""
+
+    def __init__(self):
+        self.depth, self.pending = 0, None
+
+    def handler(self, signum, frame):
+        if self.depth > 0:
+            self.pending = signum
+            return
+        raise RunInterrupted(f"received signal {signum}")
+
+    @contextlib.contextmanager
+    def writing(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise RunInterrupted(f"received signal {signum}")
 
 
 @dataclass
@@ -226,9 +252,10 @@ def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: R
         if bad:
             raise FloatingPointError(f"non-finite values at epoch {epoch}: {', '.join(bad)}")
         _check_finite_parameters(problem, epoch)
-        writer.append_metrics(row)
-        if cfg.results.snapshot_every > 0 and epoch % cfg.results.snapshot_every == 0:
-            writer.append_snapshot(epoch, problem.model.W.detach())
+        with guard.writing():
+            writer.append_metrics(row)
+            if cfg.results.snapshot_every > 0 and epoch % cfg.results.snapshot_every == 0:
+                writer.append_snapshot(epoch, problem.model.W.detach())
         bar.update(1)
         bar.set_postfix(elbo=f"{float(value.elbo):.4f}")
         return value
@@ -246,12 +273,11 @@ def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: R
             },
             buffer,
         )
-        writer.write_checkpoint(epoch, buffer.getvalue())
+        with guard.writing():
+            writer.write_checkpoint(epoch, buffer.getvalue())
 
-    def on_sigterm(signum, frame):
-        raise RunInterrupted(f"received signal {signum}")
-
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
+    guard = SignalGuard()
+    previous_handler = signal.signal(signal.SIGTERM, guard.handler) if _in_main_thread() else None
     try:
         outcome = trainer.fit(problem, evaluate, checkpoint=checkpoint, state=state)
         bar.close()
@@ -285,19 +311,23 @@ def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: R
                     problem.x, W_true, posterior_factory, problem.model.prior, instantiate(cfg.evaluation.ground_truth_trainer), int(cfg.seed)
                 )
                 final["ground_truth_elbo"] = gt_elbo
-        writer.write_group("final", final)
+        with guard.writing():
+            writer.write_group("final", final)
     except (KeyboardInterrupt, RunInterrupted) as error:
         bar.close()
+        guard.depth += 1  # a second SIGTERM must not cut the status write short
         writer.close("interrupted", reason=repr(error))
         raise
     except BaseException as error:
         bar.close()
+        guard.depth += 1
         writer.close("failed", reason=f"{type(error).__name__}: {error}")
         raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-    writer.close("finished")
+    with guard.writing():
+        writer.close("finished")
     lam = final_value.lam.detach().cpu().numpy()
     return RunSummary(
         results_path=writer.path,
