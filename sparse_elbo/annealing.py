@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sparse_elbo.validation import require_one_of
+
 TERMS = ("likelihood", "prior", "entropy")
 
 
@@ -24,8 +26,7 @@ class AnnealingWeights:
 
 
 def _check_term(term: str) -> None:
-    if term not in TERMS:
-        raise ValueError(f"annealing.term must be one of {list(TERMS)}, got {term!r}")
+    require_one_of("annealing.term", term, TERMS)
 
 
 class NoAnnealing:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparse_elbo.validation import require_one_of
+
 SOURCES = ("laplace", "bernoulli")
 FILE_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".mat")
 
@@ -75,8 +77,7 @@ def make_bars(
         raise ValueError(f"dataset.grid must be >= 2, got {grid}")
     if int(n_data) < 1:
         raise ValueError(f"dataset.n_data must be >= 1, got {n_data}")
-    if sources not in SOURCES:
-        raise ValueError(f"dataset.sources must be one of {list(SOURCES)}, got {sources!r}")
+    require_one_of("dataset.sources", sources, SOURCES)
     if not noise > 0:
         raise ValueError(f"dataset.noise must be > 0, got {noise}")
     if not 0 < bernoulli_probability <= 1:

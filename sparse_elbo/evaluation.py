@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from sparse_elbo import metrics
+from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO, DataStatistics, EntropyELBO, ObjectiveValue
 from sparse_elbo.problem import Problem
@@ -23,6 +24,20 @@ def data_blocks(n: int, size: int, device) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def full_data_statistics(problem: Problem, block_size: int = 16384) -> tuple[DataStatistics, torch.Tensor]:
+    """The full-data means behind ``σ²* = residual / D`` and ``λ* = prior_statistic``, and the mean
+    posterior entropy, accumulated over blocks of data points so that memory stays bounded."""
+    x, model, n = problem.x, problem.model, problem.x.shape[0]
+    entropy_objective = EntropyELBO()
+    residual, prior_stat, entropy = x.new_zeros(()), x.new_zeros(model.n_latents), x.new_zeros(())
+    for index in data_blocks(n, block_size, x.device):
+        q = problem.posterior(index)
+        r, t = entropy_objective.batch_statistics(x[index], q, model)  # (B,), (B,H)
+        residual, prior_stat, entropy = residual + r.sum(), prior_stat + t.sum(0), entropy + q.entropy().sum()
+    return DataStatistics(residual / n, prior_stat / n), entropy / n
+
+
+@torch.no_grad()
 def evaluate_problem(problem: Problem, weights, block_size: int = 16384) -> ObjectiveValue:
     """Exact full-data objective, accumulated over blocks of data points so that memory stays bounded;
     ``weighted`` uses ``weights``, ``elbo`` never does."""
@@ -31,13 +46,8 @@ def evaluate_problem(problem: Problem, weights, block_size: int = 16384) -> Obje
     if n <= block_size:
         return objective(x, problem.posterior(), model, weights)
     if isinstance(objective, EntropyELBO):
-        residual, prior_stat, entropy = x.new_zeros(()), x.new_zeros(model.n_latents), x.new_zeros(())
-        for index in data_blocks(n, block_size, x.device):
-            q = problem.posterior(index)
-            r, t = objective.batch_statistics(x[index], q, model)
-            residual, prior_stat, entropy = residual + r.sum(), prior_stat + t.sum(0), entropy + q.entropy().sum()
-        statistics = DataStatistics(residual / n, prior_stat / n)
-        return EntropyELBO.from_statistics(entropy / n, statistics, x.shape[1], model.prior, weights)
+        statistics, mean_entropy = full_data_statistics(problem, block_size)
+        return EntropyELBO.from_statistics(mean_entropy, statistics, x.shape[1], model.prior, weights)
     values = [(len(index), objective(x[index], problem.posterior(index), model, weights)) for index in data_blocks(n, block_size, x.device)]
     terms = {name: sum(m * v.terms[name] for m, v in values) / n for name in values[0][1].terms}
     return ObjectiveValue(
@@ -66,8 +76,6 @@ def ground_truth_elbo(
     posterior_factory(n_data, n_latents) builds a fresh posterior of the run's family;
     trainer is an ``LBFGSTrainer`` with ``train_dictionary=False``.
     """
-    from sparse_elbo.annealing import NoAnnealing
-
     n_observed, n_latents = W_true.shape
     generator = torch.Generator().manual_seed(seed)
     model = SparseCodingModel(n_observed, n_latents, prior=prior, gauge="unit_norm", generator=generator)

@@ -4,6 +4,7 @@ evaluate, write ``results.h5`` and return a summary. ``sparse_elbo.train`` is th
 from __future__ import annotations
 
 import contextlib
+import io
 import platform
 import signal
 import time
@@ -14,11 +15,12 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from sparse_elbo import __version__, metrics
 from sparse_elbo.evaluation import evaluate_problem, ground_truth_elbo, sparseness
 from sparse_elbo.problem import Problem
-from sparse_elbo.results import ResultsWriter
+from sparse_elbo.results import ResultsWriter, read_checkpoint, read_results
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -189,10 +191,6 @@ def resume(path: str | Path, progress: bool | None = None) -> RunSummary:
     """Continue a run from ``path`` (its results.h5): the stored config is rebuilt and validated, W, σ², λ,
     the posteriors, the trainer's state (optimiser memory, annealing position = epoch, convergence
     bookkeeping), the RNG state and the epoch are restored, and training goes on in the same file."""
-    import io
-
-    from sparse_elbo.results import read_checkpoint, read_results
-
     path = Path(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"resume={str(path)!r}: no such results file")
@@ -216,10 +214,6 @@ def _check_finite_parameters(problem: Problem, epoch: int) -> None:
 
 
 def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: ResultsWriter, state, progress) -> RunSummary:
-    import io
-
-    from tqdm.auto import tqdm
-
     W_true = None if dataset.W_true is None else torch.as_tensor(dataset.W_true, dtype=problem.x.dtype, device=problem.x.device)
     start_epoch = 0 if state is None else state["epoch"] + 1
     bar = tqdm(total=trainer.max_epochs, initial=start_epoch, desc="epochs", disable=None if progress is None else not progress, leave=False)

@@ -150,12 +150,18 @@ LONG_RUN = ["dataset.n_data=300", "trainer.iterations_per_epoch=5", "trainer.max
             "trainer.relative_tolerance=0", "evaluation.ground_truth=false"]
 
 
-def test_sigkill_leaves_a_readable_file_with_every_completed_epoch(tmp_path):
+def _signal_a_long_run(tmp_path, after_epochs: int, signum: int):
+    """Start a long CLI run, wait until ``after_epochs`` epochs are in its results file, send ``signum``."""
     process = _cli_process([*LONG_RUN, f"hydra.run.dir={tmp_path}/run"], tmp_path)
     results = tmp_path / "run" / "results.h5"
-    _wait_for_epochs(results, 3, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    _wait_for_epochs(results, after_epochs, process)
+    process.send_signal(signum)
+    process.wait(timeout=60)
+    return process, results
+
+
+def test_sigkill_leaves_a_readable_file_with_every_completed_epoch(tmp_path):
+    _, results = _signal_a_long_run(tmp_path, 3, signal.SIGKILL)
     res = read_results(results)
     assert res.status == "running"  # it never got to say otherwise
     n = len(res.metrics["epoch"])
@@ -171,11 +177,7 @@ def test_sigkill_leaves_a_readable_file_with_every_completed_epoch(tmp_path):
 
 
 def test_sigterm_marks_the_run_interrupted(tmp_path):
-    process = _cli_process([*LONG_RUN, f"hydra.run.dir={tmp_path}/run"], tmp_path)
-    results = tmp_path / "run" / "results.h5"
-    _wait_for_epochs(results, 2, process)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+    process, results = _signal_a_long_run(tmp_path, 2, signal.SIGTERM)
     assert process.returncode != 0
     res = read_results(results)
     assert res.status == "interrupted" and "signal 15" in res.attrs["reason"]

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import torch
 
-from sparse_elbo.evaluation import data_blocks
+from sparse_elbo.evaluation import data_blocks, full_data_statistics
 from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
 from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
+from sparse_elbo.validation import require_at_least, require_one_of
 
 M_STEPS = ("closed_form", "gradient")
 STATISTICS = ("full", "batch")
@@ -60,22 +61,17 @@ class EMTrainer:
         relative_tolerance: float = 0.0,
         initial_means: str = "least_squares",
     ):
-        for key, value in (("max_epochs", max_epochs), ("em_iterations_per_epoch", em_iterations_per_epoch),
-                           ("e_step_iterations", e_step_iterations),
-                           ("e_step_block_size", e_step_block_size), ("history_size", history_size),
-                           ("batch_size", batch_size)):
-            if int(value) < 1:
-                raise ValueError(f"trainer.{key} must be >= 1, got {value}")
-        if m_step not in M_STEPS:
-            raise ValueError(f"trainer.m_step must be one of {list(M_STEPS)}, got {m_step!r}")
-        if statistics not in STATISTICS:
-            raise ValueError(f"trainer.statistics must be one of {list(STATISTICS)}, got {statistics!r}")
+        require_at_least(
+            "trainer", 1, max_epochs=max_epochs, em_iterations_per_epoch=em_iterations_per_epoch,
+            e_step_iterations=e_step_iterations, e_step_block_size=e_step_block_size, history_size=history_size,
+            batch_size=batch_size,
+        )
+        require_at_least("trainer", 0, e_step_tolerance=e_step_tolerance, relative_tolerance=relative_tolerance)
+        require_one_of("trainer.m_step", m_step, M_STEPS)
+        require_one_of("trainer.statistics", statistics, STATISTICS)
+        require_one_of("trainer.initial_means", initial_means, INITIAL_MEANS)
         if not m_step_lr > 0:
             raise ValueError(f"trainer.m_step_lr must be > 0, got {m_step_lr}")
-        if not (e_step_tolerance >= 0 and relative_tolerance >= 0):
-            raise ValueError("trainer.e_step_tolerance and trainer.relative_tolerance must be >= 0")
-        if initial_means not in INITIAL_MEANS:
-            raise ValueError(f"trainer.initial_means must be one of {list(INITIAL_MEANS)}, got {initial_means!r}")
         if statistics == "full" and m_step == "gradient":
             raise ValueError("trainer.m_step=gradient needs trainer.statistics=batch (the authors' per-batch scheme)")
         self.max_epochs = int(max_epochs)
@@ -167,18 +163,10 @@ class EMTrainer:
     # ----------------------------------------------------------------------------------- epochs
     _blocks = staticmethod(data_blocks)
 
-    @torch.no_grad()
     def _fix_noise_and_prior_scale(self, problem: Problem) -> None:
         """Set the model's σ², λ to the full-data optima σ²*, λ* for the current W and q."""
-        entropy = EntropyELBO()
-        residual = problem.x.new_zeros(())
-        prior_stat = problem.x.new_zeros(problem.model.n_latents)
-        for index in self._blocks(problem.x.shape[0], self.e_step_block_size, problem.x.device):
-            r, t = entropy.batch_statistics(problem.x[index], problem.posterior(index), problem.model)
-            residual += r.sum()
-            prior_stat += t.sum(0)
-        n = problem.x.shape[0]
-        problem.model.set_noise_and_prior_scale(residual / n / problem.x.shape[1], prior_stat / n)
+        statistics, _ = full_data_statistics(problem, self.e_step_block_size)
+        problem.model.set_noise_and_prior_scale(statistics.residual / problem.x.shape[1], statistics.prior_statistic)
 
     def run_epoch(self, problem: Problem, weights) -> None:
         n = problem.x.shape[0]

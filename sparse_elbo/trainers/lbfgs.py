@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
+from sparse_elbo.validation import require_at_least
 
 
 class LBFGSTrainer:
@@ -32,13 +33,9 @@ class LBFGSTrainer:
         gradient_tolerance: float = 1e-3,
         train_dictionary: bool = True,
     ):
-        for key, value in (("max_epochs", max_epochs), ("iterations_per_epoch", iterations_per_epoch),
-                           ("history_size", history_size)):
-            if int(value) < 1:
-                raise ValueError(f"trainer.{key} must be >= 1, got {value}")
-        for key, value in (("relative_tolerance", relative_tolerance), ("gradient_tolerance", gradient_tolerance)):
-            if not value >= 0:
-                raise ValueError(f"trainer.{key} must be >= 0, got {value}")
+        require_at_least("trainer", 1, max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch,
+                         history_size=history_size)
+        require_at_least("trainer", 0, relative_tolerance=relative_tolerance, gradient_tolerance=gradient_tolerance)
         self.max_epochs = int(max_epochs)
         self.iterations_per_epoch = int(iterations_per_epoch)
         self.history_size = int(history_size)
