@@ -7,7 +7,6 @@ import contextlib
 import io
 import platform
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
