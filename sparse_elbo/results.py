@@ -63,31 +63,24 @@ class ResultsWriter:
         # must never make the run's next write fail.
         return h5py.File(self.path, "a", locking=False)
 
-    def append_metrics(self, row: dict) -> None:
-        """Append one evaluation: scalars, or arrays such as λ (H,) stored as (E,H)."""
+    def append_epoch(self, row: dict, W=None) -> None:
+        """Append one evaluation, and with it a snapshot of the dictionary W (D,H) when given, in one
+        write: a run killed at any moment leaves metrics and snapshots that agree epoch for epoch.
+        ``row`` holds scalars, or arrays such as λ (H,) stored as (E,H); it must contain ``epoch``."""
         with self._open() as f:
-            metrics = f["metrics"]
             for name, value in row.items():
-                value = _as_numpy(value)
-                if name not in metrics:
-                    metrics.create_dataset(
-                        name, shape=(0, *value.shape), maxshape=(None, *value.shape), dtype=value.dtype, chunks=True
-                    )
-                dataset = metrics[name]
-                dataset.resize(dataset.shape[0] + 1, axis=0)
-                dataset[-1] = value
+                self._append(f["metrics"], name, _as_numpy(value))
+            if W is not None:
+                self._append(f["snapshots"], "W", _as_numpy(W))
+                self._append(f["snapshots"], "epoch", np.asarray(row["epoch"], dtype=np.int64))
 
-    def append_snapshot(self, epoch: int, W) -> None:
-        W = _as_numpy(W)
-        with self._open() as f:
-            snapshots = f["snapshots"]
-            if "W" not in snapshots:
-                snapshots.create_dataset("W", shape=(0, *W.shape), maxshape=(None, *W.shape), dtype=W.dtype, chunks=True)
-                snapshots.create_dataset("epoch", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=True)
-            for name, value in (("W", W), ("epoch", epoch)):
-                dataset = snapshots[name]
-                dataset.resize(dataset.shape[0] + 1, axis=0)
-                dataset[-1] = value
+    @staticmethod
+    def _append(group: h5py.Group, name: str, value: np.ndarray) -> None:
+        if name not in group:
+            group.create_dataset(name, shape=(0, *value.shape), maxshape=(None, *value.shape), dtype=value.dtype, chunks=True)
+        dataset = group[name]
+        dataset.resize(dataset.shape[0] + 1, axis=0)
+        dataset[-1] = value
 
     def write_group(self, group: str, values: dict) -> None:
         """Write (or replace) arrays under ``/group``; nested dicts become subgroups."""

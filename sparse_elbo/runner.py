@@ -246,9 +246,8 @@ def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: R
             raise FloatingPointError(f"non-finite values at epoch {epoch}: {', '.join(bad)}")
         _check_finite_parameters(problem, epoch)
         with guard.writing():
-            writer.append_metrics(row)
-            if cfg.results.snapshot_every > 0 and epoch % cfg.results.snapshot_every == 0:
-                writer.append_snapshot(epoch, problem.model.W.detach())
+            snapshot = cfg.results.snapshot_every > 0 and epoch % cfg.results.snapshot_every == 0
+            writer.append_epoch(row, problem.model.W.detach() if snapshot else None)
         bar.update(1)
         bar.set_postfix(elbo=f"{float(value.elbo):.4f}")
         return value
