@@ -59,7 +59,7 @@ def test_e_step_increases_the_objective_and_matches_a_float64_reference_optimum(
             q = problem.posterior.gaussian(dict(zip(names, tensors)))
             value = -objective(problem.x[n : n + 1], q, problem.model).elbo
             grads = torch.autograd.grad(value, tensors)
-            return float(value), np.concatenate([g.reshape(-1).numpy() for g in grads])
+            return float(value.detach()), np.concatenate([g.reshape(-1).numpy() for g in grads])
 
         start = np.concatenate([np.full(size, -0.5 if name != "mean" else 0.3) for name, size in zip(names, sizes)])
         result = scipy.optimize.minimize(f, start, jac=True, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 5000})
@@ -178,3 +178,40 @@ def test_bad_em_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError) as error:
         EMTrainer(**kwargs)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("weights", [AnnealingWeights(), AnnealingWeights(likelihood=0.7, prior=6.0, entropy=1.3)])
+def test_fused_diagonal_e_step_equals_the_autograd_analytic_elbo_in_float64(weights):
+    """Oracle: value (with the constant c_n added back) and gradients of ``DiagonalLaplaceEStep`` against
+    ``AnalyticELBO`` differentiated by autograd, including latents with tiny and huge |μ|/s."""
+    from sparse_elbo.trainers.e_step import DiagonalLaplaceEStep
+
+    problem = small_problem("diag", n_data=40)
+    with torch.no_grad():
+        problem.model.set_noise_and_prior_scale(torch.tensor(0.07, dtype=torch.float64), torch.linspace(0.3, 2.0, 6, dtype=torch.float64))
+        problem.posterior.mean.normal_(generator=torch.Generator().manual_seed(1))
+        problem.posterior.log_std.uniform_(-4.0, 0.5, generator=torch.Generator().manual_seed(2))
+        problem.posterior.log_std[0, 0] = -30.0  # s ≈ 1e-13: |μ|/s enormous
+        problem.posterior.mean[1, 1] = 0.0
+    block = problem.posterior.block_parameters(None)
+    value = AnalyticELBO()(problem.x, problem.posterior.gaussian(block), problem.model, weights)
+    expected_loss = -problem.x.shape[0] * value.weighted
+    expected_loss.backward()
+
+    fused = DiagonalLaplaceEStep(problem.x, problem.model, weights)
+    loss, grad_mean, grad_log_std = fused.loss_and_gradients(block["mean"].detach(), block["log_std"].detach())
+    torch.testing.assert_close(loss - fused.constant().sum(), expected_loss.detach(), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(grad_mean, block["mean"].grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_log_std, block["log_std"].grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_and_autograd_e_steps_reach_the_same_posteriors():
+    problem_fused, problem_autograd = small_problem("diag", n_data=30), small_problem("diag", n_data=30)
+    for problem in (problem_fused, problem_autograd):
+        with torch.no_grad():
+            problem.model.set_noise_and_prior_scale(torch.tensor(0.05, dtype=torch.float64), torch.full((6,), 0.8, dtype=torch.float64))
+    index = torch.arange(30)
+    for problem, fused in ((problem_fused, True), (problem_autograd, False)):
+        EMTrainer(e_step_iterations=300, e_step_tolerance=0.0, fused_e_step=fused).e_step(problem, index, AnalyticELBO(), AnnealingWeights(prior=4.0))
+    torch.testing.assert_close(problem_fused.posterior.mean, problem_autograd.posterior.mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(problem_fused.posterior.log_std, problem_autograd.posterior.log_std, rtol=0, atol=1e-6)

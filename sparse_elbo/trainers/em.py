@@ -3,7 +3,9 @@
 One EM iteration, ``statistics="full"`` (default, SPEC §4): with ``σ², λ`` fixed at their full-data optima
 ``σ²*, λ*``, the E-step maximises the (annealing-weighted) analytic ELBO over every ``q_n`` — the
 problem separates across data points, so blocks of ``e_step_block_size`` points (the whole data set
-where memory allows) are optimised at once with L-BFGS on the block's summed objective. Then the
+where memory allows) are optimised at once with L-BFGS on the block's summed objective. Diagonal
+posteriors under the Laplace prior use the fused value-and-gradient of ``trainers/e_step.py``
+(``fused_e_step=True``, default), which never forms an (N,D) array; other cases use autograd. Then the
 M-step for ``W``:
 
 - ``closed_form`` (default): for fixed ``q`` the expected log-likelihood is quadratic in ``W``, maximised by
@@ -34,6 +36,7 @@ import torch
 from sparse_elbo.evaluation import data_blocks, full_data_statistics
 from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
 from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
+from sparse_elbo.trainers.e_step import DiagonalLaplaceEStep
 from sparse_elbo.validation import require_at_least, require_one_of
 
 M_STEPS = ("closed_form", "gradient")
@@ -60,6 +63,7 @@ class EMTrainer:
         fresh_posterior: bool = False,
         relative_tolerance: float = 0.0,
         initial_means: str = "least_squares",
+        fused_e_step: bool = True,
     ):
         require_at_least(
             "trainer", 1, max_epochs=max_epochs, em_iterations_per_epoch=em_iterations_per_epoch,
@@ -87,6 +91,7 @@ class EMTrainer:
         self.fresh_posterior = bool(fresh_posterior)
         self.relative_tolerance = float(relative_tolerance)
         self.initial_means = initial_means
+        self.fused_e_step = bool(fused_e_step)
 
     # ----------------------------------------------------------------------------------- E-step
     def e_step(self, problem: Problem, index: torch.Tensor, objective, weights) -> None:
@@ -102,6 +107,20 @@ class EMTrainer:
             tolerance_change=self.e_step_tolerance,
             line_search_fn="strong_wolfe",
         )
+        if self.fused_e_step and isinstance(objective, AnalyticELBO) and DiagonalLaplaceEStep.applies_to(problem.posterior, problem.model):
+            fused = DiagonalLaplaceEStep(x, problem.model, weights)
+
+            def closure():
+                loss, block["mean"].grad, block["log_std"].grad = fused.loss_and_gradients(block["mean"], block["log_std"])
+                return loss
+
+            optimizer.step(closure)
+        else:
+            self._autograd_e_step(problem, x, block, optimizer, objective, weights)
+        problem.posterior.write_block(index, {k: v.detach() for k, v in block.items()})
+
+    @staticmethod
+    def _autograd_e_step(problem: Problem, x, block, optimizer, objective, weights) -> None:
         model = problem.model
         model_parameters = [p for p in model.parameters() if p.requires_grad]
 
@@ -119,7 +138,6 @@ class EMTrainer:
         finally:
             for p in model_parameters:
                 p.requires_grad_(True)
-        problem.posterior.write_block(index, {k: v.detach() for k, v in block.items()})
 
     # ----------------------------------------------------------------------------------- M-steps
     @torch.no_grad()

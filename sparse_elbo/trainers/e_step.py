@@ -1,0 +1,91 @@
+"""The E-step objective of diagonal posteriors under the Laplace prior, value and gradient fused.
+
+For fixed ``W, σ², λ`` and annealing weights ``β``, the E-step maximises over ``μ_n, ρ_n = log s_n``
+
+    F_n = β_lik E_q[log p(x_n|z)] + β_prior E_q[log p(z)] + β_q H[q_n]
+        = -β_lik/(2σ²) (μ_nᵀ G μ_n - 2 b_nᵀ μ_n + Σ_h G_hh s_h²)
+          - β_prior Σ_h E|z_h| / λ_h  +  β_q Σ_h ρ_h  +  c_n
+
+with ``G = WᵀW (H,H)``, ``b_n = Wᵀ x_n (H,)``, ``E|z_h| = s_h √(2/π) e^{-r_h²/2} + μ_h erf(r_h/√2)``,
+``r_h = μ_h / s_h``, and ``c_n`` collecting what the E-step cannot change
+(``||x_n||²``, ``log 2πσ²``, ``log 2λ_h``, ``log 2πe``). Its gradients are
+
+    ∂F/∂μ = β_lik (b - G μ)/σ² - β_prior erf(r/√2)/λ
+    ∂F/∂ρ = -β_lik G_hh s²/σ² - β_prior √(2/π) e^{-r²/2} s/λ + β_q .
+
+Why it exists: the same value through autograd (``AnalyticELBO``) forms the residual ``x - Wμ`` (N,D)
+and backpropagates some forty elementwise passes over (N,H); here ``b = Wᵀx`` is computed once per E-step,
+so no (N,D) array appears in the L-BFGS loop and the elementwise work is about a dozen passes. On the
+paper's 204,800 patches this makes one evaluation roughly ten times cheaper on a CPU. Tests check value
+(with ``c_n`` added back) and gradients against ``AnalyticELBO`` with autograd in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparse_elbo import closed_forms
+from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.posteriors import DiagonalPosterior
+from sparse_elbo.priors import LaplacePrior
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+
+
+class DiagonalLaplaceEStep:
+    """``-Σ_n (F_n - c_n)`` and its gradient for the data points ``x (N,D)``; W, σ², λ, β fixed."""
+
+    def __init__(self, x: torch.Tensor, model, weights: AnnealingWeights):
+        with torch.no_grad():
+            W = model.W  # (D,H)
+            self.projection = x @ W  # b (N,H)
+            self.gram = W.T @ W  # G (H,H)
+            self.gram_diagonal = torch.diagonal(self.gram).clone()  # (H,)
+            self.sigma2 = model.sigma2.detach()
+            self.inverse_lambda = model.lam.detach().reciprocal()  # (H,)
+            self.x_energy = x.pow(2).sum(-1)  # ||x_n||² (N,)
+            self.log_lambda = model.lam.detach().log()
+        self.weights = weights
+        self.n_observed = x.shape[1]
+
+    @staticmethod
+    def applies_to(posterior, model) -> bool:
+        return isinstance(posterior, DiagonalPosterior) and isinstance(model.prior, LaplacePrior)
+
+    @torch.no_grad()
+    def loss_and_gradients(self, mean: torch.Tensor, log_std: torch.Tensor):
+        """mean, log_std (N,H)  ->  loss = -Σ_n (F_n - c_n) (scalar), ∂loss/∂mean, ∂loss/∂log_std (N,H)."""
+        beta = self.weights
+        likelihood_scale = beta.likelihood / self.sigma2
+        prior_scale = beta.prior * self.inverse_lambda  # (H,)
+        std = log_std.exp().clamp_min_(torch.finfo(log_std.dtype).tiny)  # s (N,H)
+        ratio = mean / std  # r (N,H)
+        density = ratio.square().mul_(-0.5).exp_().mul_(_SQRT_2_OVER_PI)  # √(2/π) e^{-r²/2}
+        sign_mass = ratio.mul_(_INV_SQRT_2).erf_()  # erf(r/√2); ratio's storage is reused
+        density_std = density.mul_(std)  # √(2/π) e^{-r²/2} s
+        variance = std.square_()  # s² (std's storage is reused)
+        gram_mean = mean @ self.gram  # G μ (N,H)
+        expected_abs = density_std + mean * sign_mass  # E|z| (N,H)
+        # μᵀGμ - 2bᵀμ + Σ_h G_hh s_h², summed over n
+        energy = ((gram_mean - 2.0 * self.projection) * mean).sum() + (variance @ self.gram_diagonal).sum()
+        loss = (
+            0.5 * likelihood_scale * energy
+            + (expected_abs @ prior_scale).sum()
+            - beta.entropy * log_std.sum()
+        )
+        grad_mean = gram_mean.sub_(self.projection).mul_(likelihood_scale).add_(sign_mass.mul_(prior_scale))
+        grad_log_std = variance.mul_(self.gram_diagonal * likelihood_scale).add_(density_std.mul_(prior_scale)).sub_(beta.entropy)
+        return loss, grad_mean, grad_log_std
+
+    @torch.no_grad()
+    def constant(self) -> torch.Tensor:
+        """``c_n`` (N,): the terms of ``F_n`` that do not depend on ``q_n``."""
+        beta = self.weights
+        H = self.gram.shape[0]
+        log_lik = -0.5 * self.n_observed * (closed_forms.LOG_2PI + torch.log(self.sigma2)) - self.x_energy / (2.0 * self.sigma2)
+        log_prior = -(math.log(2.0) + self.log_lambda).sum()
+        entropy = 0.5 * H * closed_forms.LOG_2PIE
+        return beta.likelihood * log_lik + beta.prior * log_prior + beta.entropy * entropy
