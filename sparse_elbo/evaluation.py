@@ -31,7 +31,7 @@ def full_data_statistics(problem: Problem, block_size: int = 16384) -> tuple[Dat
     entropy_objective = EntropyELBO()
     residual, prior_stat, entropy = x.new_zeros(()), x.new_zeros(model.n_latents), x.new_zeros(())
     for index in data_blocks(n, block_size, x.device):
-        q = problem.posterior(index)
+        q = problem.q(index)
         r, t = entropy_objective.batch_statistics(x[index], q, model)  # (B,), (B,H)
         residual, prior_stat, entropy = residual + r.sum(), prior_stat + t.sum(0), entropy + q.entropy().sum()
     return DataStatistics(residual / n, prior_stat / n), entropy / n
@@ -44,11 +44,11 @@ def evaluate_problem(problem: Problem, weights, block_size: int = 16384) -> Obje
     objective = exact_objective(problem.objective)
     x, model, n = problem.x, problem.model, problem.x.shape[0]
     if n <= block_size:
-        return objective(x, problem.posterior(), model, weights)
+        return objective(x, problem.q(), model, weights)
     if isinstance(objective, EntropyELBO):
         statistics, mean_entropy = full_data_statistics(problem, block_size)
         return EntropyELBO.from_statistics(mean_entropy, statistics, x.shape[1], model.prior, weights)
-    values = [(len(index), objective(x[index], problem.posterior(index), model, weights)) for index in data_blocks(n, block_size, x.device)]
+    values = [(len(index), objective(x[index], problem.q(index), model, weights)) for index in data_blocks(n, block_size, x.device)]
     terms = {name: sum(m * v.terms[name] for m, v in values) / n for name in values[0][1].terms}
     return ObjectiveValue(
         elbo=sum(m * v.elbo for m, v in values) / n,
@@ -64,7 +64,7 @@ def sparseness(problem: Problem, n_samples: int = 10, max_data_points: int = 100
     """Gini of |z| over ``n_samples`` posterior samples of (at most) the first ``max_data_points`` points."""
     generator = torch.Generator(device=problem.x.device).manual_seed(problem.seed + 7)
     index = torch.arange(min(problem.x.shape[0], max_data_points), device=problem.x.device)
-    return metrics.posterior_sample_gini(problem.posterior(index), n_samples, generator)
+    return metrics.posterior_sample_gini(problem.q(index), n_samples, generator)
 
 
 def ground_truth_elbo(
@@ -73,7 +73,7 @@ def ground_truth_elbo(
     """``max_{q, σ², λ} ELBO`` with ``W`` fixed to the generator's dictionary (columns normalised,
     the gauge absorbed by λ): the value a perfect learner would reach, for comparison with the run's ELBO.
 
-    posterior_factory(n_data, n_latents) builds a fresh posterior of the run's family;
+    posterior_factory(n_data=, n_latents=, n_observed=) builds a fresh posterior of the run's family;
     trainer is an ``LBFGSTrainer`` with ``train_dictionary=False``.
     """
     n_observed, n_latents = W_true.shape
@@ -81,7 +81,7 @@ def ground_truth_elbo(
     model = SparseCodingModel(n_observed, n_latents, prior=prior, gauge="unit_norm", generator=generator)
     model.set_dictionary(W_true.cpu().float())
     model = model.to(device=x.device, dtype=x.dtype)
-    posterior = posterior_factory(n_data=x.shape[0], n_latents=n_latents).to(device=x.device, dtype=x.dtype)
+    posterior = posterior_factory(n_data=x.shape[0], n_latents=n_latents, n_observed=n_observed).to(device=x.device, dtype=x.dtype)
     problem = Problem(x=x, model=model, posterior=posterior, objective=EntropyELBO(), annealing=NoAnnealing(), seed=seed)
     trainer.fit(problem, lambda epoch, weights, t: evaluate_problem(problem, weights))
     return float(evaluate_problem(problem, problem.annealing(0)).elbo)

@@ -2,7 +2,11 @@
 
 Each class holds one minibatch of per-data-point Gaussians and exposes
 ``mean (N,H)``, ``variance (N,H)`` (marginal ``Σ_n,hh``), ``entropy() (N,)``,
-``trace_term(gram) (N,)`` = ``tr(G Σ_n)`` with ``G = WᵀW`` and ``rsample(K) (K,N,H)``.
+``trace_term(gram) (N,)`` = ``tr(G Σ_n)`` with ``G = WᵀW``, ``rsample(K) (K,N,H)`` and
+``log_prob(z) (...,N)`` for samples ``z (...,N,H)`` (importance sampling).
+
+``log q(z) = -(H/2) log 2π - ½ log det Σ - ½ (z-μ)ᵀΣ⁻¹(z-μ) = H/2 - H[q] - ½ (z-μ)ᵀΣ⁻¹(z-μ)``, so each
+class supplies only the Mahalanobis term; the log-determinant comes from its entropy.
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from sparse_elbo import closed_forms
+
+
+def _log_prob(q, z: torch.Tensor, mahalanobis: torch.Tensor) -> torch.Tensor:
+    """``log q(z) = H/2 - H[q] - ½ maha``;  mahalanobis (...,N)  ->  (...,N)"""
+    return 0.5 * q.mean.shape[-1] - q.entropy() - 0.5 * mahalanobis
 
 
 @dataclass
@@ -45,6 +54,10 @@ class DiagonalGaussian:
             (n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator
         )
         return self.mean + self.std * eps
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """z (...,N,H)  ->  (...,N)"""
+        return _log_prob(self, z, ((z - self.mean) / self.std).pow(2).sum(-1))
 
 
 @dataclass
@@ -81,6 +94,12 @@ class FullGaussian:
             (n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator
         )
         return self.mean + torch.einsum("nij,knj->kni", self.scale_tril, eps)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``||L⁻¹(z-μ)||²`` by a triangular solve;  z (...,N,H)  ->  (...,N)"""
+        centred = (z - self.mean).unsqueeze(-1)  # (...,N,H,1)
+        white = torch.linalg.solve_triangular(self.scale_tril.expand(*centred.shape[:-1], -1), centred, upper=False)
+        return _log_prob(self, z, white.pow(2).sum((-2, -1)))
 
 
 @dataclass
@@ -124,3 +143,14 @@ class LowRankGaussian:
         eps_low = torch.randn((n_samples, *self.factor.shape[:-2], self.factor.shape[-1]), **kwargs)
         eps_diag = torch.randn(shape, **kwargs)
         return self.mean + torch.einsum("nhr,knr->knh", self.factor, eps_low) + self.diag_std * eps_diag
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Woodbury: ``rᵀΣ⁻¹r = ||r/d||² - uᵀC⁻¹u`` with ``u = Vᵀ(r/d²)``, ``C = I + Vᵀ diag(d⁻²) V`` (R,R);
+        z (...,N,H)  ->  (...,N)"""
+        scaled_residual = (z - self.mean) / self.diag_std  # r/d (...,N,H)
+        scaled = self.factor / self.diag_std.unsqueeze(-1)  # V/d (N,H,R)
+        rank = self.factor.shape[-1]
+        capacitance = torch.eye(rank, dtype=self.mean.dtype, device=self.mean.device) + scaled.transpose(-1, -2) @ scaled
+        u = torch.einsum("nhr,...nh->...nr", scaled, scaled_residual)  # (...,N,R)
+        solved = torch.linalg.solve(capacitance.expand(*u.shape[:-1], rank, rank), u.unsqueeze(-1)).squeeze(-1)
+        return _log_prob(self, z, scaled_residual.pow(2).sum(-1) - (u * solved).sum(-1))

@@ -6,6 +6,11 @@ Every parameter has the data index as its first axis, so that a trainer can opti
 data points on its own: ``block = posterior.block_parameters(index)`` gives detached leaf copies,
 ``posterior.gaussian(block)`` the Gaussians they define, ``posterior.write_block(index, block)``
 stores them back.
+
+Like the amortised posterior (``encoders.py``), every posterior answers ``q(x, index)`` — here ``x`` is
+not needed — and ``per_data_point(x)``: a fresh posterior of the same family for new data ``x``
+(held-out evaluation). Sizes are passed at the instantiate call; ``n_observed`` is accepted for
+uniformity with the encoder and not used.
 """
 
 from __future__ import annotations
@@ -34,6 +39,16 @@ def _check_positive(scale: torch.Tensor) -> None:
 
 class _PerDataPointPosterior(nn.Module):
     """Shared block handling; subclasses define ``gaussian(params)`` and ``initial_values(n)``."""
+
+    amortized = False
+
+    def q(self, x: torch.Tensor | None = None, index: torch.Tensor | None = None):
+        """The posteriors of data points ``index`` (all when None); ``x`` is not needed."""
+        return self(index)
+
+    def per_data_point(self, x: torch.Tensor) -> "_PerDataPointPosterior":
+        """A fresh posterior of this family for the data points of ``x`` (N,D), on x's device and dtype."""
+        return type(self)(n_data=x.shape[0], n_latents=self.n_latents, init_std=self.init_std).to(x)
 
     def forward(self, index: torch.Tensor | None = None):
         params = dict(self.named_parameters())
@@ -68,7 +83,7 @@ class DiagonalPosterior(_PerDataPointPosterior):
 
     family = "diag"
 
-    def __init__(self, n_data: int, n_latents: int, init_std: float = 0.1):
+    def __init__(self, n_data: int, n_latents: int, init_std: float = 0.1, n_observed: int | None = None):
         super().__init__()
         _check_sizes(n_data, n_latents, init_std)
         self.n_data, self.n_latents = n_data, n_latents
@@ -105,7 +120,7 @@ class FullCovariancePosterior(_PerDataPointPosterior):
 
     family = "full"
 
-    def __init__(self, n_data: int, n_latents: int, init_std: float = 0.1):
+    def __init__(self, n_data: int, n_latents: int, init_std: float = 0.1, n_observed: int | None = None):
         super().__init__()
         _check_sizes(n_data, n_latents, init_std)
         self.n_data, self.n_latents = n_data, n_latents

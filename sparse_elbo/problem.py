@@ -13,7 +13,8 @@ from sparse_elbo.annealing import AnnealingWeights
 
 @dataclass
 class Problem:
-    """x (N,D) on the run's device and dtype; components already built and moved there."""
+    """x (N,D) on the run's device and dtype; components already built and moved there;
+    x_held_out (M,D): data never trained on, for held-out metrics (None when there is no split)."""
 
     x: torch.Tensor
     model: torch.nn.Module
@@ -21,6 +22,12 @@ class Problem:
     objective: object
     annealing: object
     seed: int = 0
+    x_held_out: torch.Tensor | None = None
+
+    def q(self, index: torch.Tensor | None = None):
+        """The Gaussians ``q_n`` of the data points ``index`` (all when None): the per-data-point
+        posteriors' own parameters, or the encoder applied to ``x[index]``."""
+        return self.posterior.q(self.x, index)
 
     def trainable_parameters(self, train_dictionary: bool = True) -> list[torch.nn.Parameter]:
         """W (if trained), σ² and λ (if the objective learns them) and every posterior parameter."""

@@ -21,7 +21,7 @@ from sparse_elbo.validation import require_at_least
 
 
 class LBFGSTrainer:
-    supported_families = ("diag", "full")
+    supported_families = ("diag", "full", "amortized")
     supported_objectives = ("sampled", "analytic", "entropy")
 
     def __init__(
@@ -57,7 +57,7 @@ class LBFGSTrainer:
     def fit(self, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, state: dict | None = None) -> FitOutcome:
         """Train; after each completed epoch ``checkpoint(epoch, trainer_state)`` (if given) receives
         everything needed to continue exactly: pass it back as ``state`` to resume."""
-        x, model, posterior, objective = problem.x, problem.model, problem.posterior, problem.objective
+        x, model, objective = problem.x, problem.model, problem.objective
         params = problem.trainable_parameters(self.train_dictionary)
         n_data = x.shape[0]
         generator = torch.Generator(device=x.device)
@@ -79,7 +79,7 @@ class LBFGSTrainer:
             def closure():
                 optimizer.zero_grad(set_to_none=False)
                 generator.manual_seed(noise_seed)
-                value = objective(x, posterior(), model, weights, generator=generator)
+                value = objective(x, problem.q(), model, weights, generator=generator)
                 loss = -n_data * value.weighted
                 loss.backward()
                 return loss

@@ -1,0 +1,152 @@
+"""Amortised posteriors (SPEC §5): an encoder network ``x_n → q(z|x_n) = N(μ(x_n), Σ(x_n))``.
+
+The default trunk is the authors' ResNet-style MLP:
+
+    h₀ = Linear(D → Hid)(x),                      Hid = hidden_width (default 2D)
+    h_{b+1} = h_b + Linear(B → Hid)(a(Linear(Hid → B)(a(h_b))))      B = block_width (default 3D)
+    μ = Linear(Hid → H)(a(h)),   s = softplus(Linear(Hid → H)(a(h))) + std_floor
+
+with ``n_blocks`` residual blocks and activation ``a``. The covariance head is
+
+- ``diag``:    ``Σ = diag(s²)``                                  -> ``DiagonalGaussian``
+- ``lowrank``: ``Σ = V Vᵀ + diag(s²)``, ``V = Linear(Hid → H·R)`` -> ``LowRankGaussian`` (entropy by the
+  matrix determinant lemma and ``tr(WᵀWΣ) = ||WV||_F² + Σ_h s_h²||W_h||²``, no Cholesky; SPEC §3).
+
+The encoder takes the data, so trainers and evaluation ask ``posterior.q(x, index)`` (through
+``Problem.q``); ``family = "amortized"`` lets a trainer refuse it where it needs per-data-point
+parameters (the EM E-step). ``per_data_point(x)`` gives per-data-point posteriors for ``x`` initialised at
+the encoder's output (diagonal for ``diag``, full covariance ``L = chol(VVᵀ + diag(s²))`` for ``lowrank``),
+for refining q per data point and measuring the amortisation gap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparse_elbo.gaussians import DiagonalGaussian, LowRankGaussian
+from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
+from sparse_elbo.validation import require_at_least, require_one_of
+
+
+class ResidualBlock(nn.Module):
+    """``h + Linear(B → Hid)(a(Linear(Hid → B)(a(h))))``."""
+
+    def __init__(self, width: int, block_width: int, activation: nn.Module):
+        super().__init__()
+        self.expand = nn.Linear(width, block_width)
+        self.contract = nn.Linear(block_width, width)
+        self.activation = activation
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.contract(self.activation(self.expand(self.activation(h))))
+
+
+class _DiagonalHead(nn.Module):
+    """``Σ = diag(s²)``."""
+
+    def __init__(self, width: int, n_latents: int, rank: int):
+        super().__init__()
+
+    def gaussian(self, mean: torch.Tensor, std: torch.Tensor, h: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(mean, std)
+
+    @staticmethod
+    def per_data_point(q: DiagonalGaussian) -> DiagonalPosterior:
+        posterior = DiagonalPosterior(q.mean.shape[0], q.mean.shape[1]).to(q.mean)
+        posterior.write_block(None, {"mean": q.mean, "log_std": torch.log(q.std)})
+        return posterior
+
+
+class _LowRankHead(nn.Module):
+    """``Σ = V Vᵀ + diag(s²)`` with ``V (N,H,R)``, started small so that q starts nearly diagonal."""
+
+    def __init__(self, width: int, n_latents: int, rank: int):
+        super().__init__()
+        self.n_latents, self.rank = n_latents, rank
+        self.factor = nn.Linear(width, n_latents * rank)
+        with torch.no_grad():
+            self.factor.weight.mul_(0.1)
+            self.factor.bias.zero_()
+
+    def gaussian(self, mean: torch.Tensor, std: torch.Tensor, h: torch.Tensor) -> LowRankGaussian:
+        V = self.factor(h).view(*mean.shape, self.rank)  # (N,H,R)
+        return LowRankGaussian(mean, V, std)
+
+    @staticmethod
+    def per_data_point(q: LowRankGaussian) -> FullCovariancePosterior:
+        covariance = q.factor @ q.factor.transpose(-1, -2) + torch.diag_embed(q.diag_std.pow(2))  # (N,H,H)
+        posterior = FullCovariancePosterior(q.mean.shape[0], q.mean.shape[1]).to(q.mean)
+        with torch.no_grad():
+            posterior.mean.copy_(q.mean)
+            posterior.set_scale_tril(torch.linalg.cholesky(covariance))
+        return posterior
+
+
+COVARIANCES = {"diag": _DiagonalHead, "lowrank": _LowRankHead}
+
+
+class AmortizedPosterior(nn.Module):
+    """Encoder ``x (N,D) → q(z|x)`` (module docstring). Sizes ``n_observed`` (D) and ``n_latents`` (H) are
+    passed at the instantiate call; ``n_data`` is accepted like every posterior's but not needed."""
+
+    family = "amortized"
+    amortized = True
+
+    def __init__(
+        self,
+        n_observed: int,
+        n_latents: int,
+        n_data: int | None = None,
+        covariance: str = "diag",
+        rank: int = 2,
+        hidden_width: int | None = None,
+        block_width: int | None = None,
+        n_blocks: int = 2,
+        std_floor: float = 1e-3,
+        init_std: float = 0.1,
+        activation: nn.Module | None = None,
+    ):
+        super().__init__()
+        require_one_of("posterior.covariance", covariance, tuple(COVARIANCES))
+        hidden_width = 2 * n_observed if hidden_width is None else int(hidden_width)
+        block_width = 3 * n_observed if block_width is None else int(block_width)
+        require_at_least("posterior", 1, rank=rank, hidden_width=hidden_width, block_width=block_width,
+                         n_observed=n_observed, n_latents=n_latents)
+        require_at_least("posterior", 0, n_blocks=n_blocks, std_floor=std_floor)
+        if not init_std > std_floor:
+            raise ValueError(f"posterior.init_std must be > posterior.std_floor={std_floor}, got {init_std}")
+        self.n_observed, self.n_latents = int(n_observed), int(n_latents)
+        self.covariance, self.rank, self.std_floor = covariance, int(rank), float(std_floor)
+        self.activation = activation if activation is not None else nn.ReLU()
+        self.input = nn.Linear(self.n_observed, hidden_width)
+        self.blocks = nn.Sequential(*[ResidualBlock(hidden_width, block_width, self.activation) for _ in range(int(n_blocks))])
+        self.mean_head = nn.Linear(hidden_width, self.n_latents)
+        self.std_head = nn.Linear(hidden_width, self.n_latents)
+        self.head = COVARIANCES[covariance](hidden_width, self.n_latents, self.rank)
+        with torch.no_grad():  # s = init_std (approximately) at the start: softplus(b) = init_std - floor
+            self.std_head.weight.mul_(0.1)
+            self.std_head.bias.fill_(math.log(math.expm1(init_std - std_floor)))
+
+    def forward(self, x: torch.Tensor):
+        """x (N,D)  ->  a Gaussian batch of N posteriors."""
+        h = self.activation(self.blocks(self.input(x)))  # (N,Hid)
+        mean = self.mean_head(h)  # (N,H)
+        std = F.softplus(self.std_head(h)) + self.std_floor  # (N,H)
+        return self.head.gaussian(mean, std, h)
+
+    def q(self, x: torch.Tensor, index: torch.Tensor | None = None):
+        """The posteriors of data points ``index`` of ``x`` (all when None)."""
+        return self(x if index is None else x[index])
+
+    @torch.no_grad()
+    def per_data_point(self, x: torch.Tensor) -> nn.Module:
+        """Per-data-point posteriors for ``x`` initialised at the encoder's output (for refinement)."""
+        return self.head.per_data_point(self(x))
+
+    def state_arrays(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights (``/final/posterior`` in results), names with ``.`` as ``_``."""
+        return {name.replace(".", "_"): value.detach() for name, value in self.named_parameters()}
