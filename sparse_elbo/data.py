@@ -157,3 +157,31 @@ def load_file(path: str, key: str | None = None, max_data: int | None = None) ->
     if max_data is not None:
         x = x[: int(max_data)]
     return Dataset(name="file", x=x, info={"path": str(file.resolve()), "key": key})
+
+
+def split_held_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Training and held-out data ``(x_train, x_held_out)``.
+
+    The data set's own held-out points (``info["held_out"]``, e.g. ``dataset=image_patches
+    dataset.held_out=M``) are used when it has them; otherwise ``evaluation.held_out_fraction`` of the data
+    points, chosen at random with ``seed``, are held out (the training points keep their order). With
+    neither, ``x_held_out`` is None.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"evaluation.held_out_fraction must be in [0, 1), got {fraction}")
+    own = dataset.info.get("held_out")
+    if own is not None:
+        if fraction > 0:
+            raise ValueError(
+                "evaluation.held_out_fraction > 0 but the data set already holds out its own points "
+                "(dataset.held_out): set one of them to 0"
+            )
+        return dataset.x, validate_data(own, "dataset held-out points")
+    n_held = int(round(fraction * dataset.n_data))
+    if n_held == 0:
+        return dataset.x, None
+    if n_held >= dataset.n_data:
+        raise ValueError(f"evaluation.held_out_fraction={fraction} leaves no training data (N={dataset.n_data})")
+    held = np.zeros(dataset.n_data, dtype=bool)
+    held[np.random.default_rng(seed).choice(dataset.n_data, size=n_held, replace=False)] = True
+    return dataset.x[~held], dataset.x[held]

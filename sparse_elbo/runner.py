@@ -17,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from sparse_elbo import __version__, metrics
+from sparse_elbo.data import split_held_out
 from sparse_elbo.evaluation import evaluate_problem, ground_truth_elbo, sparseness
+from sparse_elbo.gradients import gradient_variance
+from sparse_elbo.likelihood import ModelAt, encoder_elbo, held_out_metrics
 from sparse_elbo.problem import Problem
 from sparse_elbo.results import ResultsWriter, read_checkpoint, read_results
 
@@ -66,6 +69,7 @@ class RunSummary:
     epochs: int
     stop_reason: str
     train_time: float
+    held_out: dict | None = None
 
     def lines(self) -> list[str]:
         out = [f"final ELBO            {self.elbo:.4f} nats per data point"]
@@ -77,6 +81,16 @@ class RunSummary:
             f"sigma                 {self.sigma:.4f}",
             f"lambda range          [{self.lambda_range[0]:.4f}, {self.lambda_range[1]:.4f}]",
             f"training time         {self.train_time:.2f} s over {self.epochs} epochs (stop: {self.stop_reason})",
+        ]
+        if self.held_out:
+            h = self.held_out
+            if "held_out_elbo_encoder" in h:
+                out.append(f"held-out ELBO encoder {h['held_out_elbo_encoder']:.4f} (amortisation gap {h['amortization_gap']:.4f} nats)")
+            out += [
+                f"held-out ELBO refined {h['held_out_elbo_refined']:.4f} over {int(h['held_out_n'])} held-out points",
+                f"held-out log p(x)     {h['held_out_log_px']:.4f} +- {h['held_out_log_px_stderr']:.4f} (importance sampled)",
+            ]
+        out += [
             f"results               {self.results_path}",
         ]
         return out
@@ -145,8 +159,9 @@ def build(cfg: DictConfig):
     model = model_factory(n_observed=dataset.n_observed, n_latents=n_latents, generator=generator)
     if objective.requires_unit_norm and model.gauge != "unit_norm":
         raise ValueError(f"objective={type(objective).__name__} needs model.gauge=unit_norm, got {model.gauge!r}")
-    posterior = posterior_factory(n_data=dataset.n_data, n_latents=n_latents)
-    x = torch.as_tensor(dataset.x, dtype=dtype, device=device)
+    x_train, x_held_out = split_held_out(dataset, float(cfg.evaluation.held_out_fraction), int(cfg.seed))
+    posterior = posterior_factory(n_data=x_train.shape[0], n_latents=n_latents, n_observed=dataset.n_observed)
+    x = torch.as_tensor(x_train, dtype=dtype, device=device)
     problem = Problem(
         x=x,
         model=model.to(device=device, dtype=dtype),
@@ -154,6 +169,7 @@ def build(cfg: DictConfig):
         objective=objective,
         annealing=annealing,
         seed=int(cfg.seed),
+        x_held_out=None if x_held_out is None else torch.as_tensor(x_held_out, dtype=dtype, device=device),
     )
     return dataset, problem, trainer, posterior_factory
 
@@ -233,6 +249,13 @@ def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: R
             "gini_std": gini_std,
             "wall_time": train_time,
         }
+        if problem.x_held_out is not None and problem.posterior.amortized:
+            at_optimum = ModelAt(problem.model.W, value.sigma2, value.lam, problem.model.prior)
+            row["held_out_elbo_encoder"] = encoder_elbo(problem.x_held_out, problem.posterior, at_optimum)
+        if cfg.evaluation.gradient_variance_repeats > 0:
+            index = torch.arange(min(int(cfg.evaluation.gradient_variance_batch), problem.x.shape[0]), device=problem.x.device)
+            noise = gradient_variance(problem, index, int(cfg.evaluation.gradient_variance_repeats), weights, int(cfg.seed))
+            row["gradient_variance"], row["gradient_variance_relative"] = noise.total, noise.relative
         if W_true is not None:
             row["min_matched_cosine"] = metrics.match_fields(
                 np.nan_to_num(problem.model.W.detach().cpu().numpy()), dataset.W_true, cfg.evaluation.recovery_threshold
@@ -287,6 +310,13 @@ def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: R
         }
         if _posterior_fits(problem, int(cfg.results.max_posterior_numbers)):
             final["posterior"] = problem.posterior.state_arrays()
+        held_out = None
+        if problem.x_held_out is not None:
+            held_out = held_out_metrics(
+                problem.x_held_out, problem.posterior, problem.model, int(cfg.evaluation.held_out_refine_iterations),
+                int(cfg.evaluation.importance_samples), int(cfg.seed),
+            )
+            final.update(held_out)
         if dataset.image_shape is not None:
             final["localisation"] = metrics.localisation_index(problem.model.W.detach().cpu().numpy(), dataset.image_shape)
         gt_elbo = match = None
@@ -332,6 +362,7 @@ def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: R
         epochs=outcome.epochs,
         stop_reason=outcome.stop_reason,
         train_time=outcome.train_time,
+        held_out=held_out,
     )
 
 
