@@ -21,12 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 GROUPS = {
     "dataset": ["bars"],
-    "posterior": ["diag", "full"],
+    "posterior": ["diag", "full", "amortized"],
     "objective": ["sampled", "analytic", "entropy"],
     "annealing": ["none", "prior", "linear", "exponential"],
-    "trainer": ["lbfgs", "em", "em_reference"],
+    "trainer": ["lbfgs", "em", "em_reference", "adam"],
+    "prior": ["laplace", "gaussian"],
 }
 SMALL = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.iterations_per_epoch=5", "evaluation.ground_truth=false"]
+SMALL_ADAM = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.batch_size=10", "evaluation.ground_truth=false"]
 SMALL_EM = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.e_step_iterations=5", "evaluation.ground_truth=false"]
 
 
@@ -43,14 +45,16 @@ def test_every_group_option_exists_as_a_file():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_instantiates(group, option):
-    small = SMALL_EM if group == "trainer" and option.startswith("em") else SMALL
+    small = {"em": SMALL_EM, "ad": SMALL_ADAM}.get(option[:2], SMALL) if group == "trainer" else SMALL
     cfg = compose_cfg([f"{group}={option}", *small])
     dataset, problem, trainer, _ = build(cfg)
     assert problem.x.shape == (40, 25)
     assert problem.model.W.shape == (25, 10)
-    component = {"objective": problem.objective, "annealing": problem.annealing, "trainer": trainer}.get(group)
+    component = {"objective": problem.objective, "annealing": problem.annealing, "trainer": trainer,
+                 "prior": problem.model.prior, "posterior": problem.posterior}.get(group)
     if component is not None:
-        assert type(component).__name__ == cfg[group]._target_.rsplit(".", 1)[1]
+        node = cfg.model.prior if group == "prior" else cfg[group]  # the prior group's package is model.prior
+        assert type(component).__name__ == node._target_.rsplit(".", 1)[1]
 
 
 def test_file_dataset_composes(tmp_path):

@@ -1,0 +1,264 @@
+"""Amortised posteriors, minibatch Adam and gradient variance (issue #4), in float64 where they are oracles:
+low-rank entropy / trace / log-density against dense computation, the encoder's ELBO against the
+per-data-point posterior's for the same μ, Σ, full-data statistics under minibatches, zero gradient
+variance of the analytic objectives, Adam raising the held-out ELBO on tiny bars, exact resume, config checks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from sparse_elbo.annealing import NoAnnealing
+from sparse_elbo.data import make_bars, split_held_out
+from sparse_elbo.encoders import AmortizedPosterior
+from sparse_elbo.gaussians import LowRankGaussian
+from sparse_elbo.gradients import gradient_variance
+from sparse_elbo.model import SparseCodingModel
+from sparse_elbo.objectives import AnalyticELBO, EntropyELBO, SampledELBO
+from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
+from sparse_elbo.problem import Problem
+from sparse_elbo.results import read_results
+from sparse_elbo.runner import build, run
+from sparse_elbo.trainers.adam import StatisticsStore
+
+F64 = torch.float64
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["dataset.grid=3", "dataset.n_data=200", "posterior=amortized", "trainer=adam", "trainer.batch_size=25",
+        "evaluation.ground_truth=false", "evaluation.held_out_fraction=0.25", "evaluation.held_out_refine_iterations=30",
+        "evaluation.importance_samples=20", "evaluation.gini_samples=2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices are fastest single-threaded (and immune to a busy second core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        return compose("train", overrides=list(overrides))
+
+
+def _problem(covariance="diag", objective=None, N=12, D=6, H=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = SparseCodingModel(D, H, generator=g).double()
+    with torch.no_grad():
+        model.log_sigma2.fill_(math.log(0.3))
+        model.log_lambda.copy_(0.3 * torch.randn(H, dtype=F64, generator=g))
+    encoder = AmortizedPosterior(D, H, covariance=covariance, rank=2, n_blocks=1).double()
+    with torch.no_grad():  # a non-trivial encoder (low-rank factors not near zero)
+        for p in encoder.parameters():
+            p.add_(0.3 * torch.randn(p.shape, dtype=F64, generator=g))
+    x = torch.randn(N, D, dtype=F64, generator=g)
+    return Problem(x=x, model=model, posterior=encoder, objective=objective or EntropyELBO(), annealing=NoAnnealing())
+
+
+# ------------------------------------------------------------------------------------- low-rank algebra
+
+
+def test_low_rank_entropy_trace_variance_and_density_match_dense_computation():
+    g = torch.Generator().manual_seed(3)
+    N, H, R = 5, 4, 2
+    mean = torch.randn(N, H, dtype=F64, generator=g)
+    V = torch.randn(N, H, R, dtype=F64, generator=g)
+    d = 0.2 + torch.rand(N, H, dtype=F64, generator=g)
+    q = LowRankGaussian(mean, V, d)
+    Sigma = V @ V.transpose(-1, -2) + torch.diag_embed(d**2)  # (N,H,H) dense
+    dense = torch.distributions.MultivariateNormal(mean, covariance_matrix=Sigma)
+    A = torch.randn(7, H, dtype=F64, generator=g)
+    gram = A.T @ A
+    torch.testing.assert_close(q.entropy(), dense.entropy(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q.trace_term(gram), torch.einsum("ij,nji->n", gram, Sigma), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q.variance, torch.diagonal(Sigma, dim1=-2, dim2=-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q.covariance_sum(), Sigma.sum(0), rtol=0, atol=1e-12)
+    z = dense.sample((3,))
+    torch.testing.assert_close(q.log_prob(z), dense.log_prob(z), rtol=0, atol=1e-11)
+    samples = q.rsample(20000, generator=g)  # (K,N,H): moments of the reparameterised samples
+    centred = samples - mean
+    empirical = torch.einsum("kni,knj->nij", centred, centred) / samples.shape[0]
+    assert (empirical - Sigma).abs().max() < 0.1
+
+
+# ------------------------------------------------------------------------------------- encoder vs per point
+
+
+@pytest.mark.parametrize("covariance,family", [("diag", DiagonalPosterior), ("lowrank", FullCovariancePosterior)])
+@pytest.mark.parametrize("objective", [AnalyticELBO(), EntropyELBO()], ids=["analytic", "entropy"])
+def test_encoder_elbo_equals_the_per_data_point_posteriors_for_the_same_mean_and_covariance(covariance, family, objective):
+    problem = _problem(covariance, objective)
+    with torch.no_grad():
+        q_encoder = problem.q()
+        per_point = problem.posterior.per_data_point(problem.x)
+        assert isinstance(per_point, family)
+        amortised = objective(problem.x, q_encoder, problem.model)
+        pointwise = objective(problem.x, per_point(), problem.model)
+    torch.testing.assert_close(amortised.elbo, pointwise.elbo, rtol=0, atol=1e-10)
+    for name in amortised.terms:
+        torch.testing.assert_close(amortised.terms[name], pointwise.terms[name], rtol=0, atol=1e-10)
+    torch.testing.assert_close(per_point().mean, q_encoder.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(per_point().variance, q_encoder.variance, rtol=0, atol=1e-12)
+
+
+def test_problem_q_gives_the_encoder_output_of_the_indexed_data_points():
+    problem = _problem("lowrank")
+    index = torch.tensor([4, 0, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(problem.q(index).mean, problem.posterior(problem.x[index]).mean)
+        torch.testing.assert_close(problem.q(index).factor, problem.q().factor[index])
+
+
+def test_encoder_std_respects_the_floor_and_starts_near_init_std():
+    encoder = AmortizedPosterior(8, 3, std_floor=1e-3, init_std=0.1).double()
+    x = torch.randn(50, 8, dtype=F64)
+    std = encoder(x).std.detach()
+    assert float(std.min()) > 1e-3
+    assert 0.05 < float(std.median()) < 0.2
+    assert encoder.input.out_features == 16 and encoder.blocks[0].expand.out_features == 24  # 2D, 3D
+
+
+# ------------------------------------------------------------------------------------- minibatch statistics
+
+
+def test_full_statistics_store_gives_full_data_values_and_the_batch_estimate_of_their_gradient():
+    problem = _problem("diag")
+    objective = problem.objective
+    store = StatisticsStore(problem, block_size=5)
+    store.refresh()
+    with torch.no_grad():
+        residual, prior_stat = objective.batch_statistics(problem.x, problem.q(), problem.model)
+    torch.testing.assert_close(store.residual_sum / 12, residual.mean(), rtol=0, atol=1e-12)
+    index = torch.tensor([1, 5, 9])
+    q = problem.q(index)
+    stats = store.statistics(index, *objective.batch_statistics(problem.x[index], q, problem.model))
+    torch.testing.assert_close(stats.residual.detach(), residual.mean(), rtol=0, atol=1e-12)  # unchanged parameters
+    torch.testing.assert_close(stats.prior_statistic.detach(), prior_stat.mean(0), rtol=0, atol=1e-12)
+    # with the whole data set as the batch, the step's gradient is that of the exact full-data L_H
+    store.refresh()
+    everything = torch.arange(12)
+    value = objective(problem.x, problem.q(), problem.model,
+                      statistics=store.statistics(everything, *objective.batch_statistics(problem.x, problem.q(), problem.model)))
+    exact = objective(problem.x, problem.q(), problem.model)
+    params = list(problem.posterior.parameters()) + [problem.model.W_raw]
+    for a, b in zip(torch.autograd.grad(value.elbo, params), torch.autograd.grad(exact.elbo, params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- gradient variance
+
+
+def test_gradient_variance_is_zero_for_the_analytic_objectives_and_falls_with_samples():
+    index = torch.arange(8)
+    for objective in (AnalyticELBO(), EntropyELBO()):
+        noise = gradient_variance(_problem("lowrank", objective), index, repeats=4)
+        assert noise.total == 0.0 and noise.relative == 0.0
+    one = gradient_variance(_problem("diag", SampledELBO(1)), index, repeats=30)
+    ten = gradient_variance(_problem("diag", SampledELBO(10)), index, repeats=30)
+    assert one.total > 0 and one.n_parameters > 0
+    assert ten.total < one.total / 3  # ~1/K
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+def test_adam_on_tiny_bars_raises_the_held_out_elbo_and_stores_held_out_metrics(tmp_path):
+    cfg = compose_cfg([*TINY, "trainer.max_epochs=15", "trainer.learning_rate=3e-3", "evaluation.gradient_variance_repeats=3"])
+    summary = run(cfg, tmp_path, progress=False)
+    res = read_results(summary.results_path)
+    curve = res.metrics["held_out_elbo_encoder"]
+    assert curve.shape == (15,)
+    assert curve[-1] > curve[0] + 2.0, curve  # nats per data point
+    assert np.all(np.diff(curve[5:]) > -0.05), curve  # and it keeps rising once the start is over
+    np.testing.assert_array_equal(res.metrics["gradient_variance"], 0.0)  # entropy objective
+    final = res.final
+    assert int(final["held_out_n"]) == 50
+    assert float(final["amortization_gap"]) == pytest.approx(float(final["held_out_elbo_refined"]) - float(final["held_out_elbo_encoder"]))
+    assert float(final["amortization_gap"]) > -1e-3  # refining from the encoder's q cannot lose (up to tolerance)
+    assert float(final["held_out_log_px"]) > float(final["held_out_elbo_refined"])
+    assert 0 < float(final["held_out_log_px_stderr"]) < 0.5
+    assert "input_weight" in final["posterior"]  # the encoder's weights
+    assert summary.held_out["held_out_log_px"] == pytest.approx(float(final["held_out_log_px"]))
+
+
+@pytest.mark.parametrize("extra", [[], ["objective=sampled", "posterior=diag"]], ids=["amortized-entropy", "diag-sampled"])
+def test_adam_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, extra):
+    import sparse_elbo.runner as runner
+
+    overrides = [*TINY, "trainer.max_epochs=5", *extra]
+    reference = read_results(run(compose_cfg(overrides), tmp_path / "reference", progress=False).results_path)
+    original, calls = runner.evaluate_problem, {"n": 0}
+
+    def interrupting(problem, weights, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the evaluations of epochs 0..2
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return original(problem, weights, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "evaluate_problem", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            run(compose_cfg(overrides), tmp_path / "interrupted", progress=False)
+    resumed = run(compose_cfg([f"resume={tmp_path / 'interrupted' / 'results.h5'}"]), tmp_path / "unused", progress=False)
+    res = read_results(resumed.results_path)
+    assert res.status == "finished"
+    np.testing.assert_array_equal(res.metrics["epoch"], reference.metrics["epoch"])
+    np.testing.assert_allclose(res.metrics["elbo"], reference.metrics["elbo"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(res.final["W"], reference.final["W"], rtol=0, atol=1e-5)
+
+
+def test_held_out_split_is_seeded_and_uses_the_data_sets_own_held_out_points():
+    data = make_bars(grid=3, n_data=100, seed=0)
+    train, held = split_held_out(data, 0.2, seed=1)
+    assert train.shape == (80, 9) and held.shape == (20, 9)
+    assert {r.tobytes() for r in train}.isdisjoint({r.tobytes() for r in held})
+    np.testing.assert_array_equal(split_held_out(data, 0.2, seed=1)[1], held)
+    assert split_held_out(data, 0.0)[1] is None
+    data.info["held_out"] = np.ones((7, 9))
+    assert split_held_out(data, 0.0)[1].shape == (7, 9)
+    with pytest.raises(ValueError, match="dataset.held_out"):
+        split_held_out(data, 0.1)
+    with pytest.raises(ValueError, match=r"evaluation.held_out_fraction must be in \[0, 1\)"):
+        split_held_out(data, 1.0)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["posterior=amortized", "trainer=em"], "posterior=amortized is not supported by trainer EMTrainer"),
+        (["posterior=amortized", "posterior.covariance=full"], "posterior.covariance must be one of ['diag', 'lowrank']"),
+        (["posterior=amortized", "posterior.rank=0"], "posterior.rank must be >= 1"),
+        (["trainer=adam", "trainer.statistics=mini"], "trainer.statistics must be one of ['full', 'batch']"),
+        (["trainer=adam", "trainer.learning_rate=0"], "trainer.learning_rate must be > 0"),
+    ],
+)
+def test_bad_amortized_and_adam_settings_fail_with_a_clear_message(overrides, message):
+    with pytest.raises(Exception) as error:  # ValueError, or Hydra's InstantiationException around one
+        build(compose_cfg([*overrides, "dataset.n_data=20"]))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["patches_amortized", "patches_amortized_small", "bars_amortized"])
+def test_named_amortized_settings_compose(name):
+    cfg = compose_cfg([f"experiment={name}"])
+    assert cfg.posterior._target_.endswith("AmortizedPosterior")
+    assert cfg.trainer._target_.endswith("AdamTrainer")
+    if name == "patches_amortized":  # the authors' setting
+        assert cfg.trainer.learning_rate == 1e-3 and cfg.trainer.batch_size == 512 and cfg.trainer.max_epochs == 200
+        assert cfg.dataset.n_patches == 204800 and cfg.n_latents == 100
+        assert cfg.annealing.start == 2.0 and cfg.annealing.step == 0.1 and cfg.annealing.term == "prior"
+        assert cfg.posterior.std_floor == 1e-3 and cfg.posterior.hidden_width is None and cfg.posterior.block_width is None
+
+
+def test_gaussian_prior_baseline_runs_with_an_amortised_posterior(tmp_path):
+    cfg = compose_cfg([*TINY, "prior=gaussian", "trainer.max_epochs=2"])
+    dataset, problem, _, _ = build(cfg)
+    assert type(problem.model.prior).__name__ == "GaussianPrior"
+    summary = run(cfg, tmp_path, progress=False)
+    assert np.isfinite(summary.elbo) and np.isfinite(summary.held_out["held_out_log_px"])
