@@ -53,7 +53,7 @@ class EMTrainer:
         max_epochs: int = 10,
         em_iterations_per_epoch: int = 1,
         e_step_iterations: int = 100,
-        e_step_block_size: int = 65536,
+        e_step_block_size: int | None = None,
         history_size: int = 20,
         e_step_tolerance: float = 1e-9,
         m_step: str = "closed_form",
@@ -67,8 +67,8 @@ class EMTrainer:
     ):
         require_at_least(
             "trainer", 1, max_epochs=max_epochs, em_iterations_per_epoch=em_iterations_per_epoch,
-            e_step_iterations=e_step_iterations, e_step_block_size=e_step_block_size, history_size=history_size,
-            batch_size=batch_size,
+            e_step_iterations=e_step_iterations, history_size=history_size, batch_size=batch_size,
+            **({} if e_step_block_size is None else {"e_step_block_size": e_step_block_size}),
         )
         require_at_least("trainer", 0, e_step_tolerance=e_step_tolerance, relative_tolerance=relative_tolerance)
         require_one_of("trainer.m_step", m_step, M_STEPS)
@@ -81,7 +81,7 @@ class EMTrainer:
         self.max_epochs = int(max_epochs)
         self.em_iterations_per_epoch = int(em_iterations_per_epoch)
         self.e_step_iterations = int(e_step_iterations)
-        self.e_step_block_size = int(e_step_block_size)
+        self.e_step_block_size = None if e_step_block_size is None else int(e_step_block_size)
         self.history_size = int(history_size)
         self.e_step_tolerance = float(e_step_tolerance)
         self.m_step = m_step
@@ -147,7 +147,7 @@ class EMTrainer:
         H = model.n_latents
         cross = x.new_zeros(x.shape[1], H)  # Σ x μᵀ (D,H)
         second_moment = x.new_zeros(H, H)  # Σ (μμᵀ + Σ_n) (H,H)
-        for index in self._blocks(x.shape[0], self.e_step_block_size, x.device):
+        for index in self._blocks(x.shape[0], self.block_size(x), x.device):
             q = posterior(index)
             cross += x[index].T @ q.mean
             second_moment += q.mean.T @ q.mean + q.covariance_sum()
@@ -173,7 +173,7 @@ class EMTrainer:
         E-step then switches every latent off, and EM stays in that fixed point."""
         W = problem.model.W  # (D,H)
         gram = W.T @ W + 1e-3 * torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
-        for index in self._blocks(problem.x.shape[0], self.e_step_block_size, problem.x.device):
+        for index in self._blocks(problem.x.shape[0], self.block_size(problem.x), problem.x.device):
             block = problem.posterior.block_parameters(index)
             block["mean"] = torch.linalg.solve(gram, W.T @ problem.x[index].T).T
             problem.posterior.write_block(index, block)
@@ -181,9 +181,21 @@ class EMTrainer:
     # ----------------------------------------------------------------------------------- epochs
     _blocks = staticmethod(data_blocks)
 
+    # On a CPU, blocks of 16,384 points keep every (block, H) temporary of the E-step below glibc's
+    # 32 MiB mmap threshold, so freed buffers are reused instead of being returned to the kernel and
+    # page-faulted back in at every L-BFGS evaluation (measured: 204,800 patches in one block spent
+    # more time in the kernel than computing). CUDA's caching allocator has no such cost.
+    CPU_BLOCK_SIZE = 16384
+
+    def block_size(self, x: torch.Tensor) -> int:
+        """``e_step_block_size``, or when it is None the whole data set on CUDA and 16,384 on a CPU."""
+        if self.e_step_block_size is not None:
+            return self.e_step_block_size
+        return x.shape[0] if x.is_cuda else self.CPU_BLOCK_SIZE
+
     def _fix_noise_and_prior_scale(self, problem: Problem) -> None:
         """Set the model's σ², λ to the full-data optima σ²*, λ* for the current W and q."""
-        statistics, _ = full_data_statistics(problem, self.e_step_block_size)
+        statistics, _ = full_data_statistics(problem, self.block_size(problem.x))
         problem.model.set_noise_and_prior_scale(statistics.residual / problem.x.shape[1], statistics.prior_statistic)
 
     def run_epoch(self, problem: Problem, weights) -> None:
@@ -192,7 +204,7 @@ class EMTrainer:
             objective = AnalyticELBO()
             for _ in range(self.em_iterations_per_epoch):
                 self._fix_noise_and_prior_scale(problem)
-                for index in self._blocks(n, self.e_step_block_size, problem.x.device):
+                for index in self._blocks(n, self.block_size(problem.x), problem.x.device):
                     if self.fresh_posterior:
                         problem.posterior.reset_block(index)
                     self.e_step(problem, index, objective, weights)
