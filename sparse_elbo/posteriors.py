@@ -72,10 +72,11 @@ class _PerDataPointPosterior(nn.Module):
                 value[index] = block[name].to(value.dtype)
 
     @torch.no_grad()
-    def reset_block(self, index: torch.Tensor) -> None:
-        """Re-initialise the posteriors of data points ``index`` (a fresh q, as the authors' E-step)."""
+    def reset_block(self, index: torch.Tensor, std: float | None = None) -> None:
+        """Re-initialise the posteriors of data points ``index`` (a fresh q, as the authors' E-step):
+        zero means and ``Σ = s² I`` with ``s = std`` (default: ``init_std``)."""
         for name, value in self.named_parameters():
-            value[index] = self.initial_value(name, len(index)).to(value)
+            value[index] = self.initial_value(name, len(index), std).to(value)
 
 
 class DiagonalPosterior(_PerDataPointPosterior):
@@ -91,10 +92,10 @@ class DiagonalPosterior(_PerDataPointPosterior):
         self.mean = nn.Parameter(self.initial_value("mean", n_data))  # (N,H)
         self.log_std = nn.Parameter(self.initial_value("log_std", n_data))  # (N,H)
 
-    def initial_value(self, name: str, n: int) -> torch.Tensor:
+    def initial_value(self, name: str, n: int, std: float | None = None) -> torch.Tensor:
         if name == "mean":
             return torch.zeros(n, self.n_latents)
-        return torch.full((n, self.n_latents), math.log(self.init_std))
+        return torch.full((n, self.n_latents), math.log(std or self.init_std))
 
     def gaussian(self, params: dict[str, torch.Tensor]) -> DiagonalGaussian:
         return DiagonalGaussian(params["mean"], params["log_std"].exp(), params["log_std"])
@@ -135,12 +136,12 @@ class FullCovariancePosterior(_PerDataPointPosterior):
         self.register_buffer("flat_index", torch.cat([rows * n_latents + cols, diag * n_latents + diag]), persistent=False)
         self.register_buffer("lower_rows", rows, persistent=False)
 
-    def initial_value(self, name: str, n: int) -> torch.Tensor:
+    def initial_value(self, name: str, n: int, std: float | None = None) -> torch.Tensor:
         if name == "mean":
             return torch.zeros(n, self.n_latents)
         if name == "lower":
             return torch.zeros(n, self.n_lower)
-        return torch.full((n, self.n_latents), math.log(self.init_std))
+        return torch.full((n, self.n_latents), math.log(std or self.init_std))
 
     def _scale_tril(self, lower: torch.Tensor, log_diag: torch.Tensor) -> torch.Tensor:
         """lower (N,P), log_diag (N,H)  ->  L (N,H,H)"""

@@ -215,3 +215,20 @@ def test_fused_and_autograd_e_steps_reach_the_same_posteriors():
         EMTrainer(e_step_iterations=300, e_step_tolerance=0.0, fused_e_step=fused).e_step(problem, index, AnalyticELBO(), AnnealingWeights(prior=4.0))
     torch.testing.assert_close(problem_fused.posterior.mean, problem_autograd.posterior.mean, rtol=0, atol=1e-6)
     torch.testing.assert_close(problem_fused.posterior.log_std, problem_autograd.posterior.log_std, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["diag", "full"])
+def test_fresh_posterior_has_zero_means_and_the_requested_std_and_leaves_other_points_alone(family):
+    problem = small_problem(family, n_data=8)
+    with torch.no_grad():
+        problem.posterior.mean.normal_(generator=torch.Generator().manual_seed(3))
+    before = problem.posterior().mean.clone()
+    index = torch.tensor([1, 4])
+    problem.posterior.reset_block(index, std=1.0)  # the authors' fresh q: mu = 0, Sigma = I
+    q = problem.posterior()
+    assert torch.equal(q.mean[index], torch.zeros(2, q.mean.shape[1], dtype=q.mean.dtype))
+    torch.testing.assert_close(q.variance[index], torch.ones_like(q.variance[index]))
+    keep = torch.tensor([0, 2, 3, 5, 6, 7])
+    assert torch.equal(q.mean[keep], before[keep])
+    problem.posterior.reset_block(index)  # default: the posterior's init_std (0.3 here)
+    torch.testing.assert_close(problem.posterior().variance[index], torch.full_like(q.variance[index], 0.09))

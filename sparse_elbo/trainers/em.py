@@ -23,7 +23,8 @@ L-BFGS iterations each), then an evaluation; annealing weights change per epoch.
 
 ``statistics="batch"`` is the authors' scheme: each batch of ``batch_size`` points is optimised on
 its own entropy objective ``L_H`` (``σ²*, λ*`` from the batch alone — biased), in fixed order.
-``fresh_posterior=True`` re-initialises ``q`` before each E-step (as the authors' code does);
+``fresh_posterior=True`` re-initialises ``q`` before each E-step (as the authors' code does: zero means,
+standard deviations ``fresh_std``, 1 in their code, default the posterior's ``init_std``);
 the default warm-starts from the previous epoch's ``q``.
 
 Whatever the scheme, the values reported each epoch are the exact full-data ``L_H``.
@@ -61,6 +62,7 @@ class EMTrainer:
         statistics: str = "full",
         batch_size: int = 512,
         fresh_posterior: bool = False,
+        fresh_std: float | None = None,
         relative_tolerance: float = 0.0,
         initial_means: str = "least_squares",
         fused_e_step: bool = True,
@@ -89,6 +91,9 @@ class EMTrainer:
         self.statistics = statistics
         self.batch_size = int(batch_size)
         self.fresh_posterior = bool(fresh_posterior)
+        if fresh_std is not None and not fresh_std > 0:
+            raise ValueError(f"trainer.fresh_std must be > 0 (or null for the posterior's init_std), got {fresh_std}")
+        self.fresh_std = None if fresh_std is None else float(fresh_std)
         self.relative_tolerance = float(relative_tolerance)
         self.initial_means = initial_means
         self.fused_e_step = bool(fused_e_step)
@@ -206,14 +211,14 @@ class EMTrainer:
                 self._fix_noise_and_prior_scale(problem)
                 for index in self._blocks(n, self.block_size(problem.x), problem.x.device):
                     if self.fresh_posterior:
-                        problem.posterior.reset_block(index)
+                        problem.posterior.reset_block(index, self.fresh_std)
                     self.e_step(problem, index, objective, weights)
                 self.closed_form_m_step(problem)
             return
         objective = EntropyELBO()
         for index in self._blocks(n, self.batch_size, problem.x.device):
             if self.fresh_posterior:
-                problem.posterior.reset_block(index)
+                problem.posterior.reset_block(index, self.fresh_std)
             self.e_step(problem, index, objective, weights)
             if self.m_step == "gradient":
                 self.gradient_m_step(problem, index, objective, weights)
