@@ -16,7 +16,7 @@ M-step for ``W``:
   which leaves the ELBO unchanged; ``σ²*, λ*`` are then recomputed in closed form. Every step is a
   coordinate ascent, so the ELBO never decreases while the annealing weights are 1.
 - ``gradient``: the authors' single gradient-ascent step of size ``m_step_lr`` on the batch objective,
-  after each batch, followed by column normalisation.
+  after each batch, on the raw dictionary whose columns the unit-norm gauge normalises when used.
 
 An epoch is ``em_iterations_per_epoch`` EM iterations (warm-started E-steps of ``e_step_iterations``
 L-BFGS iterations each), then an evaluation; annealing weights change per epoch.
@@ -162,14 +162,15 @@ class EMTrainer:
         posterior.rescale_latents(norms)
 
     def gradient_m_step(self, problem: Problem, index: torch.Tensor, objective, weights) -> None:
-        """The authors' M-step: ``W ← normalise(W + η ∇_W F_batch)``."""
+        """The authors' M-step: ``W_raw ← W_raw + η ∇_{W_raw} F_batch``, where the unit-norm gauge
+        normalises the columns when W is used (their ``constrain_W=True``). Like their code this does not
+        renormalise ``W_raw``: its column norms grow with every step (the gradient is orthogonal to each
+        column), so the effective step on the normalised W shrinks as training goes on."""
         model = problem.model
-        model.W_raw.grad = None
         value = objective(problem.x[index], problem.posterior(index), model, weights)
         (grad,) = torch.autograd.grad(value.weighted, model.W_raw)
         with torch.no_grad():
-            W = model.W_raw + self.m_step_lr * grad
-            model.set_dictionary(W / W.norm(dim=0))
+            model.W_raw.add_(self.m_step_lr * grad)
 
     @torch.no_grad()
     def initialise_means(self, problem: Problem) -> None:
