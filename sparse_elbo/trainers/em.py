@@ -121,18 +121,22 @@ class EMTrainer:
 
             optimizer.step(closure)
         else:
-            self._autograd_e_step(problem, x, block, optimizer, objective, weights)
+            # statistics=full: the sum over points, each point's problem independent of the block size;
+            # statistics=batch: the batch mean, as the authors' closure (-elbo) — L-BFGS's first step
+            # and its tolerances depend on this scale.
+            scale = x.shape[0] if self.statistics == "full" else 1.0
+            self._autograd_e_step(problem, x, block, optimizer, objective, weights, scale)
         problem.posterior.write_block(index, {k: v.detach() for k, v in block.items()})
 
     @staticmethod
-    def _autograd_e_step(problem: Problem, x, block, optimizer, objective, weights) -> None:
+    def _autograd_e_step(problem: Problem, x, block, optimizer, objective, weights, scale: float) -> None:
         model = problem.model
         model_parameters = [p for p in model.parameters() if p.requires_grad]
 
         def closure():
             optimizer.zero_grad(set_to_none=False)
             value = objective(x, problem.posterior.gaussian(block), model, weights)
-            loss = -x.shape[0] * value.weighted
+            loss = -scale * value.weighted
             loss.backward()
             return loss
 
