@@ -185,9 +185,10 @@ def _curves(ax, groups, key: str, x: str = "epoch", ylabel: str = "", symlog: bo
     drew = False
     for k, g in enumerate(groups):
         runs = [r for r in g.runs if r.results is not None and key in r.results.metrics]
+        alpha = 0.35 if (x == "epoch" and len(runs) > 1) else 0.8
         for r in runs:
             m = r.results.metrics
-            ax.plot(np.asarray(m[x]), np.asarray(m[key]), color=colour(k), lw=0.6, alpha=0.35)
+            ax.plot(np.asarray(m[x]), np.asarray(m[key]), color=colour(k), lw=0.6 if x == "epoch" else 1.2, alpha=alpha)
             drew = True
         if x == "epoch" and runs:
             epochs, mean = _mean_curve(runs, key)
@@ -211,16 +212,23 @@ def _elbo_limits(ax, groups) -> None:
 
 
 def figure_elbo(groups: list[Group]):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     if not _curves(axes[0], groups, "elbo", "epoch", "full-data ELBO (nats / data point)"):
         plt.close(fig)
         return None
     _curves(axes[1], groups, "elbo", "wall_time", "full-data ELBO (nats / data point)")
-    for ax in axes:
+    _curves(axes[2], groups, "elbo", "wall_time", "full-data ELBO (nats / data point)")
+    for ax in axes[:2]:
         _elbo_limits(ax, groups)
-    axes[1].set_xscale("log")
+    finals = [float(r.results.metrics["elbo"][-1]) for g in groups for r in g.runs if r.results is not None and len(r.results.metrics.get("elbo", []))]
+    top = max(finals)
+    margin = 0.02 * max(abs(top), 10.0)
+    axes[2].set_ylim(top - 5 * margin, top + margin)  # zoom onto the best runs' last improvements
+    for ax in axes[1:]:
+        ax.set_xscale("log")
     axes[0].set_title("ELBO per epoch (thin: runs, bold: mean)")
-    axes[1].set_title("ELBO against training time")
+    axes[1].set_title("ELBO against training time (each run)")
+    axes[2].set_title("zoom: the top of the ELBO")
     axes[0].legend(loc="lower right")
     fig.tight_layout()
     return fig
@@ -277,7 +285,11 @@ def figure_annealing(groups: list[Group]):
     for k, g in enumerate(patches):
         loc = [np.asarray(r.results.final["localisation"]) for r in g.finished if "localisation" in r.results.final]
         values.append(np.concatenate(loc) if loc else np.array([np.nan]))
-    parts = axes[3].violinplot([v[np.isfinite(v)] if np.isfinite(v).any() else [0.0] for v in values], showmedians=True, vert=False)
+    data = [v[np.isfinite(v)] if np.isfinite(v).any() else [0.0] for v in values]
+    try:
+        parts = axes[3].violinplot(data, showmedians=True, orientation="horizontal")  # matplotlib >= 3.10
+    except TypeError:
+        parts = axes[3].violinplot(data, showmedians=True, vert=False)
     for k, body in enumerate(parts["bodies"]):
         body.set_color(colour(k))
     axes[3].set_yticks(np.arange(1, len(patches) + 1), [g.name for g in patches], fontsize=7)

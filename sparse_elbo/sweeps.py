@@ -122,7 +122,7 @@ class Group:
 
     @property
     def name(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.label.items()) or "all runs"
+        return ", ".join(f"{k}={v}" for k, v in self.label.items() if v != MISSING) or "all runs"
 
     @property
     def finished(self) -> list[Run]:
