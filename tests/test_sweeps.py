@@ -177,3 +177,18 @@ def test_optuna_sweeper_maximises_the_final_elbo_returned_by_the_entry_point(tmp
     elbos = [float(read_results(f).final["elbo"]) for f in sorted((tmp_path / "sweep").glob("*/results.h5"))]
     assert len(elbos) == 2
     assert best["best_value"] == pytest.approx(max(elbos), abs=1e-9)
+
+
+def test_reproduce_table_reports_each_sweeps_headline_and_time(sweep):
+    root, _ = sweep
+    paper = root / "outputs" / "paper"
+    paper.mkdir(parents=True, exist_ok=True)
+    if not (paper / "bars_recovery_quick").exists():
+        (paper / "bars_recovery_quick").symlink_to(root / "sweep")
+    out = _script("headlines.py", "quick", "report.md", 42, 2, 1, "bars_recovery_quick|40|2", cwd=root)
+    assert out.returncode == 0, out.stderr
+    report = (root / "report.md").read_text()
+    row = next(line for line in report.splitlines() if "paper=bars_recovery_quick" in line)
+    assert "**posterior=DiagonalPosterior, posterior.init_std=0.1**: recovered 0/2" in row  # 2 epochs: no bars yet
+    assert "| 40 s | 2 s |" in row and "2 failed" in row
+    assert "Total 42 s" in report
