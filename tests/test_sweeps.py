@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,11 +130,13 @@ def test_summary_has_one_row_per_configuration_with_counts_and_lists_failures(sw
 
 def test_figures_are_written_from_a_sweep(sweep, tmp_path):
     root, _ = sweep
+    directory = tmp_path / "sweep"
+    shutil.copytree(root / "sweep", directory)  # the shared sweep stays as it is for the other tests
     # one tiny image-patches run beside the bars runs: the dictionary and annealing figures too
     cfg = _compose(["dataset=image_patches", "dataset.patch_size=6", "dataset.n_patches=300", "n_latents=8", "posterior=diag",
                     "trainer=em", "trainer.max_epochs=2", "trainer.e_step_iterations=5", "annealing=prior", "evaluation.ground_truth=false"])
-    run(cfg, root / "sweep" / "patches", progress=False)
-    out = _script("figures.py", root / "sweep", "--out", tmp_path / "figures", cwd=root)
+    run(cfg, directory / "patches", progress=False)
+    out = _script("figures.py", directory, "--out", tmp_path / "figures", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for name in ("bars_fields", "recovery", "elbo", "entropies", "gini", "annealing", "dictionary_0"):
         for suffix in ("png", "pdf"):
