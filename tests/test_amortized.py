@@ -33,13 +33,7 @@ TINY = ["dataset.grid=3", "dataset.n_data=200", "posterior=amortized", "trainer=
         "evaluation.importance_samples=20", "evaluation.gini_samples=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices are fastest single-threaded (and immune to a busy second core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(overrides):

@@ -18,12 +18,7 @@ from sparse_elbo.posteriors import DiagonalPosterior
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_latent_model(D=3, sigma2=0.25, lam=0.8):
