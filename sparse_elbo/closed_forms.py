@@ -70,6 +70,16 @@ def residual_energy(
     return residual.pow(2).sum(-1) + trace_term
 
 
+def log_likelihood(x: torch.Tensor, W: torch.Tensor, z: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """``log N(x; W z, σ² I) = -(D/2) log(2πσ²) - ||x - W z||² / (2σ²)`` for samples z.
+
+    x (N,D), W (D,H), z (...,N,H), sigma2 scalar  ->  (...,N)
+    """
+    D = x.shape[-1]
+    residual = (x - z @ W.T).pow(2).sum(-1)  # (...,N)
+    return -0.5 * D * (LOG_2PI + torch.log(sigma2)) - residual / (2.0 * sigma2)
+
+
 def expected_log_likelihood(
     x: torch.Tensor,
     W: torch.Tensor,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_elbo import closed_forms
 from sparse_elbo.evaluation import data_blocks
 from sparse_elbo.objectives import AnalyticELBO
 from sparse_elbo.validation import require_at_least
@@ -44,10 +45,7 @@ class ImportanceEstimate:
 
 def log_joint(x: torch.Tensor, z: torch.Tensor, model) -> torch.Tensor:
     """``log p(x|z) + log p(z)``;  x (N,D), z (K,N,H)  ->  (K,N)"""
-    D = x.shape[-1]
-    residual = (x - z @ model.W.T).pow(2).sum(-1)  # (K,N)
-    log_lik = -0.5 * D * (math.log(2 * math.pi) + torch.log(model.sigma2)) - residual / (2 * model.sigma2)
-    return log_lik + model.prior.log_prob(z, model.lam)
+    return closed_forms.log_likelihood(x, model.W, z, model.sigma2) + model.prior.log_prob(z, model.lam)
 
 
 @torch.no_grad()

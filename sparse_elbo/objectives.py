@@ -94,9 +94,7 @@ class SampledELBO:
         W = model.W  # (D,H)
         sigma2, lam = model.sigma2, model.lam
         z = q.rsample(self.n_samples, generator=generator)  # (K,N,H)
-        residual = (x - z @ W.T).pow(2).sum(-1)  # (K,N)
-        D = x.shape[-1]
-        log_lik = (-0.5 * D * (closed_forms.LOG_2PI + torch.log(sigma2)) - residual / (2 * sigma2)).mean(0)  # (N,)
+        log_lik = closed_forms.log_likelihood(x, W, z, sigma2).mean(0)  # (N,)
         log_prior = model.prior.log_prob(z, lam).mean(0)  # (N,)
         return _expectation_value(log_lik, log_prior, q.entropy(), weights, sigma2, lam)
 

@@ -448,3 +448,13 @@ def test_optimal_scales_match_direct_formulas(elbo_problem):
         float(((x[n] - W @ mean[n]) ** 2).sum() + torch.trace(W @ Sigma[n] @ W.T)) for n in range(N)
     )
     assert float(sigma2) == pytest.approx(energy / (N * D), rel=1e-12)
+
+
+def test_log_likelihood_of_samples_matches_torch_distributions():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    z = torch.randn(5, 7, 3, generator=g, dtype=torch.float64)
+    sigma2 = torch.tensor(0.3, dtype=torch.float64)
+    reference = torch.distributions.Normal(z @ W.T, sigma2.sqrt()).log_prob(x).sum(-1)  # (K,N)
+    torch.testing.assert_close(closed_forms.log_likelihood(x, W, z, sigma2), reference, rtol=1e-12, atol=1e-12)
