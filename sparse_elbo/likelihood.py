@@ -19,7 +19,6 @@ Every value uses the model's ``W, σ², λ`` as they are (for the entropy object
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -27,7 +26,10 @@ import torch
 
 from sparse_elbo import closed_forms
 from sparse_elbo.evaluation import data_blocks
+from sparse_elbo.annealing import AnnealingWeights, NoAnnealing
 from sparse_elbo.objectives import AnalyticELBO
+from sparse_elbo.problem import Problem
+from sparse_elbo.trainers.em import EMTrainer
 from sparse_elbo.validation import require_at_least
 
 
@@ -92,40 +94,16 @@ def _select(q, index: torch.Tensor):
     return type(q)(**fields)
 
 
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module):
-    """No gradients for ``module``'s parameters inside the block (W, σ², λ fixed while q is refined)."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-
-
 def refine(x: torch.Tensor, posterior, model, iterations: int = 200, block_size: int = 4096, history_size: int = 20):
     """Maximise the analytic ELBO at the model's ``W, σ², λ`` over each ``q_n`` of a per-data-point
-    posterior for data ``x`` (modified in place): L-BFGS (strong Wolfe) on the summed ELBO, block by block
-    — the problem separates across data points."""
-    objective = AnalyticELBO()
-    with frozen(model):
-        for index in data_blocks(x.shape[0], block_size, x.device):
-            block = posterior.block_parameters(index)
-            optimizer = torch.optim.LBFGS(
-                list(block.values()), lr=1.0, max_iter=iterations, history_size=history_size,
-                tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe",
-            )
-
-            def closure():
-                optimizer.zero_grad(set_to_none=False)
-                loss = -objective(x[index], posterior.gaussian(block), model).per_point.sum()
-                loss.backward()
-                return loss
-
-            optimizer.step(closure)
-            posterior.write_block(index, {k: v.detach() for k, v in block.items()})
+    posterior for data ``x`` (modified in place): the variational E-step of ``trainers/em.py`` with
+    W, σ², λ fixed — L-BFGS (strong Wolfe) on the summed ELBO, block by block, since the problem
+    separates across data points (fused value and gradient for diagonal q under the Laplace prior)."""
+    problem = Problem(x=x, model=model, posterior=posterior, objective=AnalyticELBO(), annealing=NoAnnealing())
+    e_step = EMTrainer(e_step_iterations=iterations, e_step_block_size=block_size, history_size=history_size,
+                       e_step_tolerance=1e-12)
+    for index in data_blocks(x.shape[0], block_size, x.device):
+        e_step.e_step(problem, index, AnalyticELBO(), AnnealingWeights())
     return posterior
 
 
