@@ -46,10 +46,8 @@ class DiagonalLaplaceEStep:
             self.gram_diagonal = torch.diagonal(self.gram).clone()  # (H,)
             self.sigma2 = model.sigma2.detach()
             self.inverse_lambda = model.lam.detach().reciprocal()  # (H,)
-            self.x_energy = x.pow(2).sum(-1)  # ||x_n||² (N,)
-            self.log_lambda = model.lam.detach().log()
         self.weights = weights
-        self.n_observed = x.shape[1]
+        self.x = x  # (N,D), only read by constant()
 
     @staticmethod
     def applies_to(posterior, model) -> bool:
@@ -85,7 +83,8 @@ class DiagonalLaplaceEStep:
         """``c_n`` (N,): the terms of ``F_n`` that do not depend on ``q_n``."""
         beta = self.weights
         H = self.gram.shape[0]
-        log_lik = -0.5 * self.n_observed * (closed_forms.LOG_2PI + torch.log(self.sigma2)) - self.x_energy / (2.0 * self.sigma2)
-        log_prior = -(math.log(2.0) + self.log_lambda).sum()
+        D = self.x.shape[1]
+        log_lik = -0.5 * D * (closed_forms.LOG_2PI + torch.log(self.sigma2)) - self.x.pow(2).sum(-1) / (2.0 * self.sigma2)
+        log_prior = (math.log(0.5) + torch.log(self.inverse_lambda)).sum()  # -Σ_h log(2λ_h)
         entropy = 0.5 * H * closed_forms.LOG_2PIE
         return beta.likelihood * log_lik + beta.prior * log_prior + beta.entropy * entropy
