@@ -115,7 +115,7 @@ def test_gauge_fix_of_the_m_step_leaves_the_elbo_unchanged():
         free.W_raw.copy_(W_opt)
         free.log_sigma2.copy_(problem.model.log_sigma2)
     free.log_lambda.data.copy_(problem.model.log_lambda)  # same σ², λ, unnormalised W
-    before = float(AnalyticELBO()(problem.x, problem.posterior(), free).elbo)
+    before = float(AnalyticELBO()(problem.x, problem.posterior(), free).elbo.detach())
     lam_before = problem.model.lam.detach().clone()
     trainer.closed_form_m_step(problem)
     norms = W_opt.norm(dim=0)
