@@ -10,9 +10,10 @@ import torch
 
 from sparse_elbo.annealing import AnnealingWeights, NoAnnealing
 from sparse_elbo.data import make_bars
-from sparse_elbo.evaluation import evaluate_problem
+from sparse_elbo.evaluation import evaluate_problem, full_data_statistics
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
+from sparse_elbo.priors import GaussianPrior, LaplacePrior
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.em import EMTrainer
@@ -91,15 +92,65 @@ def test_closed_form_m_step_is_the_maximiser_of_the_expected_log_likelihood():
             assert float(AnalyticELBO()(x, problem.posterior(), free).elbo) < float(value.elbo)
 
 
+@pytest.mark.parametrize("incremental", [False, True])
 @pytest.mark.parametrize("family", ["diag", "full"])
-def test_em_never_decreases_the_elbo_without_annealing(family):
+def test_em_never_decreases_the_elbo_without_annealing(family, incremental):
     problem = small_problem(family, n_data=80, seed=2)
-    trainer = EMTrainer(max_epochs=12, em_iterations_per_epoch=2, e_step_iterations=20, e_step_block_size=32)
+    trainer = EMTrainer(
+        max_epochs=12, em_iterations_per_epoch=2, e_step_iterations=20, e_step_block_size=32, incremental=incremental
+    )
     elbos = []
     trainer.fit(problem, lambda e, w, t: elbos.append(evaluate_problem(problem, w)) or elbos[-1])
     values = np.array([float(v.elbo) for v in elbos])
     assert np.all(np.diff(values) >= -1e-9), np.diff(values)
     assert values[-1] > values[0] + 0.1
+
+
+@pytest.mark.parametrize("family", ["diag", "full"])
+def test_incremental_em_leaves_exact_full_data_sigma2_lambda_and_a_closed_form_fixed_point(family):
+    """After an incremental pass the running totals must equal statistics recomputed from scratch:
+    σ², λ are the exact full-data σ²*, λ* of the current W and q, and W is the closed-form maximiser
+    for the current q (another M-step changes nothing and every column already has norm 1)."""
+    problem = small_problem(family, n_data=70, seed=5)
+    trainer = EMTrainer(e_step_iterations=15, e_step_block_size=20, incremental=True)
+    trainer.initialise_means(problem)
+    for _ in range(2):
+        trainer.incremental_em_iteration(problem, AnalyticELBO(), AnnealingWeights(), problem.x.pow(2).sum())
+    statistics, _ = full_data_statistics(problem, block_size=16)
+    torch.testing.assert_close(problem.model.sigma2.detach(), statistics.residual / problem.x.shape[1], rtol=1e-10, atol=0)
+    torch.testing.assert_close(problem.model.lam.detach(), statistics.prior_statistic, rtol=1e-10, atol=0)
+    W = problem.model.W.detach().clone()
+    norms = trainer.m_step_from(problem, trainer.data_statistics(problem))
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-10, atol=0)
+    torch.testing.assert_close(problem.model.W.detach(), W, rtol=0, atol=1e-10)
+
+
+def test_incremental_em_with_one_block_is_standard_em():
+    problems = [small_problem("full", n_data=40, seed=6) for _ in range(2)]
+    for problem, incremental in zip(problems, (False, True)):
+        EMTrainer(max_epochs=3, e_step_iterations=10, e_step_block_size=40, incremental=incremental).fit(
+            problem, lambda e, w, t, problem=problem: evaluate_problem(problem, w)
+        )
+    standard, incremental = problems
+    torch.testing.assert_close(incremental.model.W, standard.model.W, rtol=0, atol=1e-9)
+    torch.testing.assert_close(incremental.posterior.mean, standard.posterior.mean, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("prior", [LaplacePrior(), GaussianPrior()])
+def test_rescaled_sufficient_statistics_equal_those_of_the_rescaled_posterior(prior):
+    problem = small_problem("full", n_data=30, seed=7)
+    problem.model.prior = prior
+    with torch.no_grad():
+        problem.posterior.mean.normal_()
+        problem.posterior.lower.normal_(std=0.2)
+    trainer = EMTrainer()
+    index = torch.arange(30)
+    scale = torch.rand(problem.model.n_latents, dtype=torch.float64) + 0.5
+    expected = trainer.block_statistics(problem, index).rescaled(scale, prior)
+    problem.posterior.rescale_latents(scale)
+    actual = trainer.block_statistics(problem, index)
+    for name in ("cross", "second_moment", "prior"):
+        torch.testing.assert_close(getattr(expected, name), getattr(actual, name), rtol=1e-12, atol=1e-12)
 
 
 def test_gauge_fix_of_the_m_step_leaves_the_elbo_unchanged():
@@ -121,7 +172,7 @@ def test_gauge_fix_of_the_m_step_leaves_the_elbo_unchanged():
     norms = W_opt.norm(dim=0)
     with torch.no_grad():
         problem.model.log_lambda.copy_(torch.log(lam_before * norms))  # λ_h → c_h λ_h
-    after = float(AnalyticELBO()(problem.x, problem.posterior(), problem.model).elbo)
+    after = float(AnalyticELBO()(problem.x, problem.posterior(), problem.model).elbo.detach())
     assert after == pytest.approx(before, abs=1e-10)
     np.testing.assert_allclose(problem.model.W.detach().norm(dim=0).numpy(), 1.0, atol=1e-12)
 
@@ -172,6 +223,7 @@ def test_authors_reference_procedure_improves_the_elbo():
         ({"e_step_iterations": 0}, "trainer.e_step_iterations must be >= 1"),
         ({"m_step": "gradient"}, "trainer.m_step=gradient needs trainer.statistics=batch"),
         ({"m_step_lr": 0}, "trainer.m_step_lr must be > 0"),
+        ({"incremental": True, "statistics": "batch"}, "trainer.incremental=true needs trainer.statistics=full"),
     ],
 )
 def test_bad_em_settings_are_rejected(kwargs, message):
