@@ -257,6 +257,31 @@ def test_fused_diagonal_e_step_equals_the_autograd_analytic_elbo_in_float64(weig
     torch.testing.assert_close(grad_log_std, block["log_std"].grad, rtol=1e-10, atol=1e-12)
 
 
+def test_fused_e_step_loss_resolves_small_changes_of_a_large_float32_block():
+    """The block loss is a sum over many points; in float32 its rounding (~0.06 at 10⁶) would hide the
+    changes a line search compares near convergence. Summed in float64, a change of one point's mean
+    that moves the loss by ~1e-3 is seen to within 1% of the float64 reference."""
+    from sparse_elbo.trainers.e_step import DiagonalLaplaceEStep
+
+    generator = torch.Generator().manual_seed(3)
+    n, D, H = 100_000, 16, 10
+    x = torch.randn(n, D, generator=generator)
+    model = SparseCodingModel(D, H, generator=generator)
+    with torch.no_grad():
+        model.set_noise_and_prior_scale(torch.tensor(0.01), torch.full((H,), 0.5))
+    mean = torch.randn(n, H, generator=generator)
+    log_std = torch.full((n, H), -2.0)
+    moved = mean.clone()
+    moved[0, 0] += 1e-5
+    fused32 = DiagonalLaplaceEStep(x, model, AnnealingWeights())
+    fused64 = DiagonalLaplaceEStep(x.double(), model.double(), AnnealingWeights())
+    change32 = float(fused32.loss_and_gradients(moved, log_std)[0] - fused32.loss_and_gradients(mean, log_std)[0])
+    change64 = float(fused64.loss_and_gradients(moved.double(), log_std.double())[0] - fused64.loss_and_gradients(mean.double(), log_std.double())[0])
+    assert abs(float(fused64.loss_and_gradients(mean.double(), log_std.double())[0])) > 1e5  # float32 spacing there: ≥ 0.008
+    assert 1e-4 < abs(change64) < 1e-1
+    assert change32 == pytest.approx(change64, rel=1e-2)
+
+
 def test_fused_and_autograd_e_steps_reach_the_same_posteriors():
     problem_fused, problem_autograd = small_problem("diag", n_data=30), small_problem("diag", n_data=30)
     for problem in (problem_fused, problem_autograd):

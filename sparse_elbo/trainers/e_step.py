@@ -68,11 +68,14 @@ class DiagonalLaplaceEStep:
         gram_mean = mean @ self.gram  # G μ (N,H)
         expected_abs = density_std + mean * sign_mass  # E|z| (N,H)
         # μᵀGμ - 2bᵀμ + Σ_h G_hh s_h², summed over n
-        energy = ((gram_mean - 2.0 * self.projection) * mean).sum() + (variance @ self.gram_diagonal).sum()
+        # The sums are accumulated in float64 even for float32 parameters: the loss is a sum over up to
+        # the whole data set, and in float32 its rounding (≈ 1e-7 of ~10⁶) hides the changes that the
+        # line search must compare once the E-step is nearly converged, so it stops early.
+        energy = ((gram_mean - 2.0 * self.projection) * mean).sum(dtype=torch.float64) + (variance @ self.gram_diagonal).sum(dtype=torch.float64)
         loss = (
             0.5 * likelihood_scale * energy
-            + (expected_abs @ prior_scale).sum()
-            - beta.entropy * log_std.sum()
+            + (expected_abs @ prior_scale).sum(dtype=torch.float64)
+            - beta.entropy * log_std.sum(dtype=torch.float64)
         )
         grad_mean = gram_mean.sub_(self.projection).mul_(likelihood_scale).add_(sign_mass.mul_(prior_scale))
         grad_log_std = variance.mul_(self.gram_diagonal * likelihood_scale).add_(density_std.mul_(prior_scale)).sub_(beta.entropy)
