@@ -92,13 +92,11 @@ def test_closed_form_m_step_is_the_maximiser_of_the_expected_log_likelihood():
             assert float(AnalyticELBO()(x, problem.posterior(), free).elbo) < float(value.elbo)
 
 
-@pytest.mark.parametrize("incremental", [False, True])
+@pytest.mark.parametrize("variant", [{}, {"incremental": True}, {"e_step_objective": "entropy"}])
 @pytest.mark.parametrize("family", ["diag", "full"])
-def test_em_never_decreases_the_elbo_without_annealing(family, incremental):
+def test_em_never_decreases_the_elbo_without_annealing(family, variant):
     problem = small_problem(family, n_data=80, seed=2)
-    trainer = EMTrainer(
-        max_epochs=12, em_iterations_per_epoch=2, e_step_iterations=20, e_step_block_size=32, incremental=incremental
-    )
+    trainer = EMTrainer(max_epochs=12, em_iterations_per_epoch=2, e_step_iterations=20, e_step_block_size=32, **variant)
     elbos = []
     trainer.fit(problem, lambda e, w, t: elbos.append(evaluate_problem(problem, w)) or elbos[-1])
     values = np.array([float(v.elbo) for v in elbos])
@@ -224,6 +222,7 @@ def test_authors_reference_procedure_improves_the_elbo():
         ({"m_step": "gradient"}, "trainer.m_step=gradient needs trainer.statistics=batch"),
         ({"m_step_lr": 0}, "trainer.m_step_lr must be > 0"),
         ({"incremental": True, "statistics": "batch"}, "trainer.incremental=true needs trainer.statistics=full"),
+        ({"e_step_objective": "map"}, "trainer.e_step_objective must be one of ['analytic', 'entropy']"),
     ],
 )
 def test_bad_em_settings_are_rejected(kwargs, message):
@@ -280,6 +279,58 @@ def test_fused_e_step_loss_resolves_small_changes_of_a_large_float32_block():
     assert abs(float(fused64.loss_and_gradients(mean.double(), log_std.double())[0])) > 1e5  # float32 spacing there: ≥ 0.008
     assert 1e-4 < abs(change64) < 1e-1
     assert change32 == pytest.approx(change64, rel=1e-2)
+
+
+@pytest.mark.parametrize("weights", [AnnealingWeights(), AnnealingWeights(likelihood=0.7, prior=6.0, entropy=1.3)])
+def test_fused_entropy_e_step_equals_autograd_of_the_full_data_entropy_objective_in_float64(weights):
+    """Oracle for the E-step on L_H itself: the fused loss changes and gradients of one block, the other
+    points' sums held fixed, against autograd of ``EntropyELBO`` on all points with only the block free."""
+    from sparse_elbo.trainers.e_step import DiagonalLaplaceEntropyEStep
+
+    problem = small_problem("diag", n_data=40)
+    with torch.no_grad():
+        problem.posterior.mean.normal_(generator=torch.Generator().manual_seed(1))
+        problem.posterior.log_std.uniform_(-4.0, 0.5, generator=torch.Generator().manual_seed(2))
+    block_index, other_index = torch.arange(15), torch.arange(15, 40)
+    trainer = EMTrainer()
+    others = trainer._data_sums(problem, other_index)
+
+    def autograd_loss(mean, log_std):
+        full_mean = torch.cat([mean, problem.posterior.mean[other_index].detach()])
+        full_log_std = torch.cat([log_std, problem.posterior.log_std[other_index].detach()])
+        q = problem.posterior.gaussian({"mean": full_mean, "log_std": full_log_std})
+        return -40 * EntropyELBO()(problem.x, q, problem.model, weights).weighted
+
+    fused = DiagonalLaplaceEntropyEStep(problem.x[block_index], problem.model, weights, others.residual, others.prior, 40)
+    starts = []
+    for seed in (3, 4):
+        mean = problem.posterior.mean[block_index].detach().clone() + 0.3 * torch.randn(15, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        log_std = problem.posterior.log_std[block_index].detach().clone()
+        starts.append((mean.requires_grad_(True), log_std.requires_grad_(True)))
+    expected, actual = [], []
+    for mean, log_std in starts:
+        loss = autograd_loss(mean, log_std)
+        grad_mean, grad_log_std = torch.autograd.grad(loss, (mean, log_std))
+        fused_loss, fused_grad_mean, fused_grad_log_std = fused.loss_and_gradients(mean.detach(), log_std.detach())
+        torch.testing.assert_close(fused_grad_mean, grad_mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fused_grad_log_std, grad_log_std, rtol=1e-10, atol=1e-12)
+        expected.append(float(loss))
+        actual.append(float(fused_loss))
+    assert actual[1] - actual[0] == pytest.approx(expected[1] - expected[0], rel=1e-10, abs=1e-10)  # equal up to a constant
+
+
+@pytest.mark.parametrize("fused_e_step", [True, False])
+def test_entropy_e_step_pass_raises_the_full_data_elbo_and_ends_at_exact_sigma2_lambda(fused_e_step):
+    problem = small_problem("diag", n_data=70, seed=8)
+    trainer = EMTrainer(e_step_iterations=15, e_step_block_size=20, e_step_objective="entropy", fused_e_step=fused_e_step)
+    trainer.initialise_means(problem)
+    before = float(evaluate_problem(problem, AnnealingWeights()).elbo)
+    trainer.entropy_e_step_pass(problem, AnnealingWeights())
+    after = float(evaluate_problem(problem, AnnealingWeights()).elbo)
+    assert after > before + 0.1
+    statistics, _ = full_data_statistics(problem, block_size=16)
+    torch.testing.assert_close(problem.model.sigma2.detach(), statistics.residual / problem.x.shape[1], rtol=1e-10, atol=0)
+    torch.testing.assert_close(problem.model.lam.detach(), statistics.prior_statistic, rtol=1e-10, atol=0)
 
 
 def test_fused_and_autograd_e_steps_reach_the_same_posteriors():

@@ -54,11 +54,9 @@ class DiagonalLaplaceEStep:
         return isinstance(posterior, DiagonalPosterior) and isinstance(model.prior, LaplacePrior)
 
     @torch.no_grad()
-    def loss_and_gradients(self, mean: torch.Tensor, log_std: torch.Tensor):
-        """mean, log_std (N,H)  ->  loss = -Σ_n (F_n - c_n) (scalar), ∂loss/∂mean, ∂loss/∂log_std (N,H)."""
-        beta = self.weights
-        likelihood_scale = beta.likelihood / self.sigma2
-        prior_scale = beta.prior * self.inverse_lambda  # (H,)
+    def _terms(self, mean: torch.Tensor, log_std: torch.Tensor):
+        """-> E|z| (N,H), Σ_n (μᵀGμ - 2bᵀμ + Σ_h G_hh s_h²) (float64 scalar), and the pieces the gradients
+        reuse: G μ - b, erf(r/√2), √(2/π) e^{-r²/2} s, s² (N,H) each."""
         std = log_std.exp().clamp_min_(torch.finfo(log_std.dtype).tiny)  # s (N,H)
         ratio = mean / std  # r (N,H)
         density = ratio.square().mul_(-0.5).exp_().mul_(_SQRT_2_OVER_PI)  # √(2/π) e^{-r²/2}
@@ -67,19 +65,34 @@ class DiagonalLaplaceEStep:
         variance = std.square_()  # s² (std's storage is reused)
         gram_mean = mean @ self.gram  # G μ (N,H)
         expected_abs = density_std + mean * sign_mass  # E|z| (N,H)
-        # μᵀGμ - 2bᵀμ + Σ_h G_hh s_h², summed over n
         # The sums are accumulated in float64 even for float32 parameters: the loss is a sum over up to
         # the whole data set, and in float32 its rounding (≈ 1e-7 of ~10⁶) hides the changes that the
         # line search must compare once the E-step is nearly converged, so it stops early.
         energy = ((gram_mean - 2.0 * self.projection) * mean).sum(dtype=torch.float64) + (variance @ self.gram_diagonal).sum(dtype=torch.float64)
+        return expected_abs, energy, gram_mean.sub_(self.projection), sign_mass, density_std, variance
+
+    def _gradients(self, pieces, likelihood_scale, prior_scale):
+        """∂loss/∂μ = β_lik (Gμ - b)/σ² + β_prior erf(r/√2)/λ,
+        ∂loss/∂ρ = β_lik G_hh s²/σ² + β_prior √(2/π) e^{-r²/2} s/λ - β_q."""
+        gram_mean_minus_b, sign_mass, density_std, variance = pieces
+        grad_mean = gram_mean_minus_b.mul_(likelihood_scale).add_(sign_mass.mul_(prior_scale))
+        grad_log_std = variance.mul_(self.gram_diagonal * likelihood_scale).add_(density_std.mul_(prior_scale)).sub_(self.weights.entropy)
+        return grad_mean, grad_log_std
+
+    @torch.no_grad()
+    def loss_and_gradients(self, mean: torch.Tensor, log_std: torch.Tensor):
+        """mean, log_std (N,H)  ->  loss = -Σ_n (F_n - c_n) (scalar), ∂loss/∂mean, ∂loss/∂log_std (N,H)."""
+        beta = self.weights
+        likelihood_scale = beta.likelihood / self.sigma2
+        prior_scale = beta.prior * self.inverse_lambda  # (H,)
+        expected_abs, energy, *pieces = self._terms(mean, log_std)
         loss = (
             0.5 * likelihood_scale * energy
             + (expected_abs @ prior_scale).sum(dtype=torch.float64)
             - beta.entropy * log_std.sum(dtype=torch.float64)
         )
-        grad_mean = gram_mean.sub_(self.projection).mul_(likelihood_scale).add_(sign_mass.mul_(prior_scale))
-        grad_log_std = variance.mul_(self.gram_diagonal * likelihood_scale).add_(density_std.mul_(prior_scale)).sub_(beta.entropy)
-        return loss, grad_mean, grad_log_std
+        return (loss, *self._gradients(pieces, likelihood_scale, prior_scale))
+
 
     @torch.no_grad()
     def constant(self) -> torch.Tensor:
@@ -91,3 +104,51 @@ class DiagonalLaplaceEStep:
         log_prior = (math.log(0.5) + torch.log(self.inverse_lambda)).sum()  # -Σ_h log(2λ_h)
         entropy = 0.5 * H * closed_forms.LOG_2PIE
         return beta.likelihood * log_lik + beta.prior * log_prior + beta.entropy * entropy
+
+
+class DiagonalLaplaceEntropyEStep(DiagonalLaplaceEStep):
+    """The E-step on the full-data entropy objective itself: ``-N L_H`` as a function of this block's
+    ``q`` with every other data point's posterior fixed, so that ``σ²*, λ*`` follow the block's ``q``
+    inside the E-step instead of staying at the values of the previous ``q``:
+
+        -N L_H = -β_q Σ_n Σ_h ρ_nh + β_prior N Σ_h log λ*_h + β_lik (N D / 2) log σ²* + const,
+        σ²* = (R_other + Σ_n E||x_n - W z||²) / (N D),   λ*_h = (T_other,h + Σ_n E|z_nh|) / N,
+
+    with ``N`` the whole data set's size and ``R_other, T_other`` the other points' sums. By the envelope
+    theorem its gradient is the analytic E-step's at ``σ² = σ²*, λ = λ*`` (same formulas, current values).
+    """
+
+    def __init__(self, x: torch.Tensor, model, weights: AnnealingWeights, other_residual: torch.Tensor,
+                 other_prior: torch.Tensor, n_total: int):
+        super().__init__(x, model, weights)
+        with torch.no_grad():
+            self.x_energy = x.pow(2).sum(dtype=torch.float64)  # Σ_n ||x_n||² of the block
+        self.other_residual, self.other_prior = other_residual, other_prior  # scalar, (H,)
+        self.n_total = n_total
+
+    @torch.no_grad()
+    def statistics(self, mean: torch.Tensor, log_std: torch.Tensor):
+        """-> σ²*, λ* (H,) of the whole data with this block's ``q = (mean, log_std)``."""
+        expected_abs, energy, *_ = self._terms(mean, log_std)
+        return self._optima(expected_abs, energy)
+
+    def _optima(self, expected_abs, energy):
+        n, D = self.n_total, self.x.shape[1]
+        sigma2 = (self.other_residual + self.x_energy + energy) / (n * D)
+        lam = (self.other_prior + expected_abs.sum(0, dtype=torch.float64)) / n
+        return sigma2, lam
+
+    @torch.no_grad()
+    def loss_and_gradients(self, mean: torch.Tensor, log_std: torch.Tensor):
+        beta = self.weights
+        expected_abs, energy, *pieces = self._terms(mean, log_std)
+        sigma2, lam = self._optima(expected_abs, energy)
+        n, D = self.n_total, self.x.shape[1]
+        loss = (
+            beta.prior * n * torch.log(lam).sum()
+            + beta.likelihood * 0.5 * n * D * torch.log(sigma2)
+            - beta.entropy * log_std.sum(dtype=torch.float64)
+        )
+        likelihood_scale = (beta.likelihood / sigma2).to(mean.dtype)
+        prior_scale = (beta.prior / lam).to(mean.dtype)  # (H,)
+        return (loss, *self._gradients(pieces, likelihood_scale, prior_scale))

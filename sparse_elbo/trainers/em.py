@@ -42,14 +42,15 @@ from dataclasses import dataclass
 import torch
 
 from sparse_elbo.evaluation import data_blocks, full_data_statistics
-from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
+from sparse_elbo.objectives import AnalyticELBO, DataStatistics, EntropyELBO
 from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
-from sparse_elbo.trainers.e_step import DiagonalLaplaceEStep
+from sparse_elbo.trainers.e_step import DiagonalLaplaceEntropyEStep, DiagonalLaplaceEStep
 from sparse_elbo.validation import require_at_least, require_one_of
 
 M_STEPS = ("closed_form", "gradient")
 STATISTICS = ("full", "batch")
 INITIAL_MEANS = ("least_squares", "zeros")
+E_STEP_OBJECTIVES = ("analytic", "entropy")
 
 
 @dataclass
@@ -74,6 +75,22 @@ class SufficientStatistics:
         )
 
 
+@dataclass
+class DataSums:
+    """Sums over a set of data points behind ``σ²*`` and ``λ*``: residual (scalar) = Σ_n E||x_n - W z||²,
+    prior (H,) = Σ_n t_n; count = the whole data set's size N (the divisor of the means)."""
+
+    residual: torch.Tensor
+    prior: torch.Tensor
+    count: int
+
+    def __sub__(self, other: "DataSums") -> "DataSums":
+        return DataSums(self.residual - other.residual, self.prior - other.prior, self.count)
+
+    def __add__(self, other: "DataSums") -> "DataSums":
+        return DataSums(self.residual + other.residual, self.prior + other.prior, self.count)
+
+
 class EMTrainer:
     supported_families = ("diag", "full")
     supported_objectives = ("entropy",)  # σ², λ are always set to their closed-form optima
@@ -84,6 +101,7 @@ class EMTrainer:
         em_iterations_per_epoch: int = 1,
         e_step_iterations: int = 100,
         e_step_block_size: int | None = None,
+        e_step_max_evaluations: int | None = None,
         history_size: int = 20,
         e_step_tolerance: float = 1e-9,
         m_step: str = "closed_form",
@@ -96,16 +114,21 @@ class EMTrainer:
         initial_means: str = "least_squares",
         fused_e_step: bool = True,
         incremental: bool = False,
+        e_step_objective: str = "analytic",
     ):
         require_at_least(
             "trainer", 1, max_epochs=max_epochs, em_iterations_per_epoch=em_iterations_per_epoch,
             e_step_iterations=e_step_iterations, history_size=history_size, batch_size=batch_size,
             **({} if e_step_block_size is None else {"e_step_block_size": e_step_block_size}),
+            **({} if e_step_max_evaluations is None else {"e_step_max_evaluations": e_step_max_evaluations}),
         )
         require_at_least("trainer", 0, e_step_tolerance=e_step_tolerance, relative_tolerance=relative_tolerance)
         require_one_of("trainer.m_step", m_step, M_STEPS)
         require_one_of("trainer.statistics", statistics, STATISTICS)
         require_one_of("trainer.initial_means", initial_means, INITIAL_MEANS)
+        require_one_of("trainer.e_step_objective", e_step_objective, E_STEP_OBJECTIVES)
+        if e_step_objective == "entropy" and (statistics != "full" or incremental):
+            raise ValueError("trainer.e_step_objective=entropy needs trainer.statistics=full and trainer.incremental=false")
         if not m_step_lr > 0:
             raise ValueError(f"trainer.m_step_lr must be > 0, got {m_step_lr}")
         if incremental and (statistics != "full" or m_step != "closed_form"):
@@ -116,6 +139,7 @@ class EMTrainer:
         self.em_iterations_per_epoch = int(em_iterations_per_epoch)
         self.e_step_iterations = int(e_step_iterations)
         self.e_step_block_size = None if e_step_block_size is None else int(e_step_block_size)
+        self.e_step_max_evaluations = None if e_step_max_evaluations is None else int(e_step_max_evaluations)
         self.history_size = int(history_size)
         self.e_step_tolerance = float(e_step_tolerance)
         self.m_step = m_step
@@ -130,23 +154,30 @@ class EMTrainer:
         self.initial_means = initial_means
         self.fused_e_step = bool(fused_e_step)
         self.incremental = bool(incremental)
+        self.e_step_objective = e_step_objective
 
     # ----------------------------------------------------------------------------------- E-step
-    def e_step(self, problem: Problem, index: torch.Tensor, objective, weights) -> None:
-        """Maximise ``objective`` summed over the data points ``index`` w.r.t. their posteriors."""
+    def e_step(self, problem: Problem, index: torch.Tensor, objective, weights, others: "DataSums | None" = None) -> None:
+        """Maximise ``objective`` summed over the data points ``index`` w.r.t. their posteriors — or, given
+        ``others`` (the sums of every other data point), the full-data ``L_H`` as a function of them."""
         x = problem.x[index]
         block = problem.posterior.block_parameters(index)
         optimizer = torch.optim.LBFGS(
             list(block.values()),
             lr=1.0,
             max_iter=self.e_step_iterations,
+            max_eval=self.e_step_max_evaluations,  # None: torch's 1.25 × max_iter
             history_size=self.history_size,
             tolerance_grad=1e-7,
             tolerance_change=self.e_step_tolerance,
             line_search_fn="strong_wolfe",
         )
-        if self.fused_e_step and isinstance(objective, AnalyticELBO) and DiagonalLaplaceEStep.applies_to(problem.posterior, problem.model):
-            fused = DiagonalLaplaceEStep(x, problem.model, weights)
+        fusable = self.fused_e_step and DiagonalLaplaceEStep.applies_to(problem.posterior, problem.model)
+        if fusable and (others is not None or isinstance(objective, AnalyticELBO)):
+            if others is None:
+                fused = DiagonalLaplaceEStep(x, problem.model, weights)
+            else:
+                fused = DiagonalLaplaceEntropyEStep(x, problem.model, weights, others.residual, others.prior, others.count)
 
             def closure():
                 loss, block["mean"].grad, block["log_std"].grad = fused.loss_and_gradients(block["mean"], block["log_std"])
@@ -158,17 +189,29 @@ class EMTrainer:
             # statistics=batch: the batch mean, as the authors' closure (-elbo) — L-BFGS's first step
             # and its tolerances depend on this scale.
             scale = x.shape[0] if self.statistics == "full" else 1.0
-            self._autograd_e_step(problem, x, block, optimizer, objective, weights, scale)
+            self._autograd_e_step(problem, x, block, optimizer, objective, weights, scale, others)
         problem.posterior.write_block(index, {k: v.detach() for k, v in block.items()})
 
     @staticmethod
-    def _autograd_e_step(problem: Problem, x, block, optimizer, objective, weights, scale: float) -> None:
+    def _autograd_e_step(problem: Problem, x, block, optimizer, objective, weights, scale: float, others=None) -> None:
         model = problem.model
         model_parameters = [p for p in model.parameters() if p.requires_grad]
 
+        def value_of(q):
+            if others is None:
+                return objective(x, q, model, weights)
+            residual, prior_statistic = EntropyELBO().batch_statistics(x, q, model)  # (B,), (B,H)
+            statistics = DataStatistics(
+                (others.residual + residual.sum()) / others.count, (others.prior + prior_statistic.sum(0)) / others.count
+            )  # other points' entropies are a constant and left out
+            return EntropyELBO.from_statistics(q.entropy().sum() / others.count, statistics, x.shape[1], model.prior, weights)
+
+        if others is not None:
+            scale = others.count  # -N L_H, the sum over data points
+
         def closure():
             optimizer.zero_grad(set_to_none=False)
-            value = objective(x, problem.posterior.gaussian(block), model, weights)
+            value = value_of(problem.posterior.gaussian(block))
             loss = -scale * value.weighted
             loss.backward()
             return loss
@@ -283,6 +326,29 @@ class EMTrainer:
             totals = totals.rescaled(norms, prior)
             self._set_noise_and_prior_scale_from(problem, totals, x_energy)
 
+    @torch.no_grad()
+    def _data_sums(self, problem: Problem, index: torch.Tensor) -> DataSums:
+        residual, prior_statistic = EntropyELBO().batch_statistics(problem.x[index], problem.q(index), problem.model)
+        return DataSums(residual.sum(dtype=torch.float64), prior_statistic.sum(0, dtype=torch.float64), problem.x.shape[0])
+
+    def entropy_e_step_pass(self, problem: Problem, weights) -> None:
+        """One E-step pass on the full-data ``L_H``: each block's ``q`` maximises ``L_H`` with every other
+        point's ``q`` fixed, so ``σ²*, λ*`` move with it (the analytic E-step holds them at the previous
+        ``q``'s values, and ``σ²`` then needs many EM iterations to follow ``q``). Ends with the model's
+        ``σ², λ`` at the exact full-data optima."""
+        n = problem.x.shape[0]
+        blocks = self._blocks(n, self.block_size(problem.x), problem.x.device)
+        sums = [self._data_sums(problem, index) for index in blocks]
+        total = sum(sums[1:], sums[0])
+        for b, index in enumerate(blocks):
+            if self.fresh_posterior:
+                problem.posterior.reset_block(index, self.fresh_std)
+            self.e_step(problem, index, None, weights, others=total - sums[b])
+            new = self._data_sums(problem, index)
+            total, sums[b] = total - sums[b] + new, new
+        dtype = problem.x.dtype
+        problem.model.set_noise_and_prior_scale((total.residual / (n * problem.x.shape[1])).to(dtype), (total.prior / n).to(dtype))
+
     def run_epoch(self, problem: Problem, weights) -> None:
         n = problem.x.shape[0]
         if self.statistics == "full":
@@ -293,6 +359,10 @@ class EMTrainer:
                     self.incremental_em_iteration(problem, objective, weights, x_energy)
                 return
             for _ in range(self.em_iterations_per_epoch):
+                if self.e_step_objective == "entropy":
+                    self.entropy_e_step_pass(problem, weights)
+                    self.closed_form_m_step(problem)
+                    continue
                 self._fix_noise_and_prior_scale(problem)
                 for index in self._blocks(n, self.block_size(problem.x), problem.x.device):
                     if self.fresh_posterior:
