@@ -314,7 +314,7 @@ def test_fused_entropy_e_step_equals_autograd_of_the_full_data_entropy_objective
         fused_loss, fused_grad_mean, fused_grad_log_std = fused.loss_and_gradients(mean.detach(), log_std.detach())
         torch.testing.assert_close(fused_grad_mean, grad_mean, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(fused_grad_log_std, grad_log_std, rtol=1e-10, atol=1e-12)
-        expected.append(float(loss))
+        expected.append(float(loss.detach()))
         actual.append(float(fused_loss))
     assert actual[1] - actual[0] == pytest.approx(expected[1] - expected[0], rel=1e-10, abs=1e-10)  # equal up to a constant
 
