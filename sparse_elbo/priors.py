@@ -1,8 +1,8 @@
 """Factorised priors ``p(z) = Π_h p(z_h; λ_h)`` with the closed forms the objectives need.
 
 Each prior gives, for a Gaussian ``q``: the per-latent sufficient statistic ``t_nh`` whose data
-mean is the optimal scale (``λ_h* = (1/N) Σ_n t_nh``) and how it changes when ``z_h`` is rescaled,
-``E_q[log p(z)]`` at a scale, the prior's entropy at a scale, and ``log p(z)`` for Monte Carlo.
+mean is the optimal scale (``λ_h* = (1/N) Σ_n t_nh``), ``E_q[log p(z)]`` at a scale, the prior's
+entropy at a scale, and ``log p(z)`` for Monte Carlo.
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ class LaplacePrior:
 
     def expected_log_prob(self, mean: torch.Tensor, variance: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return closed_forms.expected_log_laplace_prior(self.statistic(mean, variance), scale)
-
-    @staticmethod
-    def rescaled_statistic(statistic: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The statistic after ``z_h → c_h z_h`` (c_h > 0): ``E|c z| = c E|z|``."""
-        return statistic * scale
 
     def entropy(self, scale: torch.Tensor) -> torch.Tensor:
         return closed_forms.laplace_entropy(scale)
@@ -55,11 +50,6 @@ class GaussianPrior:
 
     def expected_log_prob(self, mean: torch.Tensor, variance: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return closed_forms.expected_log_gaussian_prior(mean, variance, scale)
-
-    @staticmethod
-    def rescaled_statistic(statistic: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The statistic after ``z_h → c_h z_h``: ``E(c z)² = c² E z²``."""
-        return statistic * scale**2
 
     def entropy(self, scale: torch.Tensor) -> torch.Tensor:
         return 0.5 * (math.log(2.0 * math.pi * math.e) + torch.log(scale)).sum(-1)

@@ -13,7 +13,6 @@ from sparse_elbo.data import make_bars
 from sparse_elbo.evaluation import evaluate_problem, full_data_statistics
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
-from sparse_elbo.priors import GaussianPrior, LaplacePrior
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.em import EMTrainer
@@ -92,7 +91,7 @@ def test_closed_form_m_step_is_the_maximiser_of_the_expected_log_likelihood():
             assert float(AnalyticELBO()(x, problem.posterior(), free).elbo) < float(value.elbo)
 
 
-@pytest.mark.parametrize("variant", [{}, {"incremental": True}, {"e_step_objective": "entropy"}])
+@pytest.mark.parametrize("variant", [{}, {"e_step_objective": "entropy"}])
 @pytest.mark.parametrize("family", ["diag", "full"])
 def test_em_never_decreases_the_elbo_without_annealing(family, variant):
     problem = small_problem(family, n_data=80, seed=2)
@@ -102,53 +101,6 @@ def test_em_never_decreases_the_elbo_without_annealing(family, variant):
     values = np.array([float(v.elbo) for v in elbos])
     assert np.all(np.diff(values) >= -1e-9), np.diff(values)
     assert values[-1] > values[0] + 0.1
-
-
-@pytest.mark.parametrize("family", ["diag", "full"])
-def test_incremental_em_leaves_exact_full_data_sigma2_lambda_and_a_closed_form_fixed_point(family):
-    """After an incremental pass the running totals must equal statistics recomputed from scratch:
-    σ², λ are the exact full-data σ²*, λ* of the current W and q, and W is the closed-form maximiser
-    for the current q (another M-step changes nothing and every column already has norm 1)."""
-    problem = small_problem(family, n_data=70, seed=5)
-    trainer = EMTrainer(e_step_iterations=15, e_step_block_size=20, incremental=True)
-    trainer.initialise_means(problem)
-    for _ in range(2):
-        trainer.incremental_em_iteration(problem, AnalyticELBO(), AnnealingWeights(), problem.x.pow(2).sum())
-    statistics, _ = full_data_statistics(problem, block_size=16)
-    torch.testing.assert_close(problem.model.sigma2.detach(), statistics.residual / problem.x.shape[1], rtol=1e-10, atol=0)
-    torch.testing.assert_close(problem.model.lam.detach(), statistics.prior_statistic, rtol=1e-10, atol=0)
-    W = problem.model.W.detach().clone()
-    norms = trainer.m_step_from(problem, trainer.data_statistics(problem))
-    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-10, atol=0)
-    torch.testing.assert_close(problem.model.W.detach(), W, rtol=0, atol=1e-10)
-
-
-def test_incremental_em_with_one_block_is_standard_em():
-    problems = [small_problem("full", n_data=40, seed=6) for _ in range(2)]
-    for problem, incremental in zip(problems, (False, True)):
-        EMTrainer(max_epochs=3, e_step_iterations=10, e_step_block_size=40, incremental=incremental).fit(
-            problem, lambda e, w, t, problem=problem: evaluate_problem(problem, w)
-        )
-    standard, incremental = problems
-    torch.testing.assert_close(incremental.model.W, standard.model.W, rtol=0, atol=1e-9)
-    torch.testing.assert_close(incremental.posterior.mean, standard.posterior.mean, rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("prior", [LaplacePrior(), GaussianPrior()])
-def test_rescaled_sufficient_statistics_equal_those_of_the_rescaled_posterior(prior):
-    problem = small_problem("full", n_data=30, seed=7)
-    problem.model.prior = prior
-    with torch.no_grad():
-        problem.posterior.mean.normal_()
-        problem.posterior.lower.normal_(std=0.2)
-    trainer = EMTrainer()
-    index = torch.arange(30)
-    scale = torch.rand(problem.model.n_latents, dtype=torch.float64) + 0.5
-    expected = trainer.block_statistics(problem, index).rescaled(scale, prior)
-    problem.posterior.rescale_latents(scale)
-    actual = trainer.block_statistics(problem, index)
-    for name in ("cross", "second_moment", "prior"):
-        torch.testing.assert_close(getattr(expected, name), getattr(actual, name), rtol=1e-12, atol=1e-12)
 
 
 def test_gauge_fix_of_the_m_step_leaves_the_elbo_unchanged():
@@ -221,7 +173,7 @@ def test_authors_reference_procedure_improves_the_elbo():
         ({"e_step_iterations": 0}, "trainer.e_step_iterations must be >= 1"),
         ({"m_step": "gradient"}, "trainer.m_step=gradient needs trainer.statistics=batch"),
         ({"m_step_lr": 0}, "trainer.m_step_lr must be > 0"),
-        ({"incremental": True, "statistics": "batch"}, "trainer.incremental=true needs trainer.statistics=full"),
+        ({"e_step_objective": "entropy", "statistics": "batch"}, "trainer.e_step_objective=entropy needs trainer.statistics=full"),
         ({"e_step_objective": "map"}, "trainer.e_step_objective must be one of ['analytic', 'entropy']"),
     ],
 )

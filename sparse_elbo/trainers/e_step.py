@@ -106,6 +106,14 @@ class DiagonalLaplaceEStep:
         return beta.likelihood * log_lik + beta.prior * log_prior + beta.entropy * entropy
 
 
+def diagonal_laplace_sums(x: torch.Tensor, model, mean: torch.Tensor, log_std: torch.Tensor):
+    """``Σ_n E||x_n - W z||²`` (scalar) and ``Σ_n E|z_n|`` (H,) in float64 for diagonal ``q`` — what
+    ``σ²*, λ*`` are made of — without forming the (N,D) residual."""
+    step = DiagonalLaplaceEntropyEStep(x, model, AnnealingWeights(), 0.0, 0.0, 1)
+    expected_abs, energy, *_ = step._terms(mean, log_std)
+    return step.x_energy + energy, expected_abs.sum(0, dtype=torch.float64)
+
+
 class DiagonalLaplaceEntropyEStep(DiagonalLaplaceEStep):
     """The E-step on the full-data entropy objective itself: ``-N L_H`` as a function of this block's
     ``q`` with every other data point's posterior fixed, so that ``σ²*, λ*`` follow the block's ``q``
