@@ -93,6 +93,12 @@ class DiagonalLaplaceEStep:
         )
         return (loss, *self._gradients(pieces, likelihood_scale, prior_scale))
 
+    @torch.no_grad()
+    def data_sums(self, mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Σ_n E||x_n - W z||²`` (scalar) and ``Σ_n E|z_n|`` (H,) in float64 — what ``σ²*, λ*`` are made
+        of — from ``b = Wᵀx``, without forming the (N,D) residual."""
+        expected_abs, energy, *_ = self._terms(mean, log_std)
+        return self.x.pow(2).sum(dtype=torch.float64) + energy, expected_abs.sum(0, dtype=torch.float64)
 
     @torch.no_grad()
     def constant(self) -> torch.Tensor:
@@ -104,14 +110,6 @@ class DiagonalLaplaceEStep:
         log_prior = (math.log(0.5) + torch.log(self.inverse_lambda)).sum()  # -Σ_h log(2λ_h)
         entropy = 0.5 * H * closed_forms.LOG_2PIE
         return beta.likelihood * log_lik + beta.prior * log_prior + beta.entropy * entropy
-
-
-def diagonal_laplace_sums(x: torch.Tensor, model, mean: torch.Tensor, log_std: torch.Tensor):
-    """``Σ_n E||x_n - W z||²`` (scalar) and ``Σ_n E|z_n|`` (H,) in float64 for diagonal ``q`` — what
-    ``σ²*, λ*`` are made of — without forming the (N,D) residual."""
-    step = DiagonalLaplaceEntropyEStep(x, model, AnnealingWeights(), 0.0, 0.0, 1)
-    expected_abs, energy, *_ = step._terms(mean, log_std)
-    return step.x_energy + energy, expected_abs.sum(0, dtype=torch.float64)
 
 
 class DiagonalLaplaceEntropyEStep(DiagonalLaplaceEStep):

@@ -43,10 +43,11 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.evaluation import data_blocks, full_data_statistics
 from sparse_elbo.objectives import AnalyticELBO, DataStatistics, EntropyELBO
 from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
-from sparse_elbo.trainers.e_step import DiagonalLaplaceEntropyEStep, DiagonalLaplaceEStep, diagonal_laplace_sums
+from sparse_elbo.trainers.e_step import DiagonalLaplaceEntropyEStep, DiagonalLaplaceEStep
 from sparse_elbo.validation import require_at_least, require_one_of
 
 M_STEPS = ("closed_form", "gradient")
@@ -133,9 +134,10 @@ class EMTrainer:
         self.e_step_objective = e_step_objective
 
     # ----------------------------------------------------------------------------------- E-step
-    def e_step(self, problem: Problem, index: torch.Tensor, objective, weights, others: "DataSums | None" = None) -> None:
+    def e_step(self, problem: Problem, index: torch.Tensor, objective, weights, others: "DataSums | None" = None) -> "DataSums | None":
         """Maximise ``objective`` summed over the data points ``index`` w.r.t. their posteriors — or, given
-        ``others`` (the sums of every other data point), the full-data ``L_H`` as a function of them."""
+        ``others`` (the sums of every other data point), the full-data ``L_H`` as a function of them, and
+        then return the block's own new sums."""
         x = problem.x[index]
         block = problem.posterior.block_parameters(index)
         optimizer = torch.optim.LBFGS(
@@ -160,13 +162,16 @@ class EMTrainer:
                 return loss
 
             optimizer.step(closure)
+            new_sums = None if others is None else DataSums(*fused.data_sums(block["mean"], block["log_std"]), others.count)
         else:
             # statistics=full: the sum over points, each point's problem independent of the block size;
             # statistics=batch: the batch mean, as the authors' closure (-elbo) — L-BFGS's first step
             # and its tolerances depend on this scale.
             scale = x.shape[0] if self.statistics == "full" else 1.0
             self._autograd_e_step(problem, x, block, optimizer, objective, weights, scale, others)
+            new_sums = None if others is None else self._data_sums(problem, index, block)
         problem.posterior.write_block(index, {k: v.detach() for k, v in block.items()})
+        return new_sums
 
     @staticmethod
     def _autograd_e_step(problem: Problem, x, block, optimizer, objective, weights, scale: float, others=None) -> None:
@@ -261,12 +266,15 @@ class EMTrainer:
         problem.model.set_noise_and_prior_scale(statistics.residual / problem.x.shape[1], statistics.prior_statistic)
 
     @torch.no_grad()
-    def _data_sums(self, problem: Problem, index: torch.Tensor) -> DataSums:
-        n = problem.x.shape[0]
+    def _data_sums(self, problem: Problem, index: torch.Tensor, block: dict | None = None) -> DataSums:
+        """The sums behind ``σ²*, λ*`` of the data points ``index`` (posterior parameters ``block``: the
+        stored ones when None)."""
+        x, n = problem.x[index], problem.x.shape[0]
         if self.fused_e_step and DiagonalLaplaceEStep.applies_to(problem.posterior, problem.model):
-            block = problem.posterior.block_parameters(index)
-            return DataSums(*diagonal_laplace_sums(problem.x[index], problem.model, block["mean"], block["log_std"]), n)
-        residual, prior_statistic = EntropyELBO().batch_statistics(problem.x[index], problem.q(index), problem.model)
+            block = block or problem.posterior.block_parameters(index)
+            return DataSums(*DiagonalLaplaceEStep(x, problem.model, AnnealingWeights()).data_sums(block["mean"], block["log_std"]), n)
+        q = problem.q(index) if block is None else problem.posterior.gaussian(block)
+        residual, prior_statistic = EntropyELBO().batch_statistics(x, q, problem.model)
         return DataSums(residual.sum(dtype=torch.float64), prior_statistic.sum(0, dtype=torch.float64), n)
 
     def entropy_e_step_pass(self, problem: Problem, weights) -> None:
@@ -281,8 +289,7 @@ class EMTrainer:
         for b, index in enumerate(blocks):
             if self.fresh_posterior:
                 problem.posterior.reset_block(index, self.fresh_std)
-            self.e_step(problem, index, None, weights, others=total - sums[b])
-            new = self._data_sums(problem, index)
+            new = self.e_step(problem, index, None, weights, others=total - sums[b])
             total, sums[b] = total - sums[b] + new, new
         dtype = problem.x.dtype
         problem.model.set_noise_and_prior_scale((total.residual / (n * problem.x.shape[1])).to(dtype), (total.prior / n).to(dtype))
@@ -294,13 +301,12 @@ class EMTrainer:
             for _ in range(self.em_iterations_per_epoch):
                 if self.e_step_objective == "entropy":
                     self.entropy_e_step_pass(problem, weights)
-                    self.closed_form_m_step(problem)
-                    continue
-                self._fix_noise_and_prior_scale(problem)
-                for index in self._blocks(n, self.block_size(problem.x), problem.x.device):
-                    if self.fresh_posterior:
-                        problem.posterior.reset_block(index, self.fresh_std)
-                    self.e_step(problem, index, objective, weights)
+                else:
+                    self._fix_noise_and_prior_scale(problem)
+                    for index in self._blocks(n, self.block_size(problem.x), problem.x.device):
+                        if self.fresh_posterior:
+                            problem.posterior.reset_block(index, self.fresh_std)
+                        self.e_step(problem, index, objective, weights)
                 self.closed_form_m_step(problem)
             return
         objective = EntropyELBO()
