@@ -24,7 +24,7 @@ GROUPS = {
     "posterior": ["diag", "full", "amortized"],
     "objective": ["sampled", "analytic", "entropy"],
     "annealing": ["none", "prior", "linear", "exponential"],
-    "trainer": ["lbfgs", "em", "em_reference", "adam"],
+    "trainer": ["lbfgs", "em", "em_reference", "em_patches", "em_patches_small", "adam"],
     "prior": ["laplace", "gaussian"],
 }
 SMALL = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.iterations_per_epoch=5", "evaluation.ground_truth=false"]
@@ -55,6 +55,15 @@ def test_every_option_composes_and_instantiates(group, option):
     if component is not None:
         node = cfg.model.prior if group == "prior" else cfg[group]  # the prior group's package is model.prior
         assert type(component).__name__ == node._target_.rsplit(".", 1)[1]
+
+
+@pytest.mark.parametrize("experiment", ["patches_em", "patches_em_small"])
+@pytest.mark.parametrize("trainer", ["em_reference", "em"])
+def test_a_trainer_chosen_with_an_experiment_replaces_the_experiments_trainer_settings_whole(experiment, trainer):
+    """``experiment=patches_em trainer=em_reference`` must run the authors' procedure as configured (100
+    E-step iterations per batch), not with the fast EM's settings merged in."""
+    with_experiment = compose_cfg([f"experiment={experiment}", f"trainer={trainer}"]).trainer
+    assert with_experiment == compose_cfg([f"trainer={trainer}"]).trainer
 
 
 def test_file_dataset_composes(tmp_path):
