@@ -18,6 +18,7 @@ class LaplacePrior:
     """``p(z_h) = exp(-|z_h|/λ_h) / (2λ_h)``; statistic ``E_q|z_h|``; entropy ``Σ_h log(2eλ_h)``."""
 
     name = "laplace"
+    statistic_degree = 1  # t(c z) = c^degree t(z)
 
     def statistic(self, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
         return closed_forms.expected_abs_given_variance(mean, variance)
@@ -44,6 +45,7 @@ class GaussianPrior:
     """
 
     name = "gaussian"
+    statistic_degree = 2  # t(c z) = c^degree t(z)
 
     def statistic(self, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
         return mean**2 + variance

@@ -91,7 +91,15 @@ def test_closed_form_m_step_is_the_maximiser_of_the_expected_log_likelihood():
             assert float(AnalyticELBO()(x, problem.posterior(), free).elbo) < float(value.elbo)
 
 
-@pytest.mark.parametrize("variant", [{}, {"e_step_objective": "entropy"}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"m_step_overrelaxation": 1.9},
+        {"e_step_objective": "entropy"},
+        {"e_step_objective": "entropy", "m_step_overrelaxation": 1.9},
+    ],
+)
 @pytest.mark.parametrize("family", ["diag", "full"])
 def test_em_never_decreases_the_elbo_without_annealing(family, variant):
     problem = small_problem(family, n_data=80, seed=2)
@@ -175,6 +183,8 @@ def test_authors_reference_procedure_improves_the_elbo():
         ({"m_step_lr": 0}, "trainer.m_step_lr must be > 0"),
         ({"e_step_objective": "entropy", "statistics": "batch"}, "trainer.e_step_objective=entropy needs trainer.statistics=full"),
         ({"e_step_objective": "map"}, "trainer.e_step_objective must be one of ['analytic', 'entropy']"),
+        ({"m_step_overrelaxation": 2.5}, "trainer.m_step_overrelaxation must be in (0, 2]"),
+        ({"m_step_overrelaxation": 0.0}, "trainer.m_step_overrelaxation must be in (0, 2]"),
     ],
 )
 def test_bad_em_settings_are_rejected(kwargs, message):
@@ -245,7 +255,7 @@ def test_fused_entropy_e_step_equals_autograd_of_the_full_data_entropy_objective
         problem.posterior.log_std.uniform_(-4.0, 0.5, generator=torch.Generator().manual_seed(2))
     block_index, other_index = torch.arange(15), torch.arange(15, 40)
     trainer = EMTrainer()
-    others = trainer._data_sums(problem, other_index)
+    others = trainer._block_statistics(problem, other_index)
 
     def autograd_loss(mean, log_std):
         full_mean = torch.cat([mean, problem.posterior.mean[other_index].detach()])
@@ -253,7 +263,7 @@ def test_fused_entropy_e_step_equals_autograd_of_the_full_data_entropy_objective
         q = problem.posterior.gaussian({"mean": full_mean, "log_std": full_log_std})
         return -40 * EntropyELBO()(problem.x, q, problem.model, weights).weighted
 
-    fused = DiagonalLaplaceEntropyEStep(problem.x[block_index], problem.model, weights, others.residual, others.prior, 40)
+    fused = DiagonalLaplaceEntropyEStep(problem.x[block_index], problem.model, weights, others.residual(problem.model.W.detach()), others.prior, 40)
     starts = []
     for seed in (3, 4):
         mean = problem.posterior.mean[block_index].detach().clone() + 0.3 * torch.randn(15, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -272,12 +282,12 @@ def test_fused_entropy_e_step_equals_autograd_of_the_full_data_entropy_objective
 
 
 @pytest.mark.parametrize("fused_e_step", [True, False])
-def test_entropy_e_step_pass_raises_the_full_data_elbo_and_ends_at_exact_sigma2_lambda(fused_e_step):
+def test_entropy_em_iteration_raises_the_full_data_elbo_and_ends_at_exact_sigma2_lambda(fused_e_step):
     problem = small_problem("diag", n_data=70, seed=8)
     trainer = EMTrainer(e_step_iterations=15, e_step_block_size=20, e_step_objective="entropy", fused_e_step=fused_e_step)
     trainer.initialise_means(problem)
     before = float(evaluate_problem(problem, AnnealingWeights()).elbo)
-    trainer.entropy_e_step_pass(problem, AnnealingWeights())
+    trainer.entropy_em_iterations(problem, AnnealingWeights())
     after = float(evaluate_problem(problem, AnnealingWeights()).elbo)
     assert after > before + 0.1
     statistics, _ = full_data_statistics(problem, block_size=16)
@@ -312,3 +322,70 @@ def test_fresh_posterior_has_zero_means_and_the_requested_std_and_leaves_other_p
     assert torch.equal(q.mean[keep], before[keep])
     problem.posterior.reset_block(index)  # default: the posterior's init_std (0.3 here)
     torch.testing.assert_close(problem.posterior().variance[index], torch.full_like(q.variance[index], 0.09))
+
+
+@pytest.mark.parametrize("family", ["diag", "full"])
+def test_sufficient_statistics_give_the_residual_for_any_dictionary_and_follow_a_rescaling(family):
+    """Oracle: Σ_n E||x_n - W z||² from (x_energy, cross, second_moment) against the direct per-point
+    residual for a dictionary the sums were not computed with; and the sums after z_h → c_h z_h against
+    those of the rescaled posteriors."""
+    problem = small_problem(family, n_data=30, seed=5)
+    with torch.no_grad():
+        problem.posterior.mean.normal_(generator=torch.Generator().manual_seed(1))
+    index = torch.arange(5, 25)
+    statistics = EMTrainer._block_statistics(problem, index)
+    other = SparseCodingModel(problem.x.shape[1], 6, generator=torch.Generator().manual_seed(9)).double()
+    residual, prior_statistic = EntropyELBO().batch_statistics(problem.x[index], problem.posterior(index), other)
+    torch.testing.assert_close(statistics.residual(other.W.detach()), residual.sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(statistics.prior, prior_statistic.sum(0), rtol=1e-12, atol=0)
+    scale = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)
+    problem.posterior.rescale_latents(scale)
+    expected = EMTrainer._block_statistics(problem, index)
+    actual = statistics.rescaled(scale, problem.model.prior.statistic_degree)
+    for name in ("x_energy", "cross", "second_moment", "prior"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["diag", "full"])
+def test_overrelaxed_m_step_moves_along_the_em_step_by_omega_and_never_raises_the_residual(family):
+    """For fixed q the residual R(W) = Σ_n E||x_n - W z||² is quadratic with its minimum at the plain
+    M-step's W*, so the over-relaxed W_ω = W + ω (W* - W) has R(W_ω) - R(W*) = (ω - 1)² (R(W) - R(W*)).
+    Residuals come from the per-point closed form (not from the trainer's sums), after each M-step's
+    gauge fix (which leaves them unchanged)."""
+    problem = small_problem(family, n_data=50, seed=7)
+    trainer = EMTrainer(e_step_iterations=30)
+    trainer._fix_noise_and_prior_scale(problem)
+    trainer.e_step(problem, torch.arange(50), AnalyticELBO(), AnnealingWeights())
+    state = {k: v.clone() for k, v in problem.model.state_dict().items()}, {k: v.clone() for k, v in problem.posterior.state_dict().items()}
+
+    def residual_after(omega):
+        problem.model.load_state_dict(state[0])
+        problem.posterior.load_state_dict(state[1])
+        if omega is not None:
+            trainer.m_step_overrelaxation = omega
+            trainer.closed_form_m_step(problem)
+        statistics, _ = full_data_statistics(problem, block_size=16)
+        return float(statistics.residual)
+
+    start, plain = residual_after(None), residual_after(1.0)
+    assert start > plain + 1e-3
+    for omega in (0.5, 1.5, 1.9, 2.0):
+        assert residual_after(omega) - plain == pytest.approx((omega - 1) ** 2 * (start - plain), rel=1e-9)
+    assert residual_after(1.9) < start
+
+
+@pytest.mark.parametrize("family", ["diag", "full"])
+def test_entropy_em_iteration_ends_at_the_closed_form_dictionary_of_its_final_posteriors(family):
+    """The M-step of an entropy EM iteration comes from the sums each block's E-step returned (rescaled
+    with the gauge fix): W is the closed-form maximiser for the final q of all points, in the unit-norm
+    gauge, so a closed-form M-step from scratch changes neither W nor the stored posteriors."""
+    problem = small_problem(family, n_data=60, seed=6)
+    trainer = EMTrainer(e_step_iterations=10, e_step_block_size=16, e_step_objective="entropy")
+    trainer.initialise_means(problem)
+    W_start = problem.model.W.detach().clone()
+    trainer.entropy_em_iterations(problem, AnnealingWeights(), n_iterations=2)
+    W, mean = problem.model.W.detach().clone(), problem.posterior().mean.detach().clone()
+    assert float((W - W_start).abs().max()) > 1e-2  # it did learn
+    trainer.closed_form_m_step(problem)
+    torch.testing.assert_close(problem.model.W.detach(), W, rtol=0, atol=1e-10)
+    torch.testing.assert_close(problem.posterior().mean.detach(), mean, rtol=0, atol=1e-10)

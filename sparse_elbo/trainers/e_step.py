@@ -94,13 +94,6 @@ class DiagonalLaplaceEStep:
         return (loss, *self._gradients(pieces, likelihood_scale, prior_scale))
 
     @torch.no_grad()
-    def data_sums(self, mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Σ_n E||x_n - W z||²`` (scalar) and ``Σ_n E|z_n|`` (H,) in float64 — what ``σ²*, λ*`` are made
-        of — from ``b = Wᵀx``, without forming the (N,D) residual."""
-        expected_abs, energy, *_ = self._terms(mean, log_std)
-        return self.x.pow(2).sum(dtype=torch.float64) + energy, expected_abs.sum(0, dtype=torch.float64)
-
-    @torch.no_grad()
     def constant(self) -> torch.Tensor:
         """``c_n`` (N,): the terms of ``F_n`` that do not depend on ``q_n``."""
         beta = self.weights
