@@ -72,14 +72,6 @@ class _PerDataPointPosterior(nn.Module):
                 value[index] = block[name].to(value.dtype)
 
     @torch.no_grad()
-    def rescale_latents(self, scale: torch.Tensor, index: torch.Tensor | None = None) -> None:
-        """``z_h → c_h z_h`` for the data points ``index`` (all when None): the gauge change that
-        accompanies ``W_h → W_h / c_h``; scale (H,) > 0."""
-        _check_positive(scale)
-        params = {name: (value if index is None else value[index]) for name, value in self.named_parameters()}
-        self.write_block(index, self.rescaled(params, scale.to(self.mean.dtype)))
-
-    @torch.no_grad()
     def reset_block(self, index: torch.Tensor, std: float | None = None) -> None:
         """Re-initialise the posteriors of data points ``index`` (a fresh q, as the authors' E-step):
         zero means and ``Σ = s² I`` with ``s = std`` (default: ``init_std``)."""
@@ -108,10 +100,12 @@ class DiagonalPosterior(_PerDataPointPosterior):
     def gaussian(self, params: dict[str, torch.Tensor]) -> DiagonalGaussian:
         return DiagonalGaussian(params["mean"], params["log_std"].exp(), params["log_std"])
 
-    @staticmethod
-    def rescaled(params: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def rescale_latents(self, scale: torch.Tensor) -> None:
         """``z_h → c_h z_h`` (the gauge change that accompanies ``W_h → W_h / c_h``); scale (H,) > 0."""
-        return {"mean": params["mean"] * scale, "log_std": params["log_std"] + torch.log(scale)}
+        _check_positive(scale)
+        self.mean.mul_(scale)
+        self.log_std.add_(torch.log(scale.abs()))
 
     @torch.no_grad()
     def set_std(self, std: torch.Tensor) -> None:
@@ -162,13 +156,13 @@ class FullCovariancePosterior(_PerDataPointPosterior):
     def gaussian(self, params: dict[str, torch.Tensor]) -> FullGaussian:
         return FullGaussian(params["mean"], self._scale_tril(params["lower"], params["log_diag"]), params["log_diag"])
 
-    def rescaled(self, params: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def rescale_latents(self, scale: torch.Tensor) -> None:
         """``z → diag(c) z``: row h of L scales by c_h; scale (H,) > 0."""
-        return {
-            "mean": params["mean"] * scale,
-            "lower": params["lower"] * scale[self.lower_rows],
-            "log_diag": params["log_diag"] + torch.log(scale),
-        }
+        _check_positive(scale)
+        self.mean.mul_(scale)
+        self.lower.mul_(scale[self.lower_rows])
+        self.log_diag.add_(torch.log(scale.abs()))
 
     @torch.no_grad()
     def set_scale_tril(self, scale_tril: torch.Tensor) -> None:

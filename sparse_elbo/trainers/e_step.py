@@ -118,10 +118,10 @@ class DiagonalLaplaceEntropyEStep(DiagonalLaplaceEStep):
     """
 
     def __init__(self, x: torch.Tensor, model, weights: AnnealingWeights, other_residual: torch.Tensor,
-                 other_prior: torch.Tensor, n_total: int):
+                 other_prior: torch.Tensor, n_total: int, x_energy: torch.Tensor | None = None):
         super().__init__(x, model, weights)
-        with torch.no_grad():
-            self.x_energy = x.pow(2).sum(dtype=torch.float64)  # Σ_n ||x_n||² of the block
+        with torch.no_grad():  # Σ_n ||x_n||² of the block (float64), unless the caller has it already
+            self.x_energy = x.pow(2).sum(dtype=torch.float64) if x_energy is None else x_energy
         self.other_residual, self.other_prior = other_residual, other_prior  # scalar, (H,)
         self.n_total = n_total
 
