@@ -154,6 +154,14 @@ def build(cfg: DictConfig):
             f"objective={objective.name} is not supported by trainer {type(trainer).__name__}; "
             f"allowed objectives: {list(trainer.supported_objectives)}"
         )
+    if cfg.evaluation.ground_truth and dataset.W_true is not None:
+        ground_truth_trainer = instantiate(cfg.evaluation.ground_truth_trainer)
+        if family not in ground_truth_trainer.supported_families:
+            raise ValueError(
+                f"posterior={family} is not supported by the ground-truth fit "
+                f"(evaluation.ground_truth_trainer: {type(ground_truth_trainer).__name__}, allowed posteriors: "
+                f"{list(ground_truth_trainer.supported_families)}); set evaluation.ground_truth=false"
+            )
     model_factory = instantiate(cfg.model)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     model = model_factory(n_observed=dataset.n_observed, n_latents=n_latents, generator=generator)
