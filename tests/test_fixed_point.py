@@ -8,9 +8,11 @@ package's ``EntropyELBO`` and autograd; and the L-BFGS posterior fit on the same
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.data import make_bars
@@ -20,6 +22,7 @@ from sparse_elbo.objectives import EntropyELBO
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.priors import GaussianPrior, LaplacePrior
 from sparse_elbo.problem import Problem
+from sparse_elbo.runner import build
 from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer
 from sparse_elbo.trainers.lbfgs import LBFGSTrainer
 
@@ -119,8 +122,9 @@ def test_fixed_point_trainer_rejects_bad_settings_and_hands_amortised_posteriors
     with pytest.raises(ValueError, match="fallback .* train_dictionary=false"):
         FixedPointPosteriorTrainer(fallback=LBFGSTrainer(train_dictionary=True))
     assert "amortized" not in FixedPointPosteriorTrainer().supported_families
-    from tests.test_runs import compose_cfg
-    from sparse_elbo.runner import build
+    def compose_cfg(overrides):
+        with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "configs")):
+            return compose("train", overrides=overrides)
 
     with pytest.raises(ValueError, match="evaluation.ground_truth=false"):
         build(compose_cfg(["posterior=amortized", "trainer=adam", "dataset.n_data=50", "~evaluation.ground_truth_trainer.fallback"]))
