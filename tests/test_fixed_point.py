@@ -7,6 +7,7 @@ package's ``EntropyELBO`` and autograd; and the L-BFGS posterior fit on the same
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -146,4 +147,4 @@ def test_an_amortised_ground_truth_fit_runs_on_the_fallback():
     factory = partial(AmortizedPosterior, covariance="diag")
     trainer = FixedPointPosteriorTrainer(fallback=RecordingLBFGS(max_epochs=2, iterations_per_epoch=5, train_dictionary=False))
     value = ground_truth_elbo(x, W, factory, LaplacePrior(), trainer, seed=0)
-    assert calls and value == value  # the fallback ran and returned a number, not NaN
+    assert calls and math.isfinite(value)  # the fallback ran and returned a finite ELBO

@@ -46,6 +46,7 @@ import time
 import torch
 
 from sparse_elbo import closed_forms
+from sparse_elbo.objectives import DataStatistics, EntropyELBO
 from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem
 from sparse_elbo.validation import require_at_least
 
@@ -80,15 +81,15 @@ class FixedPointPosteriorTrainer:
 
     def fit(self, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, state: dict | None = None) -> FitOutcome:
         posterior, model = problem.posterior, problem.model
-        if posterior.family not in self.fitted_families or getattr(posterior, "amortized", False):
-            if posterior.family not in self.supported_families:
+        if posterior.family not in self.fitted_families:  # e.g. "amortized"
+            if self.fallback is None:
                 raise ValueError(f"FixedPointPosteriorTrainer fits per-data-point posteriors {list(self.fitted_families)} "
                                  f"and has no fallback for {posterior.family!r}")
             return self.fallback.fit(problem, evaluate, checkpoint, state)
         start = time.perf_counter()
         with torch.no_grad():
             fit = _FixedPoint(problem.x, model.W.detach(), model.prior, full=posterior.family == "full")
-            value, iterations, converged = fit.run(self.max_iterations, self.tolerance, self.line_search_steps)
+            converged = fit.run(self.max_iterations, self.tolerance, self.line_search_steps)
             posterior.mean.copy_(fit.mean)
             if posterior.family == "full":
                 posterior.set_scale_tril(torch.linalg.cholesky(fit.covariance))
@@ -160,20 +161,21 @@ class _FixedPoint:
         self.curvature = torch.exp(0.5 * (torch.log(self.curvature) + torch.log(target)))
         self.covariance = covariance
 
-        D = self.x.shape[1]
         residual = (self.x_energy - 2.0 * (self.projection * self.mean).sum()
                     + ((self.mean @ self.gram) * self.mean).sum() + (covariance * self.gram).sum())  # Σ_n E||x_n - Wz||²
-        self.sigma2 = residual / (n * D)
-        self.lam = self.prior.statistic(self.mean, std**2).mean(0)
+        statistics = DataStatistics(residual / n, self.prior.statistic(self.mean, std**2).mean(0))
         posterior_entropy = closed_forms.gaussian_entropy_from_logdet(log_det, H).mean()
-        return posterior_entropy - self.prior.entropy(self.lam) - closed_forms.gaussian_noise_entropy(self.sigma2, D)
+        value = EntropyELBO.from_statistics(posterior_entropy, statistics, self.x.shape[1], self.prior)
+        self.sigma2, self.lam = value.sigma2, value.lam  # σ²*, λ*
+        return value.elbo
 
-    def run(self, max_iterations: int, tolerance: float, line_search_steps: int) -> tuple[float, int, bool]:
+    def run(self, max_iterations: int, tolerance: float, line_search_steps: int) -> bool:
+        """Iterate until ``L_H`` settles (True) or ``max_iterations`` is reached (False)."""
         tolerance = max(tolerance, 100.0 * torch.finfo(self.x.dtype).eps)
         previous = None
-        for iteration in range(1, max_iterations + 1):
+        for _ in range(max_iterations):
             value = float(self.step(line_search_steps))
             if previous is not None and abs(value - previous) <= tolerance * max(1.0, abs(value)):
-                return value, iteration, True
+                return True
             previous = value
-        return value, max_iterations, False
+        return False
