@@ -79,6 +79,16 @@ class SparseCodingModel(nn.Module):
             return self.W_raw / self.W_raw.norm(dim=0)
         return self.W_raw
 
+    @torch.no_grad()
+    def raw_gradient(self, grad_W: torch.Tensor) -> torch.Tensor:
+        """Pull a gradient with respect to ``W`` (D,H) back to ``W_raw`` (D,H). Under ``unit_norm``,
+        ``W_h = V_h / ||V_h||`` gives ``∂/∂V_h = (g_h - W_h (W_hᵀ g_h)) / ||V_h||``; under ``unit_lambda`` it is ``g``."""
+        if self.gauge == "unit_norm":
+            norms = self.W_raw.norm(dim=0)  # (H,)
+            W = self.W_raw / norms
+            return (grad_W - W * (W * grad_W).sum(0)) / norms
+        return grad_W.clone()
+
     @property
     def sigma2(self) -> torch.Tensor:
         return self.log_sigma2.exp()

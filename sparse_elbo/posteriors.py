@@ -7,6 +7,11 @@ data points on its own: ``block = posterior.block_parameters(index)`` gives deta
 ``posterior.gaussian(block)`` the Gaussians they define, ``posterior.write_block(index, block)``
 stores them back.
 
+``moments_with_pullback(gram)`` gives what the entropy ELBO needs from every q_n — marginal variances,
+``tr(G Σ_n)`` and entropies — together with their hand-written chain rule (the objective's closed-form
+gradient, ``objectives.EntropyELBO.value_and_gradient``), so that training does not pay for an autograd
+graph over the (N,H,H) covariance factors.
+
 Like the amortised posterior (``encoders.py``), every posterior answers ``q(x, index)`` — here ``x`` is
 not needed — and ``per_data_point(x)``: a fresh posterior of the same family for new data ``x``
 (held-out evaluation). Sizes are passed at the instantiate call; ``n_observed`` is accepted for
@@ -16,11 +21,17 @@ uniformity with the encoder and not used.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
+from sparse_elbo import closed_forms
 from sparse_elbo.gaussians import DiagonalGaussian, FullGaussian
+
+# pullback(grad_variance (N,H), grad_trace (N,) or a scalar for every point, grad_entropy scalar)
+#   -> ({parameter name: gradient} for every parameter except the mean, grad_gram (H,H))
+Pullback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
 def _check_sizes(n_data: int, n_latents: int, init_std: float) -> None:
@@ -108,6 +119,24 @@ class DiagonalPosterior(_PerDataPointPosterior):
         self.log_std.add_(torch.log(scale.abs()))
 
     @torch.no_grad()
+    def moments_with_pullback(self, gram: torch.Tensor):
+        """``s²`` (N,H), ``tr(G Σ_n) = Σ_h s_h² G_hh`` (N,), ``H[q_n]`` (N,) and their pullback:
+
+            ∂/∂log s_h = 2 s_h² (ḡ_var,h + ḡ_tr G_hh) + ḡ_ent,     ∂/∂G = diag(Σ_n ḡ_tr,n s_n²)
+        """
+        variance = torch.exp(2.0 * self.log_std)  # (N,H)
+        gram_diag = torch.diagonal(gram)  # (H,)
+        trace = variance @ gram_diag  # (N,)
+        entropy = closed_forms.gaussian_entropy_from_log_diag(self.log_std)  # (N,)
+
+        def pullback(grad_variance, grad_trace, grad_entropy):
+            per_point = grad_trace.reshape(-1, 1)  # (N,1) or (1,1)
+            grad_log_std = 2.0 * variance * (grad_variance + per_point * gram_diag) + grad_entropy
+            return {"log_std": grad_log_std}, torch.diag((per_point * variance).sum(0))
+
+        return variance, trace, entropy, pullback
+
+    @torch.no_grad()
     def set_std(self, std: torch.Tensor) -> None:
         self.log_std.copy_(torch.log(std))
 
@@ -135,6 +164,8 @@ class FullCovariancePosterior(_PerDataPointPosterior):
         # positions in the flattened (H*H) matrix of [packed strict-lower entries, diagonal entries]
         self.register_buffer("flat_index", torch.cat([rows * n_latents + cols, diag * n_latents + diag]), persistent=False)
         self.register_buffer("lower_rows", rows, persistent=False)
+        # the same values' positions in the flattened transpose U = Lᵀ (rows of U are columns of L)
+        self.register_buffer("flat_index_transposed", torch.cat([cols * n_latents + rows, diag * n_latents + diag]), persistent=False)
 
     def initial_value(self, name: str, n: int, std: float | None = None) -> torch.Tensor:
         if name == "mean":
@@ -149,6 +180,41 @@ class FullCovariancePosterior(_PerDataPointPosterior):
         values = torch.cat([lower, log_diag.exp()], dim=-1)  # (N,P+H)
         flat = values.new_zeros(values.shape[0], H * H).index_copy(1, self.flat_index, values)
         return flat.view(-1, H, H)
+
+    @torch.no_grad()
+    def moments_with_pullback(self, gram: torch.Tensor):
+        """Marginal variances, ``tr(G Σ_n)`` and entropies of every q_n, and their pullback.
+
+        With ``U_n = L_nᵀ`` (N,H,H), whose rows ``u_j`` are the columns of ``L_n``:
+
+            Σ_hh = Σ_j U_jh²,     tr(G Σ_n) = Σ_j u_jᵀ G u_j,     H[q_n] = (H/2) log(2πe) + Σ_h log L_hh
+            ∂/∂U_n = 2 (ḡ_tr,n U_n G + U_n diag(ḡ_var,n)),       ∂/∂G = Σ_n ḡ_tr,n Σ_n = Σ_rows ḡ_tr u uᵀ
+
+        then gathered back to the stored strict-lower entries and log-diagonal
+        (``∂/∂log L_hh = L_hh ∂/∂L_hh + ḡ_ent``). ``ḡ_tr`` is (N,) or one scalar for every point.
+        One (NH,H)x(H,H) product and a few elementwise passes: no batched small matrix products.
+        """
+        N, H = self.mean.shape
+        diag = self.log_diag.exp()  # (N,H)
+        values = torch.cat([self.lower, diag], dim=-1)  # (N,P+H)
+        U = values.new_zeros(N, H * H).index_copy_(1, self.flat_index_transposed, values).view(N, H, H)
+        UG = (U.view(N * H, H) @ gram).view(N, H, H)  # row j: u_jᵀ G
+        trace = (UG * U).sum((-2, -1))  # (N,)
+        variance = U.pow(2).sum(-2)  # (N,H)
+        entropy = closed_forms.gaussian_entropy_from_log_diag(self.log_diag)  # (N,)
+
+        def pullback(grad_variance, grad_trace, grad_entropy):
+            rows = U.view(N * H, H)
+            if grad_trace.dim() == 0:
+                grad_U = torch.addcmul(UG * (2.0 * grad_trace), U, 2.0 * grad_variance[:, None, :])  # (N,H,H)
+                grad_gram = grad_trace * (rows.T @ rows)  # (H,H)
+            else:
+                grad_U = torch.addcmul(UG * (2.0 * grad_trace)[:, None, None], U, 2.0 * grad_variance[:, None, :])
+                grad_gram = rows.T @ (rows * grad_trace.repeat_interleave(H)[:, None])
+            packed = torch.gather(grad_U.view(N, H * H), 1, self.flat_index_transposed.expand(N, -1))  # (N,P+H)
+            return {"lower": packed[:, : self.n_lower], "log_diag": packed[:, self.n_lower:] * diag + grad_entropy}, grad_gram
+
+        return variance, trace, entropy, pullback
 
     def scale_tril(self, index: torch.Tensor | None = None) -> torch.Tensor:
         return self(index).scale_tril

@@ -29,6 +29,22 @@ class Problem:
         posteriors' own parameters, or the encoder applied to ``x[index]``."""
         return self.posterior.q(self.x, index)
 
+    def loss_and_gradients(self, weights: AnnealingWeights, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The loss ``-N · F_β`` (the weighted objective summed over data points) at the current parameters;
+        sets ``.grad`` of every parameter it depends on. In closed form when the objective has one for this
+        posterior family (``EntropyELBO`` with per-data-point posteriors), otherwise by autograd."""
+        n_data = self.x.shape[0]
+        if getattr(self.objective, "has_closed_form_gradient", lambda posterior: False)(self.posterior):
+            value, gradients = self.objective.value_and_gradient(self.x, self.posterior, self.model, weights)
+            for parameter, gradient in gradients.items():
+                parameter.grad = -gradient
+            return -n_data * value.weighted
+        for parameter in [*self.posterior.parameters(), *self.model.parameters()]:
+            parameter.grad = None
+        loss = -n_data * self.objective(self.x, self.q(), self.model, weights, generator=generator).weighted
+        loss.backward()
+        return loss.detach()
+
     def trainable_parameters(self, train_dictionary: bool = True) -> list[torch.nn.Parameter]:
         """W (if trained), σ² and λ (if the objective learns them) and every posterior parameter."""
         params = list(self.posterior.parameters())

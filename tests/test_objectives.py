@@ -446,3 +446,78 @@ def test_entropy_elbo_on_minibatches_with_full_data_statistics(family):
     # the biased `batch` estimate differs from the exact full-data value
     batch_only = objective(x[batches[0]], posterior(batches[0]), model)
     assert abs(_num(batch_only.terms["likelihood_entropy"] - full.terms["likelihood_entropy"])) > 1e-6
+
+
+@pytest.mark.parametrize("weights", [AnnealingWeights(), AnnealingWeights(likelihood=0.7, prior=0.3, entropy=1.6)],
+                         ids=["unit", "annealed"])
+@pytest.mark.parametrize("prior", sorted(PRIORS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_entropy_elbo_closed_form_gradient_equals_autograd(family, prior, weights):
+    """The hand-written gradient of N·L_H,β (what the L-BFGS trainer uses) against autograd through the
+    independent closed forms of ``EntropyELBO.__call__``, for every per-data-point parameter and W_raw."""
+    N = 7
+    x, model, posterior = make_problem(family, prior, N=N, D=5, H=4, seed=61)
+    with torch.no_grad():
+        model.W_raw.mul_(torch.linspace(0.5, 2.0, 4, dtype=F64))  # non-unit raw columns: the gauge chain matters
+    objective = EntropyELBO()
+    assert objective.has_closed_form_gradient(posterior)
+    reference = objective(x, posterior(), model, weights)
+    (N * reference.weighted).backward()
+    value, gradients = objective.value_and_gradient(x, posterior, model, weights)
+    torch.testing.assert_close(value.weighted, reference.weighted.detach(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(value.elbo, reference.elbo.detach(), rtol=1e-13, atol=1e-13)
+    assert set(gradients) == {*posterior.parameters(), model.W_raw}
+    for parameter, gradient in gradients.items():
+        assert gradient.shape == parameter.shape
+        torch.testing.assert_close(gradient, parameter.grad, rtol=1e-10, atol=1e-11)
+
+
+def test_closed_form_gradient_check_is_sensitive_to_a_wrong_chain_rule(monkeypatch):
+    """The comparison above fails when the covariance pullback is off (here: its gram gradient halved)."""
+    x, model, posterior = make_problem("full", "laplace", N=6, D=5, H=4, seed=62)
+    objective = EntropyELBO()
+    (6 * objective(x, posterior(), model).weighted).backward()
+    moments = FullCovariancePosterior.moments_with_pullback
+
+    def halved_gram(self, gram):
+        variance, trace, entropy, pullback = moments(self, gram)
+        return variance, trace, entropy, lambda *g: (pullback(*g)[0], 0.5 * pullback(*g)[1])
+
+    monkeypatch.setattr(FullCovariancePosterior, "moments_with_pullback", halved_gram)
+    _, gradients = objective.value_and_gradient(x, posterior, model)
+    assert not torch.allclose(gradients[model.W_raw], model.W_raw.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(gradients[posterior.mean], posterior.mean.grad, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_problem_loss_and_gradients_closed_form_and_autograd_agree(family):
+    """``Problem.loss_and_gradients`` takes the closed form for the entropy ELBO and autograd for the analytic
+    ELBO (which also learns sigma^2 and lambda); both set the same gradients as a plain backward pass."""
+    from sparse_elbo.annealing import NoAnnealing
+    from sparse_elbo.problem import Problem
+
+    for objective in (EntropyELBO(), AnalyticELBO()):
+        x, model, posterior = make_problem(family, "laplace", N=6, D=5, H=4, seed=63)
+        problem = Problem(x=x, model=model, posterior=posterior, objective=objective, annealing=NoAnnealing())
+        loss = problem.loss_and_gradients(AnnealingWeights())
+        got = {name: p.grad.clone() for name, p in [*model.named_parameters(), *posterior.named_parameters()] if p.grad is not None}
+        for p in [*model.parameters(), *posterior.parameters()]:
+            p.grad = None
+        reference = -6 * objective(x, posterior(), model).weighted
+        reference.backward()
+        torch.testing.assert_close(loss, reference.detach(), rtol=1e-13, atol=1e-12)
+        for name, p in [*model.named_parameters(), *posterior.named_parameters()]:
+            if name in got:
+                torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-11)
+        assert {"W_raw", "mean"} <= set(got)
+        assert ("log_sigma2" in got) == objective.learns_noise_and_prior_scale
+
+
+@pytest.mark.parametrize("gauge", ["unit_norm", "unit_lambda"])
+def test_model_raw_gradient_is_the_chain_rule_of_the_gauge(gauge):
+    model = SparseCodingModel(5, 3, gauge=gauge, generator=_gen(64)).double()
+    with torch.no_grad():
+        model.W_raw.mul_(torch.tensor([0.3, 1.0, 2.5], dtype=F64))
+    grad_W = torch.randn(5, 3, dtype=F64, generator=_gen(65))
+    (reference,) = torch.autograd.grad(model.W, model.W_raw, grad_W)
+    torch.testing.assert_close(model.raw_gradient(grad_W), reference, rtol=1e-13, atol=1e-14)

@@ -1,7 +1,9 @@
 """Joint full-batch L-BFGS on the dictionary and every variational parameter (the authors' bars setting).
 
 Maximises ``N · F_β(W, Φ)`` (the annealing-weighted objective summed over data points, so that
-per-data-point gradients are O(1)) with ``torch.optim.LBFGS`` and a strong-Wolfe line search.
+per-data-point gradients are O(1)) with ``torch.optim.LBFGS`` and a strong-Wolfe line search. Gradients
+come from ``Problem.loss_and_gradients``: in closed form for the entropy ELBO with per-data-point
+posteriors, by autograd otherwise.
 One *epoch* is ``iterations_per_epoch`` L-BFGS iterations followed by an evaluation.
 
 Convergence (checked once the annealing schedule has reached weight 1):
@@ -57,10 +59,8 @@ class LBFGSTrainer:
     def fit(self, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, state: dict | None = None) -> FitOutcome:
         """Train; after each completed epoch ``checkpoint(epoch, trainer_state)`` (if given) receives
         everything needed to continue exactly: pass it back as ``state`` to resume."""
-        x, model, objective = problem.x, problem.model, problem.objective
         params = problem.trainable_parameters(self.train_dictionary)
-        n_data = x.shape[0]
-        generator = torch.Generator(device=x.device)
+        generator = torch.Generator(device=problem.x.device)
         state = state or {}
         stopwatch = Stopwatch(total=state.get("train_time", 0.0))
         previous, stalled_epochs = state.get("previous"), state.get("stalled_epochs", 0)
@@ -77,12 +77,8 @@ class LBFGSTrainer:
             noise_seed = problem.seed * 1_000_003 + epoch  # common random numbers within an epoch
 
             def closure():
-                optimizer.zero_grad(set_to_none=False)
                 generator.manual_seed(noise_seed)
-                value = objective(x, problem.q(), model, weights, generator=generator)
-                loss = -n_data * value.weighted
-                loss.backward()
-                return loss
+                return problem.loss_and_gradients(weights, generator)
 
             with stopwatch:
                 optimizer.step(closure)
