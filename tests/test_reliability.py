@@ -140,7 +140,7 @@ def _wait_for_epochs(path: Path, n: int, process, timeout: float = 240.0) -> Non
                 with h5py.File(path, "r") as f:
                     if "epoch" in f["metrics"] and f["metrics/epoch"].shape[0] >= n:
                         return
-            except OSError:  # caught between the writer's open and close
+            except (OSError, KeyError):  # caught between the writer's open and close (objects not yet on disk)
                 pass
         time.sleep(0.05)
     raise TimeoutError(f"{path} did not reach {n} epochs")
