@@ -152,7 +152,7 @@ class EntropyELBO:
             # -N H[p(λ*)] = Σ_n E_qn[log p(z; λ)] at λ = λ* (envelope theorem): Bonnet's and Price's theorems
             grad_mean = (-2.0 * alpha) * (error @ W_value) + weights.prior * model.prior.expected_gradient(mean, std, lam)
             grad_variance = (-0.5 * weights.prior) * model.prior.expected_curvature(mean, std, lam)  # (N,H)
-            grads, grad_gram = pullback(grad_variance, alpha, torch.as_tensor(weights.entropy, dtype=x.dtype))
+            grads, grad_gram = pullback(grad_variance, alpha, weights.entropy)
             grad_W = (-2.0 * alpha) * (error.T @ mean) + W_value @ (grad_gram + grad_gram.T)  # (D,H)
         named = dict(posterior.named_parameters())
         gradients = {named["mean"]: grad_mean, model.W_raw: model.raw_gradient(grad_W)}

@@ -29,9 +29,9 @@ from torch import nn
 from sparse_elbo import closed_forms
 from sparse_elbo.gaussians import DiagonalGaussian, FullGaussian
 
-# pullback(grad_variance (N,H), grad_trace (N,) or a scalar for every point, grad_entropy scalar)
+# pullback(grad_variance (N,H), grad_trace (N,) or a 0-dim tensor for every point, grad_entropy a float)
 #   -> ({parameter name: gradient} for every parameter except the mean, grad_gram (H,H))
-Pullback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
+Pullback = Callable[[torch.Tensor, torch.Tensor, float], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
 def _check_sizes(n_data: int, n_latents: int, init_std: float) -> None:
@@ -119,7 +119,7 @@ class DiagonalPosterior(_PerDataPointPosterior):
         self.log_std.add_(torch.log(scale.abs()))
 
     @torch.no_grad()
-    def moments_with_pullback(self, gram: torch.Tensor):
+    def moments_with_pullback(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pullback]:
         """``s²`` (N,H), ``tr(G Σ_n) = Σ_h s_h² G_hh`` (N,), ``H[q_n]`` (N,) and their pullback:
 
             ∂/∂log s_h = 2 s_h² (ḡ_var,h + ḡ_tr G_hh) + ḡ_ent,     ∂/∂G = diag(Σ_n ḡ_tr,n s_n²)
@@ -182,7 +182,7 @@ class FullCovariancePosterior(_PerDataPointPosterior):
         return flat.view(-1, H, H)
 
     @torch.no_grad()
-    def moments_with_pullback(self, gram: torch.Tensor):
+    def moments_with_pullback(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pullback]:
         """Marginal variances, ``tr(G Σ_n)`` and entropies of every q_n, and their pullback.
 
         With ``U_n = L_nᵀ`` (N,H,H), whose rows ``u_j`` are the columns of ``L_n``:
