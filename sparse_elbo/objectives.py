@@ -62,12 +62,18 @@ def _expectation_value(log_lik, log_prior, entropy, weights, sigma2, lam) -> Obj
     )
 
 
+def _autograd_only(posterior) -> bool:
+    """``has_closed_form_gradient`` of the objectives without one: trainers use autograd."""
+    return False
+
+
 class AnalyticELBO:
     name = "analytic"
     """Closed-form ELBO with σ² and λ as learned model parameters."""
 
     learns_noise_and_prior_scale = True
     requires_unit_norm = False
+    has_closed_form_gradient = staticmethod(_autograd_only)
 
     def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
         W = model.W  # (D,H)
@@ -84,6 +90,7 @@ class SampledELBO:
 
     learns_noise_and_prior_scale = True
     requires_unit_norm = False
+    has_closed_form_gradient = staticmethod(_autograd_only)
 
     def __init__(self, n_samples: int = 1):
         if int(n_samples) < 1:

@@ -29,8 +29,9 @@ from torch import nn
 from sparse_elbo import closed_forms
 from sparse_elbo.gaussians import DiagonalGaussian, FullGaussian
 
-# pullback(grad_variance (N,H), grad_trace (N,) or a 0-dim tensor for every point, grad_entropy a float)
+# pullback(grad_variance (N,H), grad_trace: a 0-dim tensor shared by every point, grad_entropy a float)
 #   -> ({parameter name: gradient} for every parameter except the mean, grad_gram (H,H))
+# (The entropy ELBO's weight on tr(G Σ_n), -c/(2σ²*), is the same for every data point.)
 Pullback = Callable[[torch.Tensor, torch.Tensor, float], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
@@ -122,7 +123,7 @@ class DiagonalPosterior(_PerDataPointPosterior):
     def moments_with_pullback(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pullback]:
         """``s²`` (N,H), ``tr(G Σ_n) = Σ_h s_h² G_hh`` (N,), ``H[q_n]`` (N,) and their pullback:
 
-            ∂/∂log s_h = 2 s_h² (ḡ_var,h + ḡ_tr G_hh) + ḡ_ent,     ∂/∂G = diag(Σ_n ḡ_tr,n s_n²)
+            ∂/∂log s_h = 2 s_h² (ḡ_var,h + ḡ_tr G_hh) + ḡ_ent,     ∂/∂G = ḡ_tr diag(Σ_n s_n²)
         """
         variance = torch.exp(2.0 * self.log_std)  # (N,H)
         gram_diag = torch.diagonal(gram)  # (H,)
@@ -130,9 +131,8 @@ class DiagonalPosterior(_PerDataPointPosterior):
         entropy = closed_forms.gaussian_entropy_from_log_diag(self.log_std)  # (N,)
 
         def pullback(grad_variance, grad_trace, grad_entropy):
-            per_point = grad_trace.reshape(-1, 1)  # (N,1) or (1,1)
-            grad_log_std = 2.0 * variance * (grad_variance + per_point * gram_diag) + grad_entropy
-            return {"log_std": grad_log_std}, torch.diag((per_point * variance).sum(0))
+            grad_log_std = 2.0 * variance * (grad_variance + grad_trace * gram_diag) + grad_entropy
+            return {"log_std": grad_log_std}, grad_trace * torch.diag(variance.sum(0))
 
         return variance, trace, entropy, pullback
 
@@ -188,10 +188,10 @@ class FullCovariancePosterior(_PerDataPointPosterior):
         With ``U_n = L_nᵀ`` (N,H,H), whose rows ``u_j`` are the columns of ``L_n``:
 
             Σ_hh = Σ_j U_jh²,     tr(G Σ_n) = Σ_j u_jᵀ G u_j,     H[q_n] = (H/2) log(2πe) + Σ_h log L_hh
-            ∂/∂U_n = 2 (ḡ_tr,n U_n G + U_n diag(ḡ_var,n)),       ∂/∂G = Σ_n ḡ_tr,n Σ_n = Σ_rows ḡ_tr u uᵀ
+            ∂/∂U_n = 2 (ḡ_tr U_n G + U_n diag(ḡ_var,n)),         ∂/∂G = ḡ_tr Σ_n Σ_n = ḡ_tr Σ_rows u uᵀ
 
         then gathered back to the stored strict-lower entries and log-diagonal
-        (``∂/∂log L_hh = L_hh ∂/∂L_hh + ḡ_ent``). ``ḡ_tr`` is (N,) or one scalar for every point.
+        (``∂/∂log L_hh = L_hh ∂/∂L_hh + ḡ_ent``).
         One (NH,H)x(H,H) product and a few elementwise passes: no batched small matrix products.
         """
         N, H = self.mean.shape
@@ -204,13 +204,9 @@ class FullCovariancePosterior(_PerDataPointPosterior):
         entropy = closed_forms.gaussian_entropy_from_log_diag(self.log_diag)  # (N,)
 
         def pullback(grad_variance, grad_trace, grad_entropy):
+            grad_U = torch.addcmul(UG * (2.0 * grad_trace), U, 2.0 * grad_variance[:, None, :])  # (N,H,H)
             rows = U.view(N * H, H)
-            if grad_trace.dim() == 0:
-                grad_U = torch.addcmul(UG * (2.0 * grad_trace), U, 2.0 * grad_variance[:, None, :])  # (N,H,H)
-                grad_gram = grad_trace * (rows.T @ rows)  # (H,H)
-            else:
-                grad_U = torch.addcmul(UG * (2.0 * grad_trace)[:, None, None], U, 2.0 * grad_variance[:, None, :])
-                grad_gram = rows.T @ (rows * grad_trace.repeat_interleave(H)[:, None])
+            grad_gram = grad_trace * (rows.T @ rows)  # (H,H)
             packed = torch.gather(grad_U.view(N, H * H), 1, self.flat_index_transposed.expand(N, -1))  # (N,P+H)
             return {"lower": packed[:, : self.n_lower], "log_diag": packed[:, self.n_lower:] * diag + grad_entropy}, grad_gram
 

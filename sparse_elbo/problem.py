@@ -34,7 +34,7 @@ class Problem:
         sets ``.grad`` of every parameter it depends on. In closed form when the objective has one for this
         posterior family (``EntropyELBO`` with per-data-point posteriors), otherwise by autograd."""
         n_data = self.x.shape[0]
-        if getattr(self.objective, "has_closed_form_gradient", lambda posterior: False)(self.posterior):
+        if self.objective.has_closed_form_gradient(self.posterior):
             value, gradients = self.objective.value_and_gradient(self.x, self.posterior, self.model, weights)
             for parameter, gradient in gradients.items():
                 parameter.grad = -gradient
