@@ -28,11 +28,11 @@ class LBFGSTrainer:
 
     def __init__(
         self,
-        max_epochs: int = 50,
+        max_epochs: int = 200,
         iterations_per_epoch: int = 50,
         history_size: int = 20,
         relative_tolerance: float = 1e-7,
-        gradient_tolerance: float = 1e-3,
+        gradient_tolerance: float = 1e-2,
         train_dictionary: bool = True,
     ):
         require_at_least("trainer", 1, max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch,
