@@ -1,8 +1,10 @@
 """Benchmark the default bars run (SPEC §7 bars, the authors' setting) over seeds.
 
-Prints, per seed, the training time (L-BFGS only: no interpreter start, no evaluation), the final
-ELBO, the ground-truth ELBO (W fixed to the generator's), min matched |cosine| and recovery; then
-the recovery rate and the time distribution.
+Prints, per seed, the training time to convergence (L-BFGS only: no interpreter start, no evaluation),
+the final ELBO, the ground-truth ELBO (W fixed to the generator's), min matched |cosine| and recovery,
+and the training time at the end of the first epoch that already met the targets (all bars recovered and
+ELBO >= ground truth - 0.05: what an oracle stop rule would have spent); then the recovery rate and the
+time distributions.
 
     python scripts/bench_bars.py --seeds 20 [overrides ...]
 """
@@ -18,9 +20,22 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ELBO_MARGIN = 0.05  # the issue's target: final ELBO >= ground-truth ELBO - 0.05 nats
+
+
+def first_on_target(results_path: Path, threshold: float) -> tuple[int, float] | None:
+    """(epoch, training time) at the end of the first epoch with every matched |cos| >= threshold and
+    ELBO >= ground-truth ELBO - ELBO_MARGIN, from the per-epoch metrics; None if no epoch met both."""
+    results = read_results(results_path)
+    metrics, target = results.metrics, results.final["ground_truth_elbo"] - ELBO_MARGIN
+    for epoch, cosine, elbo, wall in zip(metrics["epoch"], metrics["min_matched_cosine"], metrics["elbo"], metrics["wall_time"]):
+        if cosine >= threshold and elbo >= target:
+            return int(epoch), float(wall)
+    return None
 
 
 def main() -> None:
@@ -39,22 +54,31 @@ def main() -> None:
             summary = run(cfg, Path(tmp) / f"seed{seed}", progress=False)
             total = time.perf_counter() - start
             gap = summary.elbo - summary.ground_truth_elbo
-            rows.append((summary, gap))
+            on_target = first_on_target(summary.results_path, float(cfg.evaluation.recovery_threshold))
+            rows.append((summary, gap, on_target))
+            first = "never" if on_target is None else f"epoch {on_target[0] + 1:3d} at {on_target[1]:6.2f} s"
             print(
                 f"seed {seed:3d}  train {summary.train_time:6.2f} s  (run incl. eval {total:6.2f} s)  "
                 f"epochs {summary.epochs:3d} {summary.stop_reason:9s}  "
                 f"ELBO {summary.elbo:9.4f}  GT {summary.ground_truth_elbo:9.4f}  ELBO-GT {gap:+.4f}  "
-                f"min|cos| {summary.min_cosine:.4f}  {'recovered' if summary.recovered else 'NOT recovered'}",
+                f"min|cos| {summary.min_cosine:.4f}  {'recovered' if summary.recovered else 'NOT recovered'}  "
+                f"first on target: {first}",
                 flush=True,
             )
-    times = [s.train_time for s, _ in rows]
-    recovered = sum(bool(s.recovered) for s, _ in rows)
-    good = sum(bool(s.recovered) and gap >= -0.05 for s, gap in rows)
+    times = [s.train_time for s, _, _ in rows]
+    recovered = sum(bool(s.recovered) for s, _, _ in rows)
+    good = sum(bool(s.recovered) and gap >= -ELBO_MARGIN for s, gap, _ in rows)
+    on_target = [first[1] for _, _, first in rows if first is not None]
     print(
         f"\nrecovered all bars: {recovered}/{len(rows)} seeds; recovered and ELBO >= GT - 0.05: {good}/{len(rows)}\n"
         f"training time: median {statistics.median(times):.2f} s, mean {statistics.mean(times):.2f} s, "
         f"min {min(times):.2f} s, max {max(times):.2f} s"
     )
+    if on_target:
+        print(
+            f"training time until first on target ({len(on_target)}/{len(rows)} seeds): median {statistics.median(on_target):.2f} s, "
+            f"min {min(on_target):.2f} s, max {max(on_target):.2f} s"
+        )
 
 
 if __name__ == "__main__":
