@@ -7,6 +7,7 @@ import contextlib
 import io
 import platform
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from sparse_elbo.gradients import gradient_variance
 from sparse_elbo.likelihood import ModelAt, encoder_elbo, held_out_metrics
 from sparse_elbo.problem import Problem
 from sparse_elbo.results import ResultsWriter, read_checkpoint, read_results
+from sparse_elbo.validation import require_at_least
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -136,6 +138,8 @@ def _versions() -> str:
 def build(cfg: DictConfig):
     """Validate the config and build every component; nothing is trained here."""
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    require_at_least("results", 0, snapshot_every=cfg.results.snapshot_every, checkpoint_every=cfg.results.checkpoint_every,
+                     checkpoint_interval_s=_checkpoint_interval(cfg), max_posterior_numbers=cfg.results.max_posterior_numbers)
     torch.manual_seed(int(cfg.seed))
     dataset = instantiate(cfg.dataset)
     n_latents = resolve_n_latents(cfg, dataset)
@@ -180,6 +184,11 @@ def build(cfg: DictConfig):
         x_held_out=None if x_held_out is None else torch.as_tensor(x_held_out, dtype=dtype, device=device),
     )
     return dataset, problem, trainer, posterior_factory
+
+
+def _checkpoint_interval(cfg: DictConfig) -> float:
+    """``results.checkpoint_interval_s``; 0 (every epoch) for runs stored before the key existed."""
+    return float(cfg.results.get("checkpoint_interval_s", 0.0))
 
 
 def _posterior_fits(problem: Problem, limit: int) -> bool:
@@ -283,9 +292,14 @@ def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: R
         bar.set_postfix(elbo=f"{float(value.elbo):.4f}")
         return value
 
+    last_checkpoint = time.monotonic()  # (the run's start, for the first one)
+
     def checkpoint(epoch, trainer_state):
+        nonlocal last_checkpoint
         if cfg.results.checkpoint_every <= 0 or (epoch + 1) % cfg.results.checkpoint_every:
             return
+        if time.monotonic() - last_checkpoint < _checkpoint_interval(cfg):
+            return  # short epochs: the checkpoint (the L-BFGS memory: 21 MB on default bars) would cost more than they do
         buffer = io.BytesIO()
         torch.save(
             {
@@ -298,6 +312,7 @@ def _train(cfg, dataset, problem: Problem, trainer, posterior_factory, writer: R
         )
         with guard.writing():
             writer.write_checkpoint(epoch, buffer.getvalue())
+        last_checkpoint = time.monotonic()
 
     guard = SignalGuard()
     previous_handler = signal.signal(signal.SIGTERM, guard.handler) if _in_main_thread() else None

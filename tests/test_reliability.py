@@ -23,11 +23,12 @@ from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EVERY_EPOCH = "results.checkpoint_interval_s=0"  # a checkpoint after every epoch, however short
 LBFGS_SMALL = ["dataset.grid=3", "dataset.n_data=60", "trainer.iterations_per_epoch=10", "trainer.max_epochs=6",
-               "evaluation.ground_truth=false"]
+               "evaluation.ground_truth=false", EVERY_EPOCH]
 EM_SMALL = ["trainer=em", "dataset.grid=3", "dataset.n_data=60", "trainer.e_step_iterations=10",
             "trainer.em_iterations_per_epoch=2", "trainer.max_epochs=6", "annealing=prior", "annealing.start=3",
-            "annealing.step=1", "evaluation.ground_truth=false"]
+            "annealing.step=1", "evaluation.ground_truth=false", EVERY_EPOCH]
 
 
 def compose_cfg(overrides):
@@ -74,6 +75,28 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, overrides):
     np.testing.assert_allclose(res.final["W"], ref.final["W"], rtol=0, atol=1e-6)
     assert float(res.final["elbo"]) == pytest.approx(float(ref.final["elbo"]), abs=1e-6)
     assert res.snapshots["W"].shape == ref.snapshots["W"].shape
+
+
+def test_checkpoints_are_at_least_the_interval_apart(tmp_path, monkeypatch):
+    """With a clock that advances 1 s per reading (the run's start, then each checkpoint check and write),
+    an interval of 2.5 s checkpoints after epochs 2 and 5 of 6; an interval of 0 after every epoch."""
+    import types
+
+    import sparse_elbo.runner as runner
+    from sparse_elbo.results import ResultsWriter
+
+    written = []
+    original = ResultsWriter.write_checkpoint
+    monkeypatch.setattr(ResultsWriter, "write_checkpoint", lambda self, epoch, blob: (written.append(epoch), original(self, epoch, blob)))
+    no_interval = [o for o in LBFGS_SMALL if o != EVERY_EPOCH]
+    for interval, expected in ((2.5, [2, 5]), (0, [0, 1, 2, 3, 4, 5])):
+        ticks = iter(range(1000))
+        monkeypatch.setattr(runner, "time", types.SimpleNamespace(monotonic=lambda: float(next(ticks))))
+        written.clear()
+        cfg = compose_cfg([*no_interval, "trainer.relative_tolerance=0", f"results.checkpoint_interval_s={interval}"])
+        summary = run(cfg, tmp_path / f"interval{interval}", progress=False)
+        assert summary.epochs == 6
+        assert written == expected
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
@@ -147,7 +170,7 @@ def _wait_for_epochs(path: Path, n: int, process, timeout: float = 240.0) -> Non
 
 
 LONG_RUN = ["dataset.n_data=300", "trainer.iterations_per_epoch=5", "trainer.max_epochs=400",
-            "trainer.relative_tolerance=0", "evaluation.ground_truth=false"]
+            "trainer.relative_tolerance=0", "evaluation.ground_truth=false", EVERY_EPOCH]
 
 
 def _signal_a_long_run(tmp_path, after_epochs: int, signum: int):

@@ -201,6 +201,8 @@ def test_cli_runs_and_prints_a_summary(tmp_path):
         ("n_latents=0", "n_latents must be >= 1"),
         ("objective=sampled objective.n_samples=0", "objective.n_samples must be >= 1"),
         ("trainer.max_epochs=0", "trainer.max_epochs must be >= 1"),
+        ("results.checkpoint_interval_s=-1", "results.checkpoint_interval_s must be >= 0, got -1"),
+        ("results.snapshot_every=-2", "results.snapshot_every must be >= 0, got -2"),
         ("annealing=linear annealing.term=noise", "annealing.term must be one of"),
         ("model.gauge=unit_lambda", "needs model.gauge=unit_norm"),
         ("dataset.grdi=3", "grdi"),
