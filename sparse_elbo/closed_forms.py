@@ -28,19 +28,21 @@ class _FoldedNormalMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mean, std):
         ctx.save_for_backward(mean, std)
-        std = std.clamp_min(torch.finfo(std.dtype).tiny)
-        ratio = mean / std
-        density = math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * ratio**2)  # 2 φ(μ/s)
-        sign_mass = torch.erf(ratio / math.sqrt(2.0))  # P(z>0) - P(z<0)
-        return std * density + mean * sign_mass
+        density, sign_mass = folded_normal_parts(mean, std)
+        return std.clamp_min(torch.finfo(std.dtype).tiny) * density + mean * sign_mass
 
     @staticmethod
     def backward(ctx, grad_output):
-        mean, std = ctx.saved_tensors
-        ratio = mean / std.clamp_min(torch.finfo(std.dtype).tiny)
-        grad_mean = torch.erf(ratio / math.sqrt(2.0))
-        grad_std = math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * ratio**2)
+        grad_std, grad_mean = folded_normal_parts(*ctx.saved_tensors)
         return grad_output * grad_mean, grad_output * grad_std
+
+
+def folded_normal_parts(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``z ~ N(μ, s²)``: ``2φ(μ/s) = √(2/π) exp(-μ²/(2s²)) = ∂E|z|/∂s`` and
+    ``erf(μ/(√2 s)) = P(z>0) - P(z<0) = ∂E|z|/∂μ``, so that ``E|z| = s · first + μ · second``
+    (std clamped at the dtype's smallest normal number)."""
+    ratio = mean / std.clamp_min(torch.finfo(std.dtype).tiny)
+    return math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * ratio**2), torch.erf(ratio / math.sqrt(2.0))
 
 
 def folded_normal_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

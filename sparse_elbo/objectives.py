@@ -152,13 +152,13 @@ class EntropyELBO:
             variance, trace, entropy, pullback = posterior.moments_with_pullback(W_value.T @ W_value)
             error = x - mean @ W_value.T  # (N,D)
             residual = error.pow(2).sum(-1).add_(trace).mean()  # R = D σ²*
-            std = variance.sqrt()
-            lam = model.prior.statistic(mean, variance).mean(0)  # λ* (H,)
+            statistic, prior_gradient, prior_curvature = model.prior.statistic_and_derivatives(mean, variance.sqrt())  # (N,H) each
+            lam = statistic.mean(0)  # λ* (H,)
             value = self.from_statistics(entropy.mean(), DataStatistics(residual, lam), D, model.prior, weights)
             alpha = -weights.likelihood / (2.0 * value.sigma2)  # ∂(N L)/∂r_n, the same for every point
             # -N H[p(λ*)] = Σ_n E_qn[log p(z; λ)] at λ = λ* (envelope theorem): Bonnet's and Price's theorems
-            grad_mean = (-2.0 * alpha) * (error @ W_value) + weights.prior * model.prior.expected_gradient(mean, std, lam)
-            grad_variance = (-0.5 * weights.prior) * model.prior.expected_curvature(mean, std, lam)  # (N,H)
+            grad_mean = (-2.0 * alpha) * (error @ W_value) + (weights.prior / lam) * prior_gradient
+            grad_variance = (-0.5 * weights.prior / lam) * prior_curvature  # (N,H)
             grads, grad_gram = pullback(grad_variance, alpha, weights.entropy)
             grad_W = (-2.0 * alpha) * (error.T @ mean) + W_value @ (grad_gram + grad_gram.T)  # (D,H)
         named = dict(posterior.named_parameters())

@@ -2,10 +2,11 @@
 
 Each prior gives, for a Gaussian ``q``: the per-latent sufficient statistic ``t_nh`` whose data
 mean is the optimal scale (``λ_h* = (1/N) Σ_n t_nh``), ``E_q[log p(z)]`` at a scale, the prior's
-entropy at a scale, and ``log p(z)`` for Monte Carlo; and, for the fixed-point posterior fit
-(``trainers/fixed_point.py``), the expected gradient ``E_q[∂ log p/∂z_h]`` and the expected curvature
-``E_q[-∂² log p/∂z_h²]`` per latent. By Bonnet's and Price's theorems these are ``∂/∂μ_h`` and
-``-2 ∂/∂(s_h²)`` of ``E_q[log p(z)]``.
+entropy at a scale, and ``log p(z)`` for Monte Carlo; and, for the closed-form gradient of the entropy
+ELBO and the fixed-point posterior fit, ``statistic_and_derivatives(μ, s) = (t, g, c)``: the statistic
+together with the expected gradient ``E_q[∂ log p/∂z_h] = g_h / λ_h`` and the expected curvature
+``E_q[-∂² log p/∂z_h²] = c_h / λ_h`` (both priors' derivatives scale as 1/λ), computed from shared
+pieces. By Bonnet's and Price's theorems these are ``∂/∂μ_h`` and ``-2 ∂/∂(s_h²)`` of ``E_q[log p(z)]``.
 """
 
 from __future__ import annotations
@@ -32,13 +33,11 @@ class LaplacePrior:
     def entropy(self, scale: torch.Tensor) -> torch.Tensor:
         return closed_forms.laplace_entropy(scale)
 
-    def expected_gradient(self, mean: torch.Tensor, std: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``E_q[-sign(z_h)] / λ_h = -erf(μ_h / (√2 s_h)) / λ_h``  (N,H)"""
-        return -torch.erf(mean / (math.sqrt(2.0) * std)) / scale
-
-    def expected_curvature(self, mean: torch.Tensor, std: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``E_q[2 δ(z_h)] / λ_h = √(2/π) exp(-μ_h²/(2 s_h²)) / (s_h λ_h)``  (N,H)"""
-        return math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * (mean / std) ** 2) / (std * scale)
+    def statistic_and_derivatives(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``t = E|z_h|``, ``g = λ E_q[-sign(z_h)/λ] = -erf(μ_h / (√2 s_h))``,
+        ``c = λ E_q[2 δ(z_h)/λ] = √(2/π) exp(-μ_h²/(2 s_h²)) / s_h``: one exp and one erf  (N,H) each"""
+        density, sign_mass = closed_forms.folded_normal_parts(mean, std)
+        return std * density + mean * sign_mass, -sign_mass, density / std
 
     def log_prob(self, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``log p(z)`` summed over latents; z (...,H) -> (...)"""
@@ -67,13 +66,9 @@ class GaussianPrior:
     def entropy(self, scale: torch.Tensor) -> torch.Tensor:
         return 0.5 * (math.log(2.0 * math.pi * math.e) + torch.log(scale)).sum(-1)
 
-    def expected_gradient(self, mean: torch.Tensor, std: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``E_q[-z_h / λ_h] = -μ_h / λ_h``  (N,H)"""
-        return -mean / scale
-
-    def expected_curvature(self, mean: torch.Tensor, std: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``1 / λ_h``, whatever q  (N,H)"""
-        return (1.0 / scale).expand_as(mean)
+    def statistic_and_derivatives(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``t = μ_h² + s_h²``, ``g = λ E_q[-z_h/λ] = -μ_h``, ``c = λ · (1/λ) = 1`` whatever q  (N,H) each"""
+        return mean**2 + std**2, -mean, torch.ones_like(mean)
 
     def log_prob(self, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return -0.5 * (math.log(2.0 * math.pi) + torch.log(scale) + z**2 / scale).sum(-1)

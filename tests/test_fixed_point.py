@@ -33,7 +33,8 @@ POSTERIORS = {"full": FullCovariancePosterior, "diag": DiagonalPosterior}
 
 @pytest.mark.parametrize("prior", PRIORS)
 def test_expected_gradient_and_curvature_are_bonnet_and_price_derivatives(prior):
-    """E_q[∂ log p/∂z] = ∂E_q[log p]/∂μ and E_q[-∂² log p/∂z²] = -2 ∂E_q[log p]/∂(s²)."""
+    """E_q[∂ log p/∂z] = g/λ = ∂E_q[log p]/∂μ and E_q[-∂² log p/∂z²] = c/λ = -2 ∂E_q[log p]/∂(s²), with
+    (t, g, c) = statistic_and_derivatives(μ, s) and t the prior's statistic."""
     generator = torch.Generator().manual_seed(3)
     mean = (3.0 * torch.randn(50, 4, generator=generator, dtype=torch.float64)).requires_grad_(True)
     variance = (0.01 + 2.0 * torch.rand(50, 4, generator=generator, dtype=torch.float64)).requires_grad_(True)
@@ -41,8 +42,10 @@ def test_expected_gradient_and_curvature_are_bonnet_and_price_derivatives(prior)
     p = PRIORS[prior]()
     grad_mean, grad_variance = torch.autograd.grad(p.expected_log_prob(mean, variance, scale).sum(), (mean, variance))
     std = variance.detach().sqrt()
-    torch.testing.assert_close(p.expected_gradient(mean.detach(), std, scale), grad_mean, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(p.expected_curvature(mean.detach(), std, scale), -2.0 * grad_variance, rtol=1e-10, atol=1e-12)
+    statistic, gradient, curvature = p.statistic_and_derivatives(mean.detach(), std)
+    torch.testing.assert_close(gradient / scale, grad_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(curvature / scale, -2.0 * grad_variance, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(statistic, p.statistic(mean.detach(), variance.detach()), rtol=1e-12, atol=1e-14)
 
 
 def _problem(family: str, prior: str, exact_bars: bool, n_data: int = 300, seed: int = 0):

@@ -139,7 +139,8 @@ class _FixedPoint:
             log_det = torch.log(torch.diagonal(covariance, dim1=-2, dim2=-1)).sum(-1)
         std = torch.diagonal(covariance, dim1=-2, dim2=-1).sqrt()  # s (N,H)
 
-        gradient = (self.projection - self.mean @ self.gram) / self.sigma2 + self.prior.expected_gradient(self.mean, std, self.lam)
+        _, prior_gradient, _ = self.prior.statistic_and_derivatives(self.mean, std)
+        gradient = (self.projection - self.mean @ self.gram) / self.sigma2 + prior_gradient / self.lam
         direction = (inverse @ gradient.unsqueeze(-1)).squeeze(-1)  # Newton direction (N,H)
         before = self._prior_mean_objective(self.mean, std)
         slope = (gradient * direction).sum(-1)  # (N,)
@@ -157,13 +158,14 @@ class _FixedPoint:
         # halfway in log d (a full step lets some points cycle between two states), and never below
         # √eps of the likelihood's precision, so that Λ stays safely positive definite where W is singular
         floor = torch.finfo(std.dtype).eps ** 0.5 * torch.diagonal(self.gram).max() / self.sigma2
-        target = self.prior.expected_curvature(self.mean, std, self.lam).clamp_min(floor)
+        statistic, _, prior_curvature = self.prior.statistic_and_derivatives(self.mean, std)  # at the new μ
+        target = (prior_curvature / self.lam).clamp_min(floor)
         self.curvature = torch.exp(0.5 * (torch.log(self.curvature) + torch.log(target)))
         self.covariance = covariance
 
         residual = (self.x_energy - 2.0 * (self.projection * self.mean).sum()
                     + ((self.mean @ self.gram) * self.mean).sum() + (covariance * self.gram).sum())  # Σ_n E||x_n - Wz||²
-        statistics = DataStatistics(residual / n, self.prior.statistic(self.mean, std**2).mean(0))
+        statistics = DataStatistics(residual / n, statistic.mean(0))
         posterior_entropy = closed_forms.gaussian_entropy_from_logdet(log_det, H).mean()
         value = EntropyELBO.from_statistics(posterior_entropy, statistics, self.x.shape[1], self.prior)
         self.sigma2, self.lam = value.sigma2, value.lam  # σ²*, λ*
