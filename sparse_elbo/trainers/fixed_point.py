@@ -128,9 +128,7 @@ class _FixedPoint:
         n, H = self.mean.shape
         precision = self.gram / self.sigma2 + torch.diag_embed(self.curvature)  # Λ (N,H,H)
         factor = torch.linalg.cholesky(precision)  # U (N,H,H), Λ = U Uᵀ
-        eye = torch.eye(H, dtype=precision.dtype, device=precision.device).expand(n, H, H)
-        inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)  # U⁻¹
-        inverse = inverse_factor.transpose(-1, -2) @ inverse_factor  # Λ⁻¹ (N,H,H)
+        inverse = torch.cholesky_inverse(factor)  # Λ⁻¹ (N,H,H)
         if self.full:
             covariance = inverse
             log_det = -2.0 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)  # log det Σ (N,)
