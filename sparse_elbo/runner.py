@@ -158,6 +158,11 @@ def build(cfg: DictConfig):
             f"objective={objective.name} is not supported by trainer {type(trainer).__name__}; "
             f"allowed objectives: {list(trainer.supported_objectives)}"
         )
+    if not getattr(trainer, "supports_annealing", True) and annealing.final_epoch() > 0:
+        raise ValueError(
+            f"annealing ({type(annealing).__name__}) is not supported by trainer {type(trainer).__name__}, "
+            "which maximises the unweighted objective; allowed: annealing=none (or trainer=lbfgs)"
+        )
     if cfg.evaluation.ground_truth and dataset.W_true is not None:
         ground_truth_trainer = instantiate(cfg.evaluation.ground_truth_trainer)
         if family not in ground_truth_trainer.supported_families:

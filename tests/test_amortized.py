@@ -226,8 +226,8 @@ def test_held_out_split_is_seeded_and_uses_the_data_sets_own_held_out_points():
     "overrides,message",
     [
         (["posterior=amortized", "trainer=em"], "posterior=amortized is not supported by trainer EMTrainer"),
-        (["posterior=amortized", "posterior.covariance=full"], "posterior.covariance must be one of ['diag', 'lowrank']"),
-        (["posterior=amortized", "posterior.rank=0"], "posterior.rank must be >= 1"),
+        (["posterior=amortized", "trainer=adam", "posterior.covariance=full"], "posterior.covariance must be one of ['diag', 'lowrank']"),
+        (["posterior=amortized", "trainer=adam", "posterior.rank=0"], "posterior.rank must be >= 1"),
         (["trainer=adam", "trainer.statistics=mini"], "trainer.statistics must be one of ['full', 'batch']"),
         (["trainer=adam", "trainer.learning_rate=0"], "trainer.learning_rate must be > 0"),
     ],

@@ -24,8 +24,10 @@ from sparse_elbo.runner import run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EVERY_EPOCH = "results.checkpoint_interval_s=0"  # a checkpoint after every epoch, however short
-LBFGS_SMALL = ["dataset.grid=3", "dataset.n_data=60", "trainer.iterations_per_epoch=10", "trainer.max_epochs=6",
+LBFGS_SMALL = ["trainer=lbfgs", "dataset.grid=3", "dataset.n_data=60", "trainer.iterations_per_epoch=10", "trainer.max_epochs=6",
                "evaluation.ground_truth=false", EVERY_EPOCH]
+PROFILE_SMALL = ["trainer=profile_lbfgs", "dataset.grid=3", "dataset.n_data=60", "trainer.iterations_per_epoch=3",
+                 "trainer.max_epochs=6", "trainer.relative_tolerance=0", "evaluation.ground_truth=false", EVERY_EPOCH]
 EM_SMALL = ["trainer=em", "dataset.grid=3", "dataset.n_data=60", "trainer.e_step_iterations=10",
             "trainer.em_iterations_per_epoch=2", "trainer.max_epochs=6", "annealing=prior", "annealing.start=3",
             "annealing.step=1", "evaluation.ground_truth=false", EVERY_EPOCH]
@@ -52,8 +54,8 @@ def _interrupt_after(monkeypatch, epoch_to_fail: int):
     monkeypatch.setattr(runner, "evaluate_problem", interrupting)
 
 
-@pytest.mark.parametrize("overrides", [LBFGS_SMALL, [*LBFGS_SMALL, "objective=sampled", "posterior=diag"], EM_SMALL],
-                         ids=["lbfgs-entropy-full", "lbfgs-sampled-diag", "em-annealed"])
+@pytest.mark.parametrize("overrides", [LBFGS_SMALL, [*LBFGS_SMALL, "objective=sampled", "posterior=diag"], EM_SMALL, PROFILE_SMALL],
+                         ids=["lbfgs-entropy-full", "lbfgs-sampled-diag", "em-annealed", "profile-lbfgs"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, overrides):
     reference = run(compose_cfg(overrides), tmp_path / "reference", progress=False)
     ref = read_results(reference.results_path)

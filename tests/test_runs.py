@@ -24,7 +24,7 @@ GROUPS = {
     "posterior": ["diag", "full", "amortized"],
     "objective": ["sampled", "analytic", "entropy"],
     "annealing": ["none", "prior", "linear", "exponential"],
-    "trainer": ["lbfgs", "em", "em_reference", "em_patches", "em_patches_small", "adam"],
+    "trainer": ["lbfgs", "profile_lbfgs", "em", "em_reference", "em_patches", "em_patches_small", "adam"],
     "prior": ["laplace", "gaussian"],
 }
 SMALL = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.iterations_per_epoch=5", "evaluation.ground_truth=false"]
@@ -45,7 +45,8 @@ def test_every_group_option_exists_as_a_file():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_instantiates(group, option):
-    small = {"em": SMALL_EM, "ad": SMALL_ADAM}.get(option[:2], SMALL) if group == "trainer" else SMALL
+    # other groups' options with joint L-BFGS, which takes every objective, posterior and schedule
+    small = {"em": SMALL_EM, "ad": SMALL_ADAM}.get(option[:2], SMALL) if group == "trainer" else ["trainer=lbfgs", *SMALL]
     cfg = compose_cfg([f"{group}={option}", *small])
     dataset, problem, trainer, _ = build(cfg)
     assert problem.x.shape == (40, 25)
@@ -81,7 +82,8 @@ def test_default_config_is_the_authors_bars_setting():
     assert cfg.dataset.sources == "laplace" and cfg.n_latents is None
     assert cfg.posterior._target_.endswith("FullCovariancePosterior")
     assert cfg.objective._target_.endswith("EntropyELBO")
-    assert cfg.trainer._target_.endswith("LBFGSTrainer")
+    assert cfg.trainer._target_.endswith("ProfileLBFGSTrainer")  # the authors' model and data; L-BFGS on the profile
+    assert cfg.trainer.initialisation._target_.endswith("SparseCodingDictionary")
     assert cfg.annealing._target_.endswith("NoAnnealing")
 
 
@@ -206,6 +208,12 @@ def test_cli_runs_and_prints_a_summary(tmp_path):
         ("annealing=linear annealing.term=noise", "annealing.term must be one of"),
         ("model.gauge=unit_lambda", "needs model.gauge=unit_norm"),
         ("dataset.grdi=3", "grdi"),
+        ("objective=analytic", "objective=analytic is not supported by trainer ProfileLBFGSTrainer; allowed objectives: ['entropy']"),
+        ("posterior=amortized", "posterior=amortized is not supported by trainer ProfileLBFGSTrainer"),
+        ("annealing=prior", "is not supported by trainer ProfileLBFGSTrainer, which maximises the unweighted objective"),
+        ("trainer/initialisation=banana", "Available options in 'trainer/initialisation'"),
+        ("trainer.initialisation.sparsity=0", "trainer.initialisation.sparsity must be > 0"),
+        ("trainer.inner_tolerance=-1", "trainer.inner_tolerance must be >= 0"),
         ("trainer=em objective=analytic", "objective=analytic is not supported by trainer EMTrainer; allowed objectives: ['entropy']"),
         ("trainer=em trainer.statistics=mini", "trainer.statistics must be one of ['full', 'batch']"),
         ("dataset=file", "Missing mandatory value: dataset.path"),

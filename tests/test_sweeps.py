@@ -25,7 +25,7 @@ from sparse_elbo.sweeps import group_runs, load_runs
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 PAPER = sorted(p.stem for p in (CONFIGS / "paper").glob("*.yaml"))
-TINY = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.iterations_per_epoch=5", "evaluation.ground_truth=false"]
+TINY = ["trainer=lbfgs", "dataset.n_data=40", "trainer.max_epochs=2", "trainer.iterations_per_epoch=5", "evaluation.ground_truth=false"]
 
 
 def _cli(args, cwd, timeout=600):

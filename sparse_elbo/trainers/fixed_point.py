@@ -51,6 +51,7 @@ from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem
 from sparse_elbo.validation import require_at_least
 
 _ARMIJO = 1e-4
+_RESOLVABLE = 16  # in rounding units of |F_n|: smaller Newton decrements are noise
 
 
 class FixedPointPosteriorTrainer:
@@ -103,13 +104,13 @@ class FixedPointPosteriorTrainer:
 
 class _FixedPoint:
     """The iteration's state for data ``x (N,D)`` at the dictionary ``W (D,H)``: mean (N,H), the
-    diagonal curvature d (N,H), σ² (), λ (H,), and after each iteration the covariance (N,H,H)."""
+    diagonal curvature d (N,H), σ² (), λ (H,), and after each iteration the covariance (N,H,H) and
+    ``value``, the ``L_H`` of that q."""
 
     def __init__(self, x: torch.Tensor, W: torch.Tensor, prior, full: bool):
         self.x, self.prior, self.full = x, prior, full
         n, D = x.shape
-        self.gram = W.T @ W  # G (H,H)
-        self.projection = x @ W  # b (N,H)
+        self.set_dictionary(W)
         self.x_energy = x.pow(2).sum()
         self.mean = x @ torch.linalg.pinv(W).T  # least-squares codes (N,H)
         residual = (x - self.mean @ W.T).pow(2).mean()
@@ -117,6 +118,17 @@ class _FixedPoint:
         self.lam = prior.statistic(self.mean, torch.zeros_like(self.mean)).mean(0).clamp_min(torch.finfo(x.dtype).tiny)
         self.curvature = (1.0 / self.lam**2).expand(n, -1).clone()  # d (N,H)
         self.covariance = None
+
+    def set_dictionary(self, W: torch.Tensor) -> None:
+        """Move to the dictionary ``W (D,H)``, keeping q, d, σ², λ as the warm start of the next iterations."""
+        self.gram = W.T @ W  # G (H,H)
+        self.projection = self.x @ W  # b (N,H)
+
+    def dictionary_gradient(self, W: torch.Tensor) -> torch.Tensor:
+        """``∂(N L_H)/∂W`` (D,H) at the current q (σ²*, λ* following it): only σ²* depends on W, and
+        ``N D σ²* = Σ_n ||x_n - Wμ_n||² + tr(WᵀW Σ_n)`` gives ``(XᵀM - W(MᵀM + Σ_n Σ_n)) / σ²*``."""
+        second_moment = self.mean.T @ self.mean + self.covariance.sum(0)  # Σ_n E[z zᵀ] (H,H)
+        return (self.x.T @ self.mean - W @ second_moment) / self.sigma2
 
     def _prior_mean_objective(self, mean, std):
         """``F_n`` in ``μ`` at fixed ``s`` (the terms that depend on μ)  ->  (N,)"""
@@ -127,8 +139,10 @@ class _FixedPoint:
         """One iteration; returns ``L_H`` of the new ``q`` (nats per data point)."""
         n, H = self.mean.shape
         precision = self.gram / self.sigma2 + torch.diag_embed(self.curvature)  # Λ (N,H,H)
-        factor = torch.linalg.cholesky(precision)  # U (N,H,H), Λ = U Uᵀ
-        inverse = torch.cholesky_inverse(factor)  # Λ⁻¹ (N,H,H)
+        factor = torch.linalg.cholesky(precision)  # U (N,H,H) lower, Λ = U Uᵀ
+        identity = torch.eye(H, dtype=factor.dtype, device=factor.device).expand_as(factor)
+        factor_inverse = torch.linalg.solve_triangular(factor, identity, upper=False)  # U⁻¹ (N,H,H)
+        inverse = factor_inverse.mT @ factor_inverse  # Λ⁻¹ = U⁻ᵀ U⁻¹ (N,H,H)
         if self.full:
             covariance = inverse
             log_det = -2.0 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)  # log det Σ (N,)
@@ -141,11 +155,13 @@ class _FixedPoint:
         gradient = (self.projection - self.mean @ self.gram) / self.sigma2 + prior_gradient / self.lam
         direction = (inverse @ gradient.unsqueeze(-1)).squeeze(-1)  # Newton direction (N,H)
         before = self._prior_mean_objective(self.mean, std)
-        slope = (gradient * direction).sum(-1)  # (N,)
-        step_size = torch.ones_like(before)
+        slope = (gradient * direction).sum(-1)  # gᵀΛ⁻¹g ≥ 0, twice the Newton step's predicted rise (N,)
+        # a point whose predicted rise is below the rounding of F_n cannot verify any step: it stays put
+        resolvable = slope > _RESOLVABLE * torch.finfo(slope.dtype).eps * before.abs().clamp_min(1.0)
+        step_size = resolvable.to(slope.dtype)
         for _ in range(line_search_steps):
             trial = self._prior_mean_objective(self.mean + step_size.unsqueeze(-1) * direction, std)
-            short = trial < before + _ARMIJO * step_size * slope
+            short = resolvable & (trial < before + _ARMIJO * step_size * slope)
             if not bool(short.any()):
                 break
             step_size = torch.where(short, 0.5 * step_size, step_size)
@@ -167,6 +183,7 @@ class _FixedPoint:
         posterior_entropy = closed_forms.gaussian_entropy_from_logdet(log_det, H).mean()
         value = EntropyELBO.from_statistics(posterior_entropy, statistics, self.x.shape[1], self.prior)
         self.sigma2, self.lam = value.sigma2, value.lam  # σ²*, λ*
+        self.value = value.elbo
         return value.elbo
 
     def run(self, max_iterations: int, tolerance: float, line_search_steps: int) -> bool:

@@ -6,12 +6,8 @@ come from ``Problem.loss_and_gradients``: in closed form for the entropy ELBO wi
 posteriors, by autograd otherwise.
 One *epoch* is ``iterations_per_epoch`` L-BFGS iterations followed by an evaluation.
 
-Convergence (checked once the annealing schedule has reached weight 1):
-the relative change of the objective over an epoch ``|ΔF| / max(1, |F|) < relative_tolerance``
-**and** the largest absolute gradient entry ``< gradient_tolerance``, or ``max_epochs`` reached.
-Requiring both avoids stopping on a flat stretch that is not a stationary point. An epoch without
-progress whose gradient is still large (the line search can no longer resolve a decrease, e.g. in
-float32) restarts L-BFGS with an empty memory; a second such epoch in a row stops the run as ``stalled``.
+Convergence (checked once the annealing schedule has reached weight 1): ``convergence.StopRule`` on
+the objective's change over an epoch and the largest gradient entry, or ``max_epochs`` reached.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
+from sparse_elbo.trainers.convergence import CONVERGED, NO_PROGRESS, StopRule
 from sparse_elbo.validation import require_at_least
 
 
@@ -37,12 +34,10 @@ class LBFGSTrainer:
     ):
         require_at_least("trainer", 1, max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch,
                          history_size=history_size)
-        require_at_least("trainer", 0, relative_tolerance=relative_tolerance, gradient_tolerance=gradient_tolerance)
+        self.stop_rule = StopRule(float(relative_tolerance), float(gradient_tolerance))
         self.max_epochs = int(max_epochs)
         self.iterations_per_epoch = int(iterations_per_epoch)
         self.history_size = int(history_size)
-        self.relative_tolerance = float(relative_tolerance)
-        self.gradient_tolerance = float(gradient_tolerance)
         self.train_dictionary = bool(train_dictionary)
 
     def _optimizer(self, params):
@@ -88,15 +83,14 @@ class LBFGSTrainer:
                 with stopwatch:
                     closure()
                     max_grad = max(float(p.grad.abs().max()) for p in params)
-                change = abs(current - previous) / max(1.0, abs(current))
-                if change < self.relative_tolerance:
-                    if max_grad < self.gradient_tolerance:
-                        outcome = FitOutcome(epoch + 1, True, "converged", stopwatch.total)
-                    else:
-                        stalled_epochs += 1
-                        if stalled_epochs >= 2:
-                            outcome = FitOutcome(epoch + 1, False, "stalled", stopwatch.total)
-                        optimizer = self._optimizer(params)
+                verdict = self.stop_rule.verdict(previous, current, max_grad)
+                if verdict == CONVERGED:
+                    outcome = FitOutcome(epoch + 1, True, "converged", stopwatch.total)
+                elif verdict == NO_PROGRESS:
+                    stalled_epochs += 1
+                    if stalled_epochs >= 2:
+                        outcome = FitOutcome(epoch + 1, False, "stalled", stopwatch.total)
+                    optimizer = self._optimizer(params)
                 else:
                     stalled_epochs = 0
             previous = current

@@ -1,0 +1,84 @@
+"""Starting dictionaries for a trainer (``trainer.initialisation``).
+
+``SparseCodingDictionary`` is MAP sparse coding with an L1 penalty (Olshausen & Field; the method of
+optimal directions of Engan et al. 1999 for the dictionary), used only to find where to start:
+
+    min_{W, S}  ½ Σ_n ||x_n - W s_n||² + α Σ_n ||s_n||₁,   ||W_h|| = 1,
+
+alternating ``code_iterations`` FISTA steps on every code (Beck & Teboulle 2009; step 1/L with L the
+largest eigenvalue of WᵀW, warm-started) with the least-squares dictionary
+``W = (Σ_n x_n s_nᵀ)(Σ_n s_n s_nᵀ)⁻¹`` and renormalised columns, for ``iterations`` rounds. An atom that
+no code uses any more is restarted at a random data point.
+
+The penalty is set relative to the data's scale: ``α = sparsity · sqrt(mean_n ||x_n||² / H)``, the size
+of one code entry if the data's energy were shared evenly by H unit-norm atoms.
+
+Why: on the default bars (rank 9 with 10 bars, Laplace sources, σ = 0.1) joint L-BFGS from a random
+dictionary needs 20-80 epochs (~1,000-4,000 iterations) before the bars appear, because only the prior's
+weak sparsity decides which 10 vectors of the 9-dimensional signal subspace they are. A strong L1 penalty
+makes that decision at once: with ``sparsity = 0.6`` and 100 rounds (~0.1 s on 2 CPU cores), the start is
+within min matched |cos| 0.92-0.99 of the bars on 20 of 20 seeds (README, *Benchmark*).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_elbo.validation import require_at_least
+
+
+class RandomDictionary:
+    """Keep the model's own start (random unit-norm columns, or ``model.init_dictionary``)."""
+
+    def __call__(self, x: torch.Tensor, W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return W
+
+
+class SparseCodingDictionary:
+    """MAP L1 sparse coding (FISTA codes, least-squares dictionary) from the model's start; see the module."""
+
+    def __init__(self, sparsity: float = 0.6, iterations: int = 100, code_iterations: int = 10):
+        require_at_least("trainer.initialisation", 1, iterations=iterations, code_iterations=code_iterations)
+        if not sparsity > 0:
+            raise ValueError(f"trainer.initialisation.sparsity must be > 0, got {sparsity}")
+        self.sparsity = float(sparsity)
+        self.iterations = int(iterations)
+        self.code_iterations = int(code_iterations)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x (N,D), W (D,H) the model's start  ->  W (D,H) with unit-norm columns"""
+        n, H = x.shape[0], W.shape[1]
+        penalty = self.sparsity * (x.pow(2).sum(-1).mean() / H).sqrt()  # α ()
+        W = W / W.norm(dim=0).clamp_min(torch.finfo(x.dtype).tiny)
+        codes = x.new_zeros(n, H)  # S (N,H)
+        for _ in range(self.iterations):
+            codes = self._codes(x, W, codes, penalty)
+            usage = codes.abs().sum(0)  # (H,)
+            second_moment = codes.T @ codes  # Σ_n s_n s_nᵀ (H,H)
+            ridge = 1e-10 * second_moment.diagonal().max().clamp_min(1.0)
+            W = torch.linalg.solve(second_moment + ridge * torch.eye(H, dtype=x.dtype, device=x.device), codes.T @ x).T
+            norms = W.norm(dim=0)  # (H,)
+            unused = (usage == 0) | (norms == 0)
+            if bool(unused.any()):  # restart dead atoms at random data points
+                picks = torch.randint(n, (int(unused.sum()),), generator=generator, device=generator.device).to(x.device)
+                W[:, unused] = x[picks].T
+                norms = W.norm(dim=0)
+                codes[:, unused] = 0.0
+            W = W / norms
+            codes = codes * norms  # the same product W S at the new column scale
+        return W
+
+    def _codes(self, x: torch.Tensor, W: torch.Tensor, codes: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        """FISTA on ½||x_n - W s_n||² + α||s_n||₁ for every n, warm-started at ``codes`` (N,H)."""
+        gram = W.T @ W  # (H,H)
+        lipschitz = torch.linalg.eigvalsh(gram)[-1]
+        projection = x @ W  # (N,H)
+        momentum_point, previous, t = codes, codes, 1.0
+        for _ in range(self.code_iterations):
+            z = momentum_point - (momentum_point @ gram - projection) / lipschitz
+            current = torch.sign(z) * (z.abs() - penalty / lipschitz).clamp_min(0.0)
+            t_next = 0.5 * (1.0 + (1.0 + 4.0 * t * t) ** 0.5)
+            momentum_point = current + ((t - 1.0) / t_next) * (current - previous)
+            previous, t = current, t_next
+        return previous
