@@ -25,7 +25,7 @@ from sparse_elbo.objectives import EntropyELBO
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.problem import Problem
 from sparse_elbo.runner import run
-from sparse_elbo.trainers.convergence import CONVERGED, NO_PROGRESS, PROGRESS, StopRule
+from sparse_elbo.trainers.convergence import CONVERGED, NO_PROGRESS, PROGRESS, EpochDecision, StopRule
 from sparse_elbo.trainers.fixed_point import _FixedPoint
 from sparse_elbo.trainers.profile import ProfileLBFGSTrainer
 
@@ -87,6 +87,11 @@ def test_stop_rule_verdicts():
     assert rule.verdict(-10.0, -10.0 + 1e-8, 0.1) == CONVERGED
     assert rule.verdict(-10.0, -10.0 + 1e-8, 5.0) == NO_PROGRESS  # flat but not stationary
     assert rule.verdict(-0.1, -0.1 + 5e-8, 0.1) == CONVERGED  # |F| < 1: absolute change
+    # applied: a no-progress epoch restarts L-BFGS, a second one in a row stops; progress resets the count
+    assert rule.decide(-10.0, -10.0 + 1e-8, 5.0, 0) == EpochDecision(None, 1, True)
+    assert rule.decide(-10.0, -10.0 + 1e-8, 5.0, 1) == EpochDecision("stalled", 2, True)
+    assert rule.decide(-10.0, -9.9, 5.0, 1) == EpochDecision(None, 0, False)
+    assert rule.decide(-10.0, -10.0 + 1e-8, 0.1, 1).stop_reason == "converged"
     with pytest.raises(ValueError, match="trainer.gradient_tolerance must be >= 0"):
         StopRule(1e-7, -1.0)
 

@@ -15,9 +15,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from sparse_elbo.validation import require_at_least
 
 PROGRESS, CONVERGED, NO_PROGRESS = "progress", "converged", "no_progress"
+
+
+def full_batch_lbfgs(params, iterations: int, history_size: int) -> torch.optim.LBFGS:
+    """One epoch of ``iterations`` L-BFGS iterations (strong Wolfe, unit first step); the stop rule,
+    not torch's tolerances, decides when to end."""
+    return torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, history_size=history_size,
+                             tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+
+@dataclass
+class EpochDecision:
+    stop_reason: str | None  # "converged", "stalled", or None to go on
+    stalled_epochs: int  # no-progress epochs in a row
+    restart: bool  # empty L-BFGS's memory before the next epoch
 
 
 @dataclass
@@ -32,3 +48,13 @@ class StopRule:
         if not abs(current - previous) / max(1.0, abs(current)) < self.relative_tolerance:
             return PROGRESS
         return CONVERGED if max_gradient < self.gradient_tolerance else NO_PROGRESS
+
+    def decide(self, previous: float, current: float, max_gradient: float, stalled_epochs: int) -> EpochDecision:
+        """The verdict applied: stop when converged or after a second no-progress epoch in a row, and
+        restart L-BFGS's memory after a no-progress epoch."""
+        verdict = self.verdict(previous, current, max_gradient)
+        if verdict == CONVERGED:
+            return EpochDecision("converged", stalled_epochs, False)
+        if verdict == NO_PROGRESS:
+            return EpochDecision("stalled" if stalled_epochs + 1 >= 2 else None, stalled_epochs + 1, True)
+        return EpochDecision(None, 0, False)

@@ -93,12 +93,7 @@ class FixedPointPosteriorTrainer:
         with torch.no_grad():
             fit = _FixedPoint(problem.x, model.W.detach(), model.prior, full=posterior.family == "full")
             converged = fit.run(self.max_iterations, self.tolerance, self.line_search_steps)
-            posterior.mean.copy_(fit.mean)
-            if posterior.family == "full":
-                posterior.set_scale_tril(torch.linalg.cholesky(fit.covariance))
-            else:
-                posterior.set_std(torch.diagonal(fit.covariance, dim1=-2, dim2=-1).sqrt())
-            model.set_noise_and_prior_scale(fit.sigma2, fit.lam)
+            fit.write_to(posterior, model)
         train_time = time.perf_counter() - start
         evaluate(0, problem.annealing(0), train_time)
         return FitOutcome(1, converged, "converged" if converged else "max_iterations", train_time)
@@ -125,6 +120,16 @@ class _FixedPoint:
         """Move to the dictionary ``W (D,H)``, keeping q, d, σ², λ as the warm start of the next iterations."""
         self.gram = W.T @ W  # G (H,H)
         self.projection = self.x @ W  # b (N,H)
+
+    @torch.no_grad()
+    def write_to(self, posterior, model) -> None:
+        """Store the current q in ``posterior`` (per data point, diag or full) and σ²*, λ* in ``model``."""
+        posterior.mean.copy_(self.mean)
+        if posterior.family == "full":
+            posterior.set_scale_tril(torch.linalg.cholesky(self.covariance))
+        else:
+            posterior.set_std(torch.diagonal(self.covariance, dim1=-2, dim2=-1).sqrt())
+        model.set_noise_and_prior_scale(self.sigma2, self.lam)
 
     def dictionary_gradient(self, W: torch.Tensor) -> torch.Tensor:
         """``∂(N L_H)/∂W`` (D,H) at the current q (σ²*, λ* following it): only σ²* depends on W, and

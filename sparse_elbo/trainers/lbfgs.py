@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
-from sparse_elbo.trainers.convergence import CONVERGED, NO_PROGRESS, StopRule
+from sparse_elbo.trainers.convergence import StopRule, full_batch_lbfgs
 from sparse_elbo.validation import require_at_least
 
 
@@ -41,15 +41,7 @@ class LBFGSTrainer:
         self.train_dictionary = bool(train_dictionary)
 
     def _optimizer(self, params):
-        return torch.optim.LBFGS(
-            params,
-            lr=1.0,
-            max_iter=self.iterations_per_epoch,
-            history_size=self.history_size,
-            tolerance_grad=0.0,
-            tolerance_change=0.0,
-            line_search_fn="strong_wolfe",
-        )
+        return full_batch_lbfgs(params, self.iterations_per_epoch, self.history_size)
 
     def fit(self, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, state: dict | None = None) -> FitOutcome:
         """Train; after each completed epoch ``checkpoint(epoch, trainer_state)`` (if given) receives
@@ -83,16 +75,12 @@ class LBFGSTrainer:
                 with stopwatch:
                     closure()
                     max_grad = max(float(p.grad.abs().max()) for p in params)
-                verdict = self.stop_rule.verdict(previous, current, max_grad)
-                if verdict == CONVERGED:
-                    outcome = FitOutcome(epoch + 1, True, "converged", stopwatch.total)
-                elif verdict == NO_PROGRESS:
-                    stalled_epochs += 1
-                    if stalled_epochs >= 2:
-                        outcome = FitOutcome(epoch + 1, False, "stalled", stopwatch.total)
+                decision = self.stop_rule.decide(previous, current, max_grad, stalled_epochs)
+                stalled_epochs = decision.stalled_epochs
+                if decision.restart:
                     optimizer = self._optimizer(params)
-                else:
-                    stalled_epochs = 0
+                if decision.stop_reason is not None:
+                    outcome = FitOutcome(epoch + 1, decision.stop_reason == "converged", decision.stop_reason, stopwatch.total)
             previous = current
             if checkpoint is not None:
                 checkpoint(epoch, {

@@ -36,7 +36,7 @@ import torch
 
 from sparse_elbo.initialisation import RandomDictionary
 from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
-from sparse_elbo.trainers.convergence import CONVERGED, NO_PROGRESS, StopRule
+from sparse_elbo.trainers.convergence import StopRule, full_batch_lbfgs
 from sparse_elbo.trainers.fixed_point import _FixedPoint
 from sparse_elbo.validation import require_at_least
 
@@ -73,15 +73,7 @@ class ProfileLBFGSTrainer:
         self.train_dictionary = True
 
     def _optimizer(self, params):
-        return torch.optim.LBFGS(
-            params,
-            lr=1.0,
-            max_iter=self.iterations_per_epoch,
-            history_size=self.history_size,
-            tolerance_grad=0.0,
-            tolerance_change=0.0,
-            line_search_fn="strong_wolfe",
-        )
+        return full_batch_lbfgs(params, self.iterations_per_epoch, self.history_size)
 
     def fit(self, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, state: dict | None = None) -> FitOutcome:
         """Train; after each completed epoch ``checkpoint(epoch, trainer_state)`` (if given) receives
@@ -117,19 +109,15 @@ class ProfileLBFGSTrainer:
                 optimizer.step(closure)
                 closure()  # q at the accepted W (the last evaluation may have been a rejected trial)
                 max_grad = float(model.W_raw.grad.abs().max())
-                self._write_posterior(problem, fit)
+                fit.write_to(posterior, model)
             current = float(evaluate(epoch, weights, stopwatch.total).elbo)
             if previous is not None:
-                verdict = self.stop_rule.verdict(previous, current, max_grad)
-                if verdict == CONVERGED:
-                    outcome = FitOutcome(epoch + 1, True, "converged", stopwatch.total)
-                elif verdict == NO_PROGRESS:
-                    stalled_epochs += 1
-                    if stalled_epochs >= 2:
-                        outcome = FitOutcome(epoch + 1, False, "stalled", stopwatch.total)
+                decision = self.stop_rule.decide(previous, current, max_grad, stalled_epochs)
+                stalled_epochs = decision.stalled_epochs
+                if decision.restart:
                     optimizer = self._optimizer(params)
-                else:
-                    stalled_epochs = 0
+                if decision.stop_reason is not None:
+                    outcome = FitOutcome(epoch + 1, decision.stop_reason == "converged", decision.stop_reason, stopwatch.total)
             previous = current
             if checkpoint is not None:
                 checkpoint(epoch, {
@@ -141,13 +129,3 @@ class ProfileLBFGSTrainer:
                 return outcome
         return state.get("outcome") or FitOutcome(self.max_epochs, False, "max_epochs", stopwatch.total)
 
-    @staticmethod
-    @torch.no_grad()
-    def _write_posterior(problem: Problem, fit: _FixedPoint) -> None:
-        posterior = problem.posterior
-        posterior.mean.copy_(fit.mean)
-        if posterior.family == "full":
-            posterior.set_scale_tril(torch.linalg.cholesky(fit.covariance))
-        else:
-            posterior.set_std(torch.diagonal(fit.covariance, dim1=-2, dim2=-1).sqrt())
-        problem.model.set_noise_and_prior_scale(fit.sigma2, fit.lam)
