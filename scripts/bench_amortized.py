@@ -21,15 +21,15 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
-from sparse_elbo.results import read_results
-from sparse_elbo.runner import build, run
+import sparse_elbo
+from sparse_elbo.runner import build
+from sparse_elbo.trainers.base import fit
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OBJECTIVES = {
     "sampled1": ["objective=sampled", "objective.n_samples=1"],
     "sampled10": ["objective=sampled", "objective.n_samples=10"],
@@ -38,15 +38,11 @@ OBJECTIVES = {
 }
 
 
-def compose_cfg(overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        return compose("train", overrides=list(overrides))
-
-
 def time_epochs(overrides: list[str], epochs: int) -> None:
-    cfg = compose_cfg([*overrides, f"trainer.max_epochs={epochs}"])
+    cfg = sparse_elbo.compose([*overrides, f"trainer.max_epochs={epochs}"])
     start = time.perf_counter()
-    _, problem, trainer, _ = build(cfg)
+    components = build(cfg)
+    problem, trainer = components.problem, components.trainer
     print(f"built in {time.perf_counter() - start:.1f} s: N={problem.x.shape[0]}, D={problem.x.shape[1]}, "
           f"H={problem.model.n_latents}, device={problem.x.device}, dtype={problem.x.dtype}, "
           f"encoder parameters={sum(p.numel() for p in problem.posterior.parameters())}")
@@ -55,8 +51,9 @@ def time_epochs(overrides: list[str], epochs: int) -> None:
     def evaluate(epoch, weights, train_time):
         times.append(train_time)
         print(f"epoch {epoch}: cumulative training time {train_time:.2f} s", flush=True)
+        return SimpleNamespace(elbo=float("nan"))  # no evaluation: time only
 
-    trainer.fit(problem, evaluate)
+    fit(trainer, problem, evaluate)
     per_epoch = np.diff([0.0, *times])
     print(f"training time per epoch: mean {per_epoch.mean():.2f} s over {len(per_epoch)} epochs "
           f"({problem.x.shape[0] / per_epoch.mean():.0f} data points / s)")
@@ -66,10 +63,10 @@ def compare_objectives(overrides: list[str], objectives: list[str], epochs: int)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in objectives:
-            cfg = compose_cfg([*overrides, *OBJECTIVES[name], f"trainer.max_epochs={epochs}",
-                               "evaluation.gradient_variance_repeats=10", "results.snapshot_every=0"])
-            summary = run(cfg, Path(tmp) / name, progress=False)
-            res = read_results(summary.results_path)
+            cfg = sparse_elbo.compose([*overrides, *OBJECTIVES[name], f"trainer.max_epochs={epochs}",
+                                       "evaluation.gradient_variance_repeats=10", "results.snapshot_every=0"])
+            summary = sparse_elbo.run(cfg, Path(tmp) / name, progress=False)
+            res = sparse_elbo.read_results(summary.results_path)
             rows.append((name, summary, res))
             m, f = res.metrics, res.final
             print(f"\n== objective {name}: {summary.epochs} epochs, {summary.train_time:.2f} s training "

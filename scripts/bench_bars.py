@@ -1,4 +1,4 @@
-"""Benchmark the default bars run (SPEC §7 bars, the authors' setting) over seeds.
+"""Benchmark the default bars run (the authors' setting: 5x5 bars, H=10, N=1000) over seeds.
 
 Prints, per seed, the training time to convergence (the trainer's own clock: for the default, the
 sparse-coding start, the posterior fits and L-BFGS on W; for trainer=lbfgs, L-BFGS; no interpreter start,
@@ -20,19 +20,16 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from sparse_elbo.results import read_results
-from sparse_elbo.runner import run
+import sparse_elbo
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ELBO_MARGIN = 0.05  # the issue's target: final ELBO >= ground-truth ELBO - 0.05 nats
 
 
 def first_on_target(results_path: Path, threshold: float) -> tuple[int, float] | None:
     """(epoch, training time) at the end of the first epoch with every matched |cos| >= threshold and
     ELBO >= ground-truth ELBO - ELBO_MARGIN, from the per-epoch metrics; None if no epoch met both."""
-    results = read_results(results_path)
+    results = sparse_elbo.read_results(results_path)
     metrics, target = results.metrics, results.final["ground_truth_elbo"] - ELBO_MARGIN
     for epoch, cosine, elbo, wall in zip(metrics["epoch"], metrics["min_matched_cosine"], metrics["elbo"], metrics["wall_time"]):
         if cosine >= threshold and elbo >= target:
@@ -50,10 +47,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-                cfg = compose("train", overrides=[*args.overrides, f"seed={seed}"])
+            cfg = sparse_elbo.compose([*args.overrides, f"seed={seed}"])
             start = time.perf_counter()
-            summary = run(cfg, Path(tmp) / f"seed{seed}", progress=False)
+            summary = sparse_elbo.run(cfg, Path(tmp) / f"seed{seed}", progress=False)
             total = time.perf_counter() - start
             gap = summary.elbo - summary.ground_truth_elbo
             on_target = first_on_target(summary.results_path, float(cfg.evaluation.recovery_threshold))
@@ -62,7 +58,7 @@ def main() -> None:
             print(
                 f"seed {seed:3d}  train {summary.train_time:6.2f} s  (run incl. eval {total:6.2f} s)  "
                 f"epochs {summary.epochs:3d} {summary.stop_reason:9s}  "
-                f"ELBO {summary.elbo:9.4f}  GT {summary.ground_truth_elbo:9.4f}  ELBO-GT {gap:+.4f}  "
+                f"ELBO {summary.elbo:.10f}  GT {summary.ground_truth_elbo:.10f}  ELBO-GT {gap:+.4f}  "
                 f"min|cos| {summary.min_cosine:.4f}  {'recovered' if summary.recovered else 'NOT recovered'}  "
                 f"first on target: {first}",
                 flush=True,

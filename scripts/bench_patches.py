@@ -1,5 +1,5 @@
 """Benchmark natural-image-patch learning: the fast EM (``experiment=patches_em`` or any overrides) and
-the authors' procedure (``trainer=em_reference``) on the same data, scaled to a subset.
+the authors' procedure (its sibling ``experiment=patches_em_authors``) on the same data, scaled to a subset.
 
 Prints time per epoch, total training time, peak memory (CUDA: max allocated; CPU: peak RSS of this
 process) and the final unweighted full-data ELBO of each.
@@ -19,12 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
-from sparse_elbo.results import read_results
-from sparse_elbo.runner import run
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+import sparse_elbo
 
 
 def peak_memory(device: str) -> str:
@@ -34,14 +30,13 @@ def peak_memory(device: str) -> str:
 
 
 def bench(name: str, overrides: list[str], out: Path) -> None:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose("train", overrides=overrides)
+    cfg = sparse_elbo.compose(overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    summary = run(cfg, out / name, overrides=overrides, progress=False)
+    summary = sparse_elbo.run(cfg, out / name, overrides=overrides, progress=False)
     wall = time.perf_counter() - start
-    results = read_results(summary.results_path)
+    results = sparse_elbo.read_results(summary.results_path)
     epoch_times = np.diff(np.concatenate([[0.0], results.metrics["wall_time"]]))
     print(f"\n== {name}: {' '.join(overrides)}")
     print(f"   data {cfg.dataset.n_patches} patches of {cfg.dataset.patch_size}x{cfg.dataset.patch_size}, H={cfg.n_latents}, device {results.attrs['device']}, dtype {cfg.dtype}")
@@ -55,6 +50,7 @@ def bench(name: str, overrides: list[str], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="patches_em")
+    parser.add_argument("--reference-experiment", default=None, help="the authors' procedure on the same data; default: EXPERIMENT_authors")
     parser.add_argument("--reference-fraction", type=float, default=1 / 40,
                         help="fraction of the patches the authors' procedure runs on (0 to skip)")
     parser.add_argument("--full-epochs", type=int, default=None,
@@ -68,11 +64,11 @@ def main() -> None:
         capped = [] if args.full_epochs is None else [f"trainer.max_epochs={args.full_epochs}"]
         bench("fast_em", [*base, *capped], out)
         if args.reference_fraction > 0:
-            with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-                n = compose("train", overrides=base).dataset.n_patches
+            n = sparse_elbo.compose(base).dataset.n_patches
             subset = max(512, int(n * args.reference_fraction))
-            for name, trainer in (("fast_em_subset", []), ("authors_reference_subset", ["trainer=em_reference"])):
-                bench(name, [*base, *trainer, f"dataset.n_patches={subset}"], out)
+            reference = args.reference_experiment or f"{args.experiment}_authors"
+            for name, experiment in (("fast_em_subset", args.experiment), ("authors_reference_subset", reference)):
+                bench(name, [f"experiment={experiment}", *args.overrides, f"dataset.n_patches={subset}"], out)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,33 @@
-"""sparse_elbo: probabilistic sparse coding learned with entropy-based ELBOs."""
+"""sparse_elbo: probabilistic sparse coding learned with entropy-based ELBOs.
 
-__version__ = "0.1.0"
+The path the command line takes, as functions::
+
+    import sparse_elbo
+    cfg = sparse_elbo.compose(["experiment=patches_em_small", "seed=1"])   # configs + overrides
+    summary = sparse_elbo.run(cfg, "outputs/my_run")                       # train, write results.h5
+    results = sparse_elbo.read_results(summary.results_path)               # every number back, as numpy
+
+``resume(path)`` continues an interrupted run from its checkpoint.
+"""
+
+from sparse_elbo.version import __version__
+
+__all__ = ["compose", "read_results", "resume", "run", "__version__"]
+
+
+def __getattr__(name: str):
+    # imported on first use, so that ``import sparse_elbo`` stays cheap and the layers below the API never
+    # import it
+    if name == "compose":
+        from sparse_elbo.config import compose
+
+        return compose
+    if name in ("run", "resume"):
+        from sparse_elbo import runner
+
+        return getattr(runner, name)
+    if name == "read_results":
+        from sparse_elbo.results import read_results
+
+        return read_results
+    raise AttributeError(f"module 'sparse_elbo' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Annealing: weights ``(β_lik, β_prior, β_q)`` on the three ELBO terms as a function of the epoch (SPEC §4).
+"""Annealing: weights ``(β_lik, β_prior, β_q)`` on the three ELBO terms as a function of the epoch (docs/design.md §8).
 
 ``β = 1`` for every term is the true objective. Weighted values are only ever optimised; results
 store the unweighted ELBO and the weights separately.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sparse_elbo.errors import ConfigError
 from sparse_elbo.validation import require_one_of
 
 TERMS = ("likelihood", "prior", "entropy")
@@ -51,9 +52,9 @@ class StepAnnealing:
     def __init__(self, term: str = "prior", start: float = 10.0, step: float = 2.0):
         _check_term(term)
         if start < 1:
-            raise ValueError(f"annealing.start must be >= 1, got {start}")
+            raise ConfigError(f"annealing.start must be >= 1, got {start}")
         if step <= 0:
-            raise ValueError(f"annealing.step must be > 0, got {step}")
+            raise ConfigError(f"annealing.step must be > 0, got {step}")
         self.term, self.start, self.step = term, float(start), float(step)
 
     def __call__(self, epoch: int) -> AnnealingWeights:
@@ -74,11 +75,11 @@ class ExponentialAnnealing:
     def __init__(self, term: str = "prior", start: float = 10.0, decay: float = 0.5, tolerance: float = 1e-3):
         _check_term(term)
         if start < 1:
-            raise ValueError(f"annealing.start must be >= 1, got {start}")
+            raise ConfigError(f"annealing.start must be >= 1, got {start}")
         if not 0 < decay < 1:
-            raise ValueError(f"annealing.decay must be in (0, 1), got {decay}")
+            raise ConfigError(f"annealing.decay must be in (0, 1), got {decay}")
         if not tolerance > 0:
-            raise ValueError(f"annealing.tolerance must be > 0, got {tolerance}")
+            raise ConfigError(f"annealing.tolerance must be > 0, got {tolerance}")
         self.term, self.start, self.decay, self.tolerance = term, float(start), float(decay), float(tolerance)
 
     def _excess(self, epoch: int) -> float:

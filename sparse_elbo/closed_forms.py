@@ -1,4 +1,4 @@
-"""Closed-form expectations of probabilistic sparse coding (SPEC §3).
+"""Every closed form of probabilistic sparse coding, written once (docs/design.md §2–§4).
 
 Model: ``p(z) = Π_h Laplace(z_h; 0, λ_h)``, ``p(x|z) = N(x; W z, σ² I_D)``;
 posterior ``q(z) = N(μ, Σ)``, ``Σ = L Lᵀ``, marginal stds ``s_h = sqrt(Σ_hh)``.
@@ -140,11 +140,111 @@ def gaussian_noise_entropy(sigma2: torch.Tensor, n_observed: int) -> torch.Tenso
     return 0.5 * n_observed * (LOG_2PIE + torch.log(sigma2))
 
 
-def optimal_lambda(expected_abs: torch.Tensor) -> torch.Tensor:
-    """Stationary point of the ELBO in λ: ``λ_h* = (1/N) Σ_n E_{q_n}|z_h|``;  (N,H) -> (H,)"""
-    return expected_abs.mean(0)
+def optimal_lambda(statistic_sum: torch.Tensor, n_data: int | torch.Tensor = 1) -> torch.Tensor:
+    """Stationary point of the ELBO in λ: ``λ_h* = (1/N) Σ_n t_nh`` (``t = E_q|z_h|`` for the Laplace prior).
+
+    statistic_sum (H,) = Σ_n t_n over N = n_data points (or their mean, with n_data = 1)  ->  (H,)
+    """
+    return statistic_sum / n_data
 
 
-def optimal_sigma2(residual: torch.Tensor, n_observed: int) -> torch.Tensor:
-    """Stationary point in σ²: ``σ²* = (1/(N D)) Σ_n (||x_n - W μ_n||² + tr(WᵀW Σ_n))``;  (N,) -> scalar"""
-    return residual.mean(0) / n_observed
+def optimal_sigma2(residual_sum: torch.Tensor, n_observed: int, n_data: int | torch.Tensor = 1) -> torch.Tensor:
+    """Stationary point in σ²: ``σ²* = (1/(N D)) Σ_n (||x_n - W μ_n||² + tr(WᵀW Σ_n))``.
+
+    residual_sum () = Σ_n E||x_n - W z||² over N = n_data points (or their mean, with n_data = 1)  ->  ()
+    """
+    return residual_sum / n_data / n_observed
+
+
+def expected_residual_from_sums(
+    x_energy: torch.Tensor, cross: torch.Tensor, second_moment: torch.Tensor, W: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_n E||x_n - W z||² = Σ_n ||x_n||² - 2 tr(Wᵀ C) + tr(WᵀW S)`` for any dictionary W, from the sums
+    ``C = Σ_n x_n μ_nᵀ`` and ``S = Σ_n (μ_n μ_nᵀ + Σ_n)``.
+
+    x_energy (), cross C (D,H), second_moment S (H,H), W (D,H)  ->  ()
+    """
+    return x_energy - 2.0 * (W * cross).sum() + ((W.T @ W) * second_moment).sum()
+
+
+def expected_residual_from_projections(
+    x_energy: torch.Tensor, projection: torch.Tensor, mean: torch.Tensor, gram: torch.Tensor, covariance: torch.Tensor
+) -> torch.Tensor:
+    """The same sum in terms of the projections ``b_n = Wᵀ x_n`` (no (D,H) product):
+    ``Σ_n E||x_n - W z||² = Σ_n ||x_n||² - 2 Σ_n b_nᵀ μ_n + Σ_n μ_nᵀ G μ_n + Σ_n tr(G Σ_n)``, ``G = WᵀW``.
+
+    x_energy (), projection b (N,H), mean μ (N,H), gram G (H,H), covariance Σ (N,H,H)  ->  ()
+    """
+    return x_energy - 2.0 * (projection * mean).sum() + ((mean @ gram) * mean).sum() + (covariance * gram).sum()
+
+
+def dictionary_gradient(cross: torch.Tensor, second_moment: torch.Tensor, W: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """``∂/∂W Σ_n E_qn[log p(x_n|z)] = (C - W S) / σ²`` with ``C = Σ_n x_n μ_nᵀ``, ``S = Σ_n (μ_n μ_nᵀ + Σ_n)``;
+    at ``σ² = σ²*`` also ``∂(N L_H)/∂W`` for fixed q (only σ²* depends on W). Zero at ``W* = C S⁻¹``.
+
+    cross C (D,H), second_moment S (H,H), W (D,H), sigma2 ()  ->  (D,H)
+    """
+    return (cross - W @ second_moment) / sigma2
+
+
+def optimal_dictionary(cross: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    """The M-step: for fixed q the expected log-likelihood is quadratic in W, maximised by
+    ``W* = C S⁻¹`` with ``C = Σ_n x_n μ_nᵀ``, ``S = Σ_n (μ_n μ_nᵀ + Σ_n)`` (symmetric).
+
+    cross C (D,H), second_moment S (H,H)  ->  (D,H)
+    """
+    return torch.linalg.solve(second_moment, cross.T).T
+
+
+def code_gradient(
+    code_residual: torch.Tensor,
+    sigma2: torch.Tensor,
+    prior_gradient: torch.Tensor,
+    lam: torch.Tensor,
+    likelihood_weight: float = 1.0,
+    prior_weight: float = 1.0,
+) -> torch.Tensor:
+    """``∂F_n/∂μ_n = β_lik Wᵀ(x_n - W μ_n) / σ² + β_prior E_q[∂ log p/∂z]`` of the (weighted) ELBO of one data
+    point, where the prior gives ``E_q[∂ log p/∂z_h] = g_h / λ_h`` (Bonnet's theorem; ``priors.py``).
+
+    code_residual (N,H) = Wᵀ(x - Wμ) = b - Gμ, sigma2 (), prior_gradient g (N,H), lam (H,)  ->  (N,H)
+    """
+    return (likelihood_weight * code_residual) / sigma2 + (prior_weight * prior_gradient) / lam
+
+
+def prior_variance_gradient(prior_curvature: torch.Tensor, lam: torch.Tensor, prior_weight: float = 1.0) -> torch.Tensor:
+    """The prior's part of ``∂F_n/∂(s_nh²)``: ``-(β_prior/2) E_q[-∂² log p/∂z_h²] = -(β_prior/2) c_h / λ_h``
+    (Price's theorem; the prior gives its expected curvature as ``c_h / λ_h``).
+
+    prior_curvature c (N,H), lam (H,)  ->  (N,H)
+    """
+    return (-0.5 * prior_weight / lam) * prior_curvature
+
+
+def variance_gradient(
+    gram_diagonal: torch.Tensor,
+    sigma2: torch.Tensor,
+    prior_curvature: torch.Tensor,
+    lam: torch.Tensor,
+    likelihood_weight: float = 1.0,
+    prior_weight: float = 1.0,
+) -> torch.Tensor:
+    """``∂F_n/∂(s_nh²) = -β_lik G_hh / (2σ²) - (β_prior/2) E_q[-∂² log p/∂z_h²]`` for a diagonal q (the
+    posterior entropy's term ``β_q / (2 s²)`` not included).
+
+    gram_diagonal (H,) = G_hh, sigma2 (), prior_curvature c (N,H), lam (H,)  ->  (N,H)
+    """
+    likelihood = (-0.5 * likelihood_weight) * gram_diagonal / sigma2  # (H,)
+    return likelihood + prior_variance_gradient(prior_curvature, lam, prior_weight)
+
+
+def entropy_elbo(
+    posterior_entropy: torch.Tensor,
+    prior_entropy: torch.Tensor,
+    likelihood_entropy: torch.Tensor,
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """The entropy ELBO ``L_H = mean_n H[q_n] - H[p(z; λ*)] - H[N(0, σ²* I_D)]`` (three entropies), or with
+    weights ``(β_q, β_prior, β_lik)`` on the three terms its annealed version.  ->  ()"""
+    entropy_weight, prior_weight, likelihood_weight = weights
+    return entropy_weight * posterior_entropy - prior_weight * prior_entropy - likelihood_weight * likelihood_entropy

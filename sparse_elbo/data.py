@@ -1,4 +1,4 @@
-"""Data sets (SPEC §7). Each builder returns a ``Dataset``: ``x (N,D)`` float64 numpy plus what is known
+"""Data sets (docs/design.md §9). Each builder returns a ``Dataset``: ``x (N,D)`` float64 numpy plus what is known
 about how it was made. Data are validated here, before any compute.
 """
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparse_elbo.errors import ConfigError, ConfigKeyError, MissingFileError
 from sparse_elbo.validation import require_one_of
 
 SOURCES = ("laplace", "bernoulli")
@@ -41,15 +42,15 @@ def validate_data(x: np.ndarray, origin: str) -> np.ndarray:
     """Check a data matrix: numeric, rank 2, non-empty, finite.  Returns float64 (N,D)."""
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
-        raise ValueError(f"{origin}: data must be a real numeric array, got dtype {x.dtype}")
+        raise ConfigError(f"{origin}: data must be a real numeric array, got dtype {x.dtype}")
     if x.ndim != 2:
-        raise ValueError(f"{origin}: data must have shape (N, D) (rank 2), got shape {x.shape}")
+        raise ConfigError(f"{origin}: data must have shape (N, D) (rank 2), got shape {x.shape}")
     if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{origin}: data is empty, shape {x.shape}")
+        raise ConfigError(f"{origin}: data is empty, shape {x.shape}")
     finite = np.isfinite(x)
     if not finite.all():
         rows = np.unique(np.nonzero(~finite)[0])
-        raise ValueError(
+        raise ConfigError(
             f"{origin}: data holds {int((~finite).sum())} NaN/Inf values (first bad rows: {rows[:5].tolist()})"
         )
     return x.astype(np.float64, copy=False)
@@ -74,14 +75,14 @@ def make_bars(
 ) -> Dataset:
     """``x_n = W_bars z_n + σ_gen ε_n`` with ``z_nh ~ Laplace(0,1)`` or ``Bernoulli(π)``, ``ε ~ N(0, I)``."""
     if int(grid) < 2:
-        raise ValueError(f"dataset.grid must be >= 2, got {grid}")
+        raise ConfigError(f"dataset.grid must be >= 2, got {grid}")
     if int(n_data) < 1:
-        raise ValueError(f"dataset.n_data must be >= 1, got {n_data}")
+        raise ConfigError(f"dataset.n_data must be >= 1, got {n_data}")
     require_one_of("dataset.sources", sources, SOURCES)
     if not noise > 0:
-        raise ValueError(f"dataset.noise must be > 0, got {noise}")
+        raise ConfigError(f"dataset.noise must be > 0, got {noise}")
     if not 0 < bernoulli_probability <= 1:
-        raise ValueError(f"dataset.bernoulli_probability must be in (0, 1], got {bernoulli_probability}")
+        raise ConfigError(f"dataset.bernoulli_probability must be in (0, 1], got {bernoulli_probability}")
     rng = np.random.default_rng(seed)
     W = bars_dictionary(int(grid))
     shape = (int(n_data), W.shape[1])
@@ -125,10 +126,10 @@ def _read_array(path: Path, key: str | None) -> np.ndarray:
 def _pick_name(names: list[str], key: str | None, path: Path) -> str:
     if key is not None:
         if key not in names:
-            raise KeyError(f"dataset.key={key!r} not found in {path}; available keys: {sorted(names)}")
+            raise ConfigKeyError(f"dataset.key={key!r} not found in {path}; available keys: {sorted(names)}")
         return key
     if len(names) != 1:
-        raise KeyError(f"{path} holds {len(names)} arrays {sorted(names)}: set dataset.key to one of them")
+        raise ConfigKeyError(f"{path} holds {len(names)} arrays {sorted(names)}: set dataset.key to one of them")
     return names[0]
 
 
@@ -139,20 +140,20 @@ def _pick(arrays: dict, key: str | None, path: Path) -> np.ndarray:
 def load_file(path: str, key: str | None = None, max_data: int | None = None) -> Dataset:
     """A user's ``(N, D)`` array from ``.npy``, ``.npz``, ``.h5``/``.hdf5`` (dataset name) or ``.mat`` (variable)."""
     if path is None or str(path) == "":
-        raise ValueError("dataset.path must name a data file (dataset=file)")
+        raise ConfigError("dataset.path must name a data file (dataset=file)")
     file = Path(str(path)).expanduser()
     if file.suffix.lower() not in FILE_SUFFIXES:
-        raise ValueError(f"dataset.path={str(path)!r}: unsupported file type {file.suffix!r}; allowed: {list(FILE_SUFFIXES)}")
+        raise ConfigError(f"dataset.path={str(path)!r}: unsupported file type {file.suffix!r}; allowed: {list(FILE_SUFFIXES)}")
     if not file.is_file():
-        raise FileNotFoundError(f"dataset.path={str(path)!r}: no such file")
+        raise MissingFileError(f"dataset.path={str(path)!r}: no such file")
     if file.stat().st_size == 0:
-        raise ValueError(f"dataset.path={str(path)!r}: the file is empty")
+        raise ConfigError(f"dataset.path={str(path)!r}: the file is empty")
     try:
         raw = _read_array(file, key)
     except KeyError:
         raise
     except Exception as error:  # corrupt or unreadable container
-        raise ValueError(f"dataset.path={str(path)!r}: could not read the file ({error})") from error
+        raise ConfigError(f"dataset.path={str(path)!r}: could not read the file ({error})") from error
     x = validate_data(raw, f"dataset.path={str(path)!r}")
     if max_data is not None:
         x = x[: int(max_data)]
@@ -168,11 +169,11 @@ def split_held_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[np
     neither, ``x_held_out`` is None.
     """
     if not 0 <= fraction < 1:
-        raise ValueError(f"evaluation.held_out_fraction must be in [0, 1), got {fraction}")
+        raise ConfigError(f"evaluation.held_out_fraction must be in [0, 1), got {fraction}")
     own = dataset.info.get("held_out")
     if own is not None:
         if fraction > 0:
-            raise ValueError(
+            raise ConfigError(
                 "evaluation.held_out_fraction > 0 but the data set already holds out its own points "
                 "(dataset.held_out): set one of them to 0"
             )
@@ -181,7 +182,7 @@ def split_held_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[np
     if n_held == 0:
         return dataset.x, None
     if n_held >= dataset.n_data:
-        raise ValueError(f"evaluation.held_out_fraction={fraction} leaves no training data (N={dataset.n_data})")
+        raise ConfigError(f"evaluation.held_out_fraction={fraction} leaves no training data (N={dataset.n_data})")
     held = np.zeros(dataset.n_data, dtype=bool)
     held[np.random.default_rng(seed).choice(dataset.n_data, size=n_held, replace=False)] = True
     return dataset.x[~held], dataset.x[held]

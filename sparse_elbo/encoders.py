@@ -1,4 +1,4 @@
-"""Amortised posteriors (SPEC §5): an encoder network ``x_n → q(z|x_n) = N(μ(x_n), Σ(x_n))``.
+"""Amortised posteriors (docs/design.md §5): an encoder network ``x_n → q(z|x_n) = N(μ(x_n), Σ(x_n))``.
 
 The default trunk is the authors' ResNet-style MLP:
 
@@ -10,7 +10,7 @@ with ``n_blocks`` residual blocks and activation ``a``. The covariance head is
 
 - ``diag``:    ``Σ = diag(s²)``                                  -> ``DiagonalGaussian``
 - ``lowrank``: ``Σ = V Vᵀ + diag(s²)``, ``V = Linear(Hid → H·R)`` -> ``LowRankGaussian`` (entropy by the
-  matrix determinant lemma and ``tr(WᵀWΣ) = ||WV||_F² + Σ_h s_h²||W_h||²``, no Cholesky; SPEC §3).
+  matrix determinant lemma and ``tr(WᵀWΣ) = ||WV||_F² + Σ_h s_h²||W_h||²``, no Cholesky; docs/design.md §2).
 
 The encoder takes the data, so trainers and evaluation ask ``posterior.q(x, index)`` (through
 ``Problem.q``); ``family = "amortized"`` lets a trainer refuse it where it needs per-data-point
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparse_elbo.errors import ConfigError
 from sparse_elbo.gaussians import DiagonalGaussian, LowRankGaussian
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.validation import require_at_least, require_one_of
@@ -96,6 +97,16 @@ class AmortizedPosterior(nn.Module):
     family = "amortized"
     amortized = True
 
+    @staticmethod
+    def parameter_count(n_latents: int, n_observed: int, covariance: str = "diag", rank: int = 2,
+                        hidden_width: int | None = None, block_width: int | None = None, n_blocks: int = 2,
+                        **settings) -> int:
+        """Numbers the encoder holds, known before it is built (its weights and biases)."""
+        hidden = 2 * n_observed if hidden_width is None else int(hidden_width)
+        block = 3 * n_observed if block_width is None else int(block_width)
+        heads = (2 + (int(rank) if covariance == "lowrank" else 0)) * (hidden + 1) * n_latents
+        return (n_observed + 1) * hidden + int(n_blocks) * (2 * hidden * block + hidden + block) + heads
+
     def __init__(
         self,
         n_observed: int,
@@ -118,7 +129,7 @@ class AmortizedPosterior(nn.Module):
                          n_observed=n_observed, n_latents=n_latents)
         require_at_least("posterior", 0, n_blocks=n_blocks, std_floor=std_floor)
         if not init_std > std_floor:
-            raise ValueError(f"posterior.init_std must be > posterior.std_floor={std_floor}, got {init_std}")
+            raise ConfigError(f"posterior.init_std must be > posterior.std_floor={std_floor}, got {init_std}")
         self.n_observed, self.n_latents = int(n_observed), int(n_latents)
         self.covariance, self.rank, self.std_floor = covariance, int(rank), float(std_floor)
         self.activation = activation if activation is not None else nn.ReLU()

@@ -1,5 +1,5 @@
-"""Full-data evaluation of a run: the exact unweighted ELBO, its terms, σ², λ, Gini, field matching,
-and the ground-truth ELBO (SPEC §8)."""
+"""Full-data evaluation of a run (docs/design.md §10): the exact unweighted ELBO, its terms, σ², λ, Gini,
+and the ground-truth ELBO."""
 
 from __future__ import annotations
 
@@ -7,20 +7,17 @@ import torch
 
 from sparse_elbo import metrics
 from sparse_elbo.annealing import NoAnnealing
+from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO, DataStatistics, EntropyELBO, ObjectiveValue
 from sparse_elbo.problem import Problem
+from sparse_elbo.trainers.base import Trainer, fit
 
 
 def exact_objective(objective):
     """The closed-form objective that reports a run's ELBO: ``L_H`` for the entropy objective
     (σ², λ at their optima), the analytic ELBO at the learned σ², λ otherwise (also for sampled runs)."""
     return AnalyticELBO() if objective.learns_noise_and_prior_scale else EntropyELBO()
-
-
-def data_blocks(n: int, size: int, device) -> list[torch.Tensor]:
-    """Consecutive index blocks covering ``0..n-1``."""
-    return [torch.arange(start, min(start + size, n), device=device) for start in range(0, n, size)]
 
 
 @torch.no_grad()
@@ -68,13 +65,13 @@ def sparseness(problem: Problem, n_samples: int = 10, max_data_points: int = 100
 
 
 def ground_truth_elbo(
-    x: torch.Tensor, W_true: torch.Tensor, posterior_factory, prior, trainer, seed: int = 0
+    x: torch.Tensor, W_true: torch.Tensor, posterior_factory, prior, trainer: Trainer, seed: int = 0
 ) -> float:
     """``max_{q, σ², λ} ELBO`` with ``W`` fixed to the generator's dictionary (columns normalised,
     the gauge absorbed by λ): the value a perfect learner would reach, for comparison with the run's ELBO.
 
     posterior_factory(n_data=, n_latents=, n_observed=) builds a fresh posterior of the run's family;
-    trainer is an ``LBFGSTrainer`` with ``train_dictionary=False``.
+    trainer: one that does not train the dictionary (``train_dictionary`` false), e.g. the fixed-point fit.
     """
     n_observed, n_latents = W_true.shape
     generator = torch.Generator().manual_seed(seed)
@@ -83,5 +80,5 @@ def ground_truth_elbo(
     model = model.to(device=x.device, dtype=x.dtype)
     posterior = posterior_factory(n_data=x.shape[0], n_latents=n_latents, n_observed=n_observed).to(device=x.device, dtype=x.dtype)
     problem = Problem(x=x, model=model, posterior=posterior, objective=EntropyELBO(), annealing=NoAnnealing(), seed=seed)
-    trainer.fit(problem, lambda epoch, weights, t: evaluate_problem(problem, weights))
+    fit(trainer, problem, lambda epoch, weights, t: evaluate_problem(problem, weights))
     return float(evaluate_problem(problem, problem.annealing(0)).elbo)

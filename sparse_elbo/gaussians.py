@@ -106,7 +106,7 @@ class FullGaussian:
 class LowRankGaussian:
     """``Σ_n = V_n V_nᵀ + diag(d_n²)``.  mean (N,H), factor V (N,H,R), diag_std d (N,H).
 
-    Entropy and trace without a Cholesky factor (SPEC §3): the matrix determinant lemma
+    Entropy and trace without a Cholesky factor (docs/design.md §2): the matrix determinant lemma
     ``log det Σ = Σ_h log d_h² + log det(I_R + Vᵀ diag(d⁻²) V)`` and
     ``tr(WᵀWΣ) = ||W V||_F² + Σ_h d_h² ||W_h||²``.
     """

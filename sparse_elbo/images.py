@@ -1,4 +1,4 @@
-"""Natural-image patches (SPEC §7): whitening, image loaders and random patch extraction.
+"""Natural-image patches (docs/design.md §9): whitening, image loaders and random patch extraction.
 
 The authors train on Olshausen's ``IMAGES.mat`` (ten whitened 512×512 photographs, 16×16 patches,
 N = 204,800).  That file cannot be downloaded here, so the embedded default (``source="builtin"``)
@@ -18,6 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from sparse_elbo.data import Dataset, validate_data
+from sparse_elbo.errors import ConfigError, ConfigKeyError, MissingFileError
 
 SOURCES = ("builtin", "mat", "folder", "vanhateren")
 
@@ -58,15 +59,15 @@ def whiten(image: np.ndarray, f0_fraction: float = 0.4, target_variance: float =
     """
     image = np.asarray(image)
     if image.ndim != 2 or min(image.shape) < 2:
-        raise ValueError(f"whiten needs a 2-D image of at least 2×2 pixels, got shape {image.shape}")
+        raise ConfigError(f"whiten needs a 2-D image of at least 2×2 pixels, got shape {image.shape}")
     if not np.issubdtype(image.dtype, np.number) or np.iscomplexobj(image):
-        raise ValueError(f"whiten needs a real numeric image, got dtype {image.dtype}")
+        raise ConfigError(f"whiten needs a real numeric image, got dtype {image.dtype}")
     if not np.isfinite(image).all():
-        raise ValueError("whiten: the image holds NaN/Inf values")
+        raise ConfigError("whiten: the image holds NaN/Inf values")
     if not f0_fraction > 0:
-        raise ValueError(f"f0_fraction must be > 0, got {f0_fraction}")
+        raise ConfigError(f"f0_fraction must be > 0, got {f0_fraction}")
     if not target_variance > 0:
-        raise ValueError(f"target_variance must be > 0, got {target_variance}")
+        raise ConfigError(f"target_variance must be > 0, got {target_variance}")
     rows, cols = image.shape
     size = min(rows, cols)
     u = np.fft.fftfreq(rows)[:, None]  # (R, 1) cycles per pixel, vertical
@@ -78,7 +79,7 @@ def whiten(image: np.ndarray, f0_fraction: float = 0.4, target_variance: float =
     out -= out.mean()
     variance = out.var()
     if not variance > 0:
-        raise ValueError("whiten: the image is constant (nothing is left after whitening)")
+        raise ConfigError("whiten: the image is constant (nothing is left after whitening)")
     out *= np.sqrt(target_variance / variance)
     return out
 
@@ -101,12 +102,12 @@ def _to_grey_float(image: np.ndarray, origin: str) -> np.ndarray:
     elif a.ndim == 3 and a.shape[-1] == 2:  # grey + alpha
         a = a[..., 0]
     if a.ndim != 2:
-        raise ValueError(f"{origin}: expected a grey or RGB(A) image, got an array of shape {a.shape}")
+        raise ConfigError(f"{origin}: expected a grey or RGB(A) image, got an array of shape {a.shape}")
     if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
-        raise ValueError(f"{origin}: image must be real numeric, got dtype {a.dtype}")
+        raise ConfigError(f"{origin}: image must be real numeric, got dtype {a.dtype}")
     a = img_as_float64(a) if np.issubdtype(a.dtype, np.integer) else a.astype(np.float64)
     if not np.isfinite(a).all():
-        raise ValueError(f"{origin}: image holds NaN/Inf values")
+        raise ConfigError(f"{origin}: image holds NaN/Inf values")
     return a
 
 
@@ -144,10 +145,10 @@ def _whitened_builtin(f0_fraction: float = 0.4, target_variance: float = 0.1) ->
 
 def _require_path(path, what: str) -> Path:
     if path is None or str(path) == "":
-        raise ValueError(f"dataset.path must name {what}")
+        raise ConfigError(f"dataset.path must name {what}")
     file = Path(str(path)).expanduser()
     if not file.exists():
-        raise FileNotFoundError(f"dataset.path={str(path)!r}: no such file or folder")
+        raise MissingFileError(f"dataset.path={str(path)!r}: no such file or folder")
     return file
 
 
@@ -157,12 +158,12 @@ def _match_files(path, pattern: str, suffixes: tuple[str, ...] | None, what: str
     if root.is_file():
         return [root]
     if not pattern:
-        raise ValueError(f"dataset.pattern must be a glob pattern such as '*', got {pattern!r}")
+        raise ConfigError(f"dataset.pattern must be a glob pattern such as '*', got {pattern!r}")
     files = sorted(p for p in root.glob(pattern) if p.is_file())
     kept = [p for p in files if suffixes is None or p.suffix.lower() in suffixes]
     if not kept:
         skipped = f" ({len(files)} matched files had other types; allowed: {list(suffixes)})" if files else ""
-        raise ValueError(f"dataset.pattern={pattern!r} matched no {what} in dataset.path={str(path)!r}{skipped}")
+        raise ConfigError(f"dataset.pattern={pattern!r} matched no {what} in dataset.path={str(path)!r}{skipped}")
     return kept
 
 
@@ -175,7 +176,7 @@ def load_mat_images(path, key: str = "IMAGES", axis: int = -1) -> list[np.ndarra
     """
     file = _require_path(path, "a .mat file")
     if not file.is_file():
-        raise ValueError(f"dataset.path={str(path)!r} is a folder; dataset.source=mat needs a .mat file")
+        raise ConfigError(f"dataset.path={str(path)!r} is a folder; dataset.source=mat needs a .mat file")
     import h5py
 
     try:
@@ -190,24 +191,24 @@ def load_mat_images(path, key: str = "IMAGES", axis: int = -1) -> list[np.ndarra
             names = list(variables)
             array = variables.get(key)
     except Exception as error:  # corrupt or not a .mat file
-        raise ValueError(f"dataset.path={str(path)!r}: could not read the .mat file ({error})") from error
+        raise ConfigError(f"dataset.path={str(path)!r}: could not read the .mat file ({error})") from error
     if key not in names:
-        raise KeyError(f"dataset.key={key!r} not found in {file}; available keys: {sorted(names)}")
+        raise ConfigKeyError(f"dataset.key={key!r} not found in {file}; available keys: {sorted(names)}")
     array = np.asarray(array)
     origin = f"dataset.path={str(path)!r}, dataset.key={key!r}"
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ValueError(f"{origin}: images must be a real numeric array, got dtype {array.dtype}")
+        raise ConfigError(f"{origin}: images must be a real numeric array, got dtype {array.dtype}")
     if array.ndim == 2:
         stack = array[None]
     elif array.ndim == 3:
         if not -3 <= int(axis) <= 2:
-            raise ValueError(f"dataset.image_axis={axis} is out of range for an array of shape {array.shape}")
+            raise ConfigError(f"dataset.image_axis={axis} is out of range for an array of shape {array.shape}")
         stack = np.moveaxis(array, int(axis), 0)
     else:
-        raise ValueError(f"{origin}: expected a 2-D image or a 3-D stack of images, got shape {array.shape}")
+        raise ConfigError(f"{origin}: expected a 2-D image or a 3-D stack of images, got shape {array.shape}")
     stack = stack.astype(np.float64)
     if not np.isfinite(stack).all():
-        raise ValueError(f"{origin}: images hold NaN/Inf values")
+        raise ConfigError(f"{origin}: images hold NaN/Inf values")
     return list(stack)
 
 
@@ -222,7 +223,7 @@ def load_folder_images(path, pattern: str = "*") -> list[np.ndarray]:
         try:
             raw = skimage.io.imread(file)
         except Exception as error:
-            raise ValueError(f"dataset.path: could not read image {file} ({error})") from error
+            raise ConfigError(f"dataset.path: could not read image {file} ({error})") from error
         images.append(_to_grey_float(raw, f"dataset.path: image {file}"))
     return images
 
@@ -239,7 +240,7 @@ def load_vanhateren(path, pattern: str = "*.iml", shape: tuple[int, int] = VANHA
     for file in _match_files(path, pattern, None, "van Hateren files"):
         size = file.stat().st_size
         if size != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset.path: {file} holds {size} bytes; a van Hateren image of {rows}×{cols} big-endian "
                 f"uint16 pixels holds {expected} bytes"
             )
@@ -252,7 +253,7 @@ def load_vanhateren(path, pattern: str = "*.iml", shape: tuple[int, int] = VANHA
 
 def _check_int(value, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
-        raise ValueError(f"dataset.{key} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"dataset.{key} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -276,16 +277,16 @@ def extract_patches(
     n = _check_int(n_patches, "n_patches", 1)
     images = [np.asarray(image) for image in images]
     if not images:
-        raise ValueError("dataset: no images to cut patches from")
+        raise ConfigError("dataset: no images to cut patches from")
     for i, image in enumerate(images):
         if image.ndim != 2:
-            raise ValueError(f"dataset: image {i} must be 2-D, got shape {image.shape}")
+            raise ConfigError(f"dataset: image {i} must be 2-D, got shape {image.shape}")
         if min(image.shape) < p:
-            raise ValueError(f"dataset.patch_size={p} is larger than image {i} of shape {image.shape}")
+            raise ConfigError(f"dataset.patch_size={p} is larger than image {i} of shape {image.shape}")
     counts = np.array([(r - p + 1) * (c - p + 1) for r, c in (im.shape for im in images)], dtype=np.int64)
     total = int(counts.sum())
     if n > total:
-        raise ValueError(
+        raise ConfigError(
             f"dataset.n_patches (+ dataset.held_out) = {n} exceeds the {total} distinct {p}×{p} patch positions "
             f"in the {len(images)} images"
         )
@@ -338,17 +339,17 @@ def make_image_patches(
     partially (shifted by a few pixels) but never coincide with one.
     """
     if source not in SOURCES:
-        raise ValueError(f"dataset.source must be one of {list(SOURCES)}, got {source!r}")
+        raise ConfigError(f"dataset.source must be one of {list(SOURCES)}, got {source!r}")
     p = _check_int(patch_size, "patch_size", 1)
     n = _check_int(n_patches, "n_patches", 1)
     n_held = _check_int(held_out, "held_out", 0)
     for name, flag in (("whiten_images", whiten_images), ("remove_dc", remove_dc)):
         if not isinstance(flag, (bool, np.bool_)):
-            raise ValueError(f"dataset.{name} must be true or false, got {flag!r}")
+            raise ConfigError(f"dataset.{name} must be true or false, got {flag!r}")
     info: dict = {"source": source}
     if source == "builtin":
         if path is not None and str(path) != "":
-            raise ValueError(
+            raise ConfigError(
                 f"dataset.path={str(path)!r} is set but dataset.source=builtin uses no files; "
                 f"set dataset.source to one of {list(SOURCES[1:])}"
             )
@@ -356,7 +357,7 @@ def make_image_patches(
         names = list(BUILTIN_IMAGES)
     else:
         if path is None or str(path) == "":
-            raise ValueError(f"dataset.path must name the images to read with dataset.source={source}")
+            raise ConfigError(f"dataset.path must name the images to read with dataset.source={source}")
         if source == "mat":
             images = load_mat_images(path, key=key, axis=image_axis)
             names = [f"{key}[{i}]" for i in range(len(images))]
@@ -377,7 +378,7 @@ def make_image_patches(
                 try:
                     white.append(whiten(image))
                 except ValueError as error:
-                    raise ValueError(f"dataset.path: image {name}: {error}") from error
+                    raise ConfigError(f"dataset.path: image {name}: {error}") from error
             images = white
     patches = extract_patches(images, p, n + n_held, seed, remove_dc=remove_dc)  # (n + n_held, p²)
     x = validate_data(patches[:n], "dataset=image_patches")

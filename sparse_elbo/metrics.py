@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC §8): sparseness and ground-truth field matching."""
+"""Evaluation metrics (docs/design.md §10): sparseness and ground-truth field matching."""
 
 from __future__ import annotations
 

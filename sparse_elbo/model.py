@@ -1,4 +1,4 @@
-"""The generative model ``p(z) = Π_h p(z_h; λ_h)``, ``p(x|z) = N(x; W z, σ² I_D)`` (SPEC §2).
+"""The generative model ``p(z) = Π_h p(z_h; λ_h)``, ``p(x|z) = N(x; W z, σ² I_D)`` (docs/design.md §1).
 
 Gauge ``(W_h, λ_h) → (c W_h, λ_h / c)`` is fixed in one of two ways:
 
@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from sparse_elbo.errors import ConfigError
 from sparse_elbo.priors import LaplacePrior
 
 GAUGES = ("unit_norm", "unit_lambda")
@@ -26,14 +27,14 @@ def load_dictionary(path: str, n_observed: int, n_latents: int):
     try:
         W = load_file(str(path)).x
     except (OSError, KeyError, ValueError) as error:
-        raise ValueError(f"model.init_dictionary: {error}".replace("dataset.path", "path")) from error
+        raise ConfigError(f"model.init_dictionary: {error}".replace("dataset.path", "path")) from error
     if W.shape != (n_observed, n_latents):
-        raise ValueError(
+        raise ConfigError(
             f"model.init_dictionary={str(path)!r} has shape {W.shape}, but the data have D={n_observed} "
             f"and n_latents={n_latents}: expected ({n_observed}, {n_latents})"
         )
     if (abs(W).sum(0) == 0).any():
-        raise ValueError(f"model.init_dictionary={str(path)!r} has an all-zero column")
+        raise ConfigError(f"model.init_dictionary={str(path)!r} has an all-zero column")
     return W
 
 
@@ -53,11 +54,11 @@ class SparseCodingModel(nn.Module):
     ):
         super().__init__()
         if gauge not in GAUGES:
-            raise ValueError(f"model.gauge must be one of {list(GAUGES)}, got {gauge!r}")
+            raise ConfigError(f"model.gauge must be one of {list(GAUGES)}, got {gauge!r}")
         if n_observed < 1 or n_latents < 1:
-            raise ValueError(f"model sizes must be >= 1, got D={n_observed}, n_latents={n_latents}")
+            raise ConfigError(f"model sizes must be >= 1, got D={n_observed}, n_latents={n_latents}")
         if not (init_sigma2 > 0 and init_lambda > 0):
-            raise ValueError("model.init_sigma2 and model.init_lambda must be > 0")
+            raise ConfigError("model.init_sigma2 and model.init_lambda must be > 0")
         self.n_observed, self.n_latents, self.gauge = n_observed, n_latents, gauge
         self.prior = prior if prior is not None else LaplacePrior()
         if init_dictionary:

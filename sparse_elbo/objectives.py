@@ -1,10 +1,10 @@
-"""The three objectives of SPEC §4. Each returns the ELBO averaged per data point (nats), its named
+"""The three objectives of docs/design.md §3. Each returns the ELBO averaged per data point (nats), its named
 terms and the annealing-weighted value that an optimiser maximises. Higher is better.
 
 - ``SampledELBO``:  ``(1/K) Σ_k [log p(x|z⁽ᵏ⁾) + log p(z⁽ᵏ⁾)] + H[q]``, ``z⁽ᵏ⁾ = μ + L ε⁽ᵏ⁾``; σ², λ learned.
 - ``AnalyticELBO``: ``E_q[log p(x|z)] + E_q[log p(z)] + H[q]`` in closed form; σ², λ learned.
 - ``EntropyELBO``:  ``L_H = (1/N) Σ_n H[q_n] - H[p(z; λ*)] - (D/2) log(2πe σ²*)`` with
-  ``λ*``, ``σ²*`` the closed-form optima (SPEC §3) and unit-norm dictionary columns.
+  ``λ*``, ``σ²*`` the closed-form optima (docs/design.md §2) and unit-norm dictionary columns.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from sparse_elbo import closed_forms
 from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.errors import ConfigError
 
 UNIT_WEIGHTS = AnnealingWeights()
 
@@ -94,7 +95,7 @@ class SampledELBO:
 
     def __init__(self, n_samples: int = 1):
         if int(n_samples) < 1:
-            raise ValueError(f"objective.n_samples must be >= 1 for the sampled objective, got {n_samples}")
+            raise ConfigError(f"objective.n_samples must be >= 1 for the sampled objective, got {n_samples}")
         self.n_samples = int(n_samples)
 
     def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
@@ -111,7 +112,7 @@ class EntropyELBO:
     """The paper's entropy objective ``L_H`` (three entropies) at ``λ*``, ``σ²*``.
 
     ``statistics=None`` takes the optima from the batch itself (exact when the batch is the data);
-    trainers that see minibatches pass full-data ``DataStatistics`` (SPEC §4 ``full``).
+    trainers that see minibatches pass full-data ``DataStatistics`` (docs/design.md §3 ``full``).
     """
 
     learns_noise_and_prior_scale = False
@@ -146,19 +147,22 @@ class EntropyELBO:
 
         Returns the ``ObjectiveValue`` and ``{parameter: gradient}`` for the posterior's parameters and ``W_raw``.
         """
-        N, D = x.shape
+        D = x.shape[1]
         with torch.no_grad():
             W_value, mean = model.W, posterior.mean.detach()  # (D,H), (N,H)
             variance, trace, entropy, pullback = posterior.moments_with_pullback(W_value.T @ W_value)
             error = x - mean @ W_value.T  # (N,D)
             residual = error.pow(2).sum(-1).add_(trace).mean()  # R = D σ²*
             statistic, prior_gradient, prior_curvature = model.prior.statistic_and_derivatives(mean, variance.sqrt())  # (N,H) each
-            lam = statistic.mean(0)  # λ* (H,)
-            value = self.from_statistics(entropy.mean(), DataStatistics(residual, lam), D, model.prior, weights)
+            value = self.from_statistics(entropy.mean(), DataStatistics(residual, statistic.mean(0)), D, model.prior, weights)
+            lam = value.lam  # λ* (H,)
             alpha = -weights.likelihood / (2.0 * value.sigma2)  # ∂(N L)/∂r_n, the same for every point
             # -N H[p(λ*)] = Σ_n E_qn[log p(z; λ)] at λ = λ* (envelope theorem): Bonnet's and Price's theorems
-            grad_mean = (-2.0 * alpha) * (error @ W_value) + (weights.prior / lam) * prior_gradient
-            grad_variance = (-0.5 * weights.prior / lam) * prior_curvature  # (N,H)
+            grad_mean = closed_forms.code_gradient(
+                error @ W_value, value.sigma2, prior_gradient, lam, weights.likelihood, weights.prior
+            )  # (N,H)
+            # the likelihood's part of ∂/∂s² goes through tr(G Σ_n), in the pullback: here the prior's alone
+            grad_variance = closed_forms.prior_variance_gradient(prior_curvature, lam, weights.prior)  # (N,H)
             grads, grad_gram = pullback(grad_variance, alpha, weights.entropy)
             grad_W = (-2.0 * alpha) * (error.T @ mean) + W_value @ (grad_gram + grad_gram.T)  # (D,H)
         named = dict(posterior.named_parameters())
@@ -177,24 +181,18 @@ class EntropyELBO:
         posterior_entropy: torch.Tensor, statistics: DataStatistics, n_observed: int, prior, weights=UNIT_WEIGHTS
     ) -> ObjectiveValue:
         """``L_H`` from the mean posterior entropy and the data means behind ``σ²*`` and ``λ*``."""
-        sigma2 = statistics.residual / n_observed  # σ²*
-        lam = statistics.prior_statistic  # λ*
-        prior_entropy = prior.entropy(lam)
-        likelihood_entropy = closed_forms.gaussian_noise_entropy(sigma2, n_observed)
-        elbo = posterior_entropy - prior_entropy - likelihood_entropy
-        weighted = (
-            weights.entropy * posterior_entropy
-            - weights.prior * prior_entropy
-            - weights.likelihood * likelihood_entropy
-        )
+        sigma2 = closed_forms.optimal_sigma2(statistics.residual, n_observed)  # σ²*
+        lam = closed_forms.optimal_lambda(statistics.prior_statistic)  # λ*
+        terms = {
+            "posterior_entropy": posterior_entropy,
+            "prior_entropy": prior.entropy(lam),
+            "likelihood_entropy": closed_forms.gaussian_noise_entropy(sigma2, n_observed),
+        }
+        entropies = tuple(terms.values())
         return ObjectiveValue(
-            elbo=elbo,
-            weighted=weighted,
-            terms={
-                "posterior_entropy": posterior_entropy,
-                "prior_entropy": prior_entropy,
-                "likelihood_entropy": likelihood_entropy,
-            },
+            elbo=closed_forms.entropy_elbo(*entropies),
+            weighted=closed_forms.entropy_elbo(*entropies, (weights.entropy, weights.prior, weights.likelihood)),
+            terms=terms,
             sigma2=sigma2,
             lam=lam,
         )

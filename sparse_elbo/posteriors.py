@@ -1,4 +1,4 @@
-"""Per-data-point variational posteriors (SPEC §5), gathered by data index.
+"""Per-data-point variational posteriors (docs/design.md §5), gathered by data index.
 
 ``posterior(index)`` returns the Gaussians ``q_n`` of the data points ``index`` (all when None).
 Standard deviations and the diagonal of ``L`` are stored as logs so that they stay positive.
@@ -21,12 +21,13 @@ uniformity with the encoder and not used.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from sparse_elbo import closed_forms
+from sparse_elbo.errors import ConfigError
 from sparse_elbo.gaussians import DiagonalGaussian, FullGaussian
 
 # pullback(grad_variance (N,H), grad_trace: a 0-dim tensor shared by every point, grad_entropy a float)
@@ -37,11 +38,11 @@ Pullback = Callable[[torch.Tensor, torch.Tensor, float], tuple[dict[str, torch.T
 
 def _check_sizes(n_data: int, n_latents: int, init_std: float) -> None:
     if n_data < 1:
-        raise ValueError(f"posterior: n_data must be >= 1, got {n_data}")
+        raise ConfigError(f"posterior: n_data must be >= 1, got {n_data}")
     if n_latents < 1:
-        raise ValueError(f"n_latents must be >= 1, got {n_latents}")
+        raise ConfigError(f"n_latents must be >= 1, got {n_latents}")
     if not init_std > 0:
-        raise ValueError(f"posterior.init_std must be > 0, got {init_std}")
+        raise ConfigError(f"posterior.init_std must be > 0, got {init_std}")
 
 
 def _check_positive(scale: torch.Tensor) -> None:
@@ -58,7 +59,7 @@ class _PerDataPointPosterior(nn.Module):
         """The posteriors of data points ``index`` (all when None); ``x`` is not needed."""
         return self(index)
 
-    def per_data_point(self, x: torch.Tensor) -> "_PerDataPointPosterior":
+    def per_data_point(self, x: torch.Tensor) -> _PerDataPointPosterior:
         """A fresh posterior of this family for the data points of ``x`` (N,D), on x's device and dtype."""
         return type(self)(n_data=x.shape[0], n_latents=self.n_latents, init_std=self.init_std).to(x)
 
@@ -95,6 +96,11 @@ class DiagonalPosterior(_PerDataPointPosterior):
     """``q_n(z) = N(μ_n, diag(s_n²))``.  Parameters: mean (N,H), log_std (N,H)."""
 
     family = "diag"
+
+    @staticmethod
+    def parameter_count(n_data: int, n_latents: int, **settings) -> int:
+        """Numbers the posterior holds, known before it is built: means and log-stds."""
+        return 2 * n_data * n_latents
 
     def __init__(self, n_data: int, n_latents: int, init_std: float = 0.1, n_observed: int | None = None):
         super().__init__()
@@ -149,6 +155,11 @@ class FullCovariancePosterior(_PerDataPointPosterior):
     row by row (N, H(H-1)/2), and the log of L's diagonal (N,H)."""
 
     family = "full"
+
+    @staticmethod
+    def parameter_count(n_data: int, n_latents: int, **settings) -> int:
+        """Numbers the posterior holds, known before it is built: means and the N lower-triangular factors."""
+        return n_data * (n_latents + n_latents * (n_latents + 1) // 2)
 
     def __init__(self, n_data: int, n_latents: int, init_std: float = 0.1, n_observed: int | None = None):
         super().__init__()

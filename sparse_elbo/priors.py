@@ -43,7 +43,7 @@ class LaplacePrior:
         """``log p(z)`` summed over latents; z (...,H) -> (...)"""
         return -(torch.log(2.0 * scale) + z.abs() / scale).sum(-1)
 
-    def sample(self, shape: tuple[int, ...], generator) -> "torch.Tensor":
+    def sample(self, shape: tuple[int, ...], generator) -> torch.Tensor:
         u = torch.rand(shape, generator=generator, dtype=torch.float64) - 0.5
         return -torch.sign(u) * torch.log1p(-2.0 * u.abs())
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -55,36 +53,3 @@ class Problem:
             if self.model.log_lambda.requires_grad:
                 params.append(self.model.log_lambda)
         return params
-
-
-@dataclass
-class FitOutcome:
-    epochs: int
-    converged: bool
-    stop_reason: str
-    train_time: float
-
-
-# evaluate(epoch, weights, train_time) is called after every epoch; it logs and returns the
-# unweighted full-data objective value.
-Evaluate = Callable[[int, AnnealingWeights, float], object]
-
-# checkpoint(epoch, trainer_state) is called after every completed epoch with the trainer's own state
-# (optimiser memory, convergence bookkeeping, training time); the runner adds the modules' parameters.
-Checkpoint = Callable[[int, dict], None]
-
-
-@dataclass
-class Stopwatch:
-    """Accumulates training time, excluding evaluation."""
-
-    total: float = 0.0
-    _start: float | None = field(default=None, repr=False)
-
-    def __enter__(self):
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.total += time.perf_counter() - self._start
-        return False

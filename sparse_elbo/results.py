@@ -1,4 +1,4 @@
-"""One self-contained ``results.h5`` per run (SPEC §9), written as training goes and read back as numpy.
+"""One self-contained ``results.h5`` per run (docs/results.md), written as training goes and read back as numpy.
 
 Layout::
 
@@ -20,6 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from sparse_elbo.errors import ConfigError, ExistingFileError, MissingFileError
+
 STATUSES = ("running", "finished", "failed", "interrupted")
 
 
@@ -33,6 +35,14 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def require_new_results_file(path: str | Path) -> None:
+    """A run never overwrites another run's results file."""
+    if Path(path).exists():
+        raise ExistingFileError(
+            f"{path} already exists: a run never overwrites another; set hydra.run.dir (or the output directory) elsewhere"
+        )
+
+
 class ResultsWriter:
     """Creates a new results file (never overwrites one), or reopens one to resume, and appends to it
     as training goes. The file is opened for each write and closed again, so that at any moment outside
@@ -44,11 +54,12 @@ class ResultsWriter:
         self.path = Path(path)
         if resume:
             if not self.path.is_file():
-                raise FileNotFoundError(f"resume={str(path)!r}: no such results file")
+                raise MissingFileError(f"resume={str(path)!r}: no such results file")
             with self._open() as f:
                 f.attrs["status"] = "running"
                 f.attrs["resumed_time"] = _now()
             return
+        require_new_results_file(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(self.path, "w-", locking=False) as f:  # fails if the file exists: no run overwrites another
             for key, value in (attrs or {}).items():
@@ -147,7 +158,7 @@ def read_checkpoint(path: str | Path) -> tuple[int, bytes]:
         epoch = f.attrs.get("checkpoint_epoch")
     file = checkpoint_path(path)
     if epoch is None or not file.is_file():
-        raise ValueError(f"resume={str(path)!r}: no checkpoint beside this results file (no epoch completed)")
+        raise ConfigError(f"resume={str(path)!r}: no checkpoint beside this results file (no epoch completed)")
     return int(epoch), file.read_bytes()
 
 

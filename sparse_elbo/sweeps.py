@@ -1,4 +1,4 @@
-"""Read a sweep back (SPEC §9): every ``results.h5`` under a directory, grouped by its stored config.
+"""Read a sweep back (docs/results.md): every ``results.h5`` under a directory, grouped by its stored config.
 
 Runs are grouped by the resolved config stored in each file, never by directory names. Two runs are in
 the same group when their configs agree on every key except the seed (``seed`` and every key named

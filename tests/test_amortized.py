@@ -6,13 +6,12 @@ variance of the analytic objectives, Adam raising the held-out ELBO on tiny bars
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+import sparse_elbo
 from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.data import make_bars, split_held_out
 from sparse_elbo.encoders import AmortizedPosterior
@@ -27,18 +26,12 @@ from sparse_elbo.runner import build, run
 from sparse_elbo.trainers.adam import StatisticsStore
 
 F64 = torch.float64
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["dataset.grid=3", "dataset.n_data=200", "posterior=amortized", "trainer=adam", "trainer.batch_size=25",
         "evaluation.ground_truth=false", "evaluation.held_out_fraction=0.25", "evaluation.held_out_refine_iterations=30",
         "evaluation.importance_samples=20", "evaluation.gini_samples=2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        return compose("train", overrides=list(overrides))
 
 
 def _problem(covariance="diag", objective=None, N=12, D=6, H=3, seed=0):
@@ -163,7 +156,7 @@ def test_gradient_variance_is_zero_for_the_analytic_objectives_and_falls_with_sa
 
 
 def test_adam_on_tiny_bars_raises_the_held_out_elbo_and_stores_held_out_metrics(tmp_path):
-    cfg = compose_cfg([*TINY, "trainer.max_epochs=15", "trainer.learning_rate=3e-3", "evaluation.gradient_variance_repeats=3"])
+    cfg = sparse_elbo.compose([*TINY, "trainer.max_epochs=15", "trainer.learning_rate=3e-3", "evaluation.gradient_variance_repeats=3"])
     summary = run(cfg, tmp_path, progress=False)
     res = read_results(summary.results_path)
     curve = res.metrics["held_out_elbo_encoder"]
@@ -183,11 +176,11 @@ def test_adam_on_tiny_bars_raises_the_held_out_elbo_and_stores_held_out_metrics(
 
 @pytest.mark.parametrize("extra", [[], ["objective=sampled", "posterior=diag"]], ids=["amortized-entropy", "diag-sampled"])
 def test_adam_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, extra):
-    import sparse_elbo.runner as runner
+    import sparse_elbo.runner.record as record
 
     overrides = [*TINY, "trainer.max_epochs=5", "results.checkpoint_interval_s=0", *extra]  # a checkpoint every epoch
-    reference = read_results(run(compose_cfg(overrides), tmp_path / "reference", progress=False).results_path)
-    original, calls = runner.evaluate_problem, {"n": 0}
+    reference = read_results(run(sparse_elbo.compose(overrides), tmp_path / "reference", progress=False).results_path)
+    original, calls = record.evaluate_problem, {"n": 0}
 
     def interrupting(problem, weights, *args, **kwargs):
         calls["n"] += 1
@@ -196,10 +189,10 @@ def test_adam_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, extra):
         return original(problem, weights, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(runner, "evaluate_problem", interrupting)
+        patch.setattr(record, "evaluate_problem", interrupting)
         with pytest.raises(KeyboardInterrupt):
-            run(compose_cfg(overrides), tmp_path / "interrupted", progress=False)
-    resumed = run(compose_cfg([f"resume={tmp_path / 'interrupted' / 'results.h5'}"]), tmp_path / "unused", progress=False)
+            run(sparse_elbo.compose(overrides), tmp_path / "interrupted", progress=False)
+    resumed = run(sparse_elbo.compose([f"resume={tmp_path / 'interrupted' / 'results.h5'}"]), tmp_path / "unused", progress=False)
     res = read_results(resumed.results_path)
     assert res.status == "finished"
     np.testing.assert_array_equal(res.metrics["epoch"], reference.metrics["epoch"])
@@ -226,6 +219,7 @@ def test_held_out_split_is_seeded_and_uses_the_data_sets_own_held_out_points():
     "overrides,message",
     [
         (["posterior=amortized", "trainer=em"], "posterior=amortized is not supported by trainer EMTrainer"),
+        (["posterior=amortized", "trainer=authors_em"], "posterior=amortized is not supported by trainer AuthorsEMTrainer"),
         (["posterior=amortized", "trainer=adam", "posterior.covariance=full"], "posterior.covariance must be one of ['diag', 'lowrank']"),
         (["posterior=amortized", "trainer=adam", "posterior.rank=0"], "posterior.rank must be >= 1"),
         (["trainer=adam", "trainer.statistics=mini"], "trainer.statistics must be one of ['full', 'batch']"),
@@ -233,14 +227,14 @@ def test_held_out_split_is_seeded_and_uses_the_data_sets_own_held_out_points():
     ],
 )
 def test_bad_amortized_and_adam_settings_fail_with_a_clear_message(overrides, message):
-    with pytest.raises(Exception) as error:  # ValueError, or Hydra's InstantiationException around one
-        build(compose_cfg([*overrides, "dataset.n_data=20"]))
+    with pytest.raises(Exception) as error:  # a ConfigError, or Hydra's InstantiationException around one
+        build(sparse_elbo.compose([*overrides, "dataset.n_data=20"]))
     assert message in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["patches_amortized", "patches_amortized_small", "bars_amortized"])
 def test_named_amortized_settings_compose(name):
-    cfg = compose_cfg([f"experiment={name}"])
+    cfg = sparse_elbo.compose([f"experiment={name}"])
     assert cfg.posterior._target_.endswith("AmortizedPosterior")
     assert cfg.trainer._target_.endswith("AdamTrainer")
     if name == "patches_amortized":  # the authors' setting
@@ -251,8 +245,7 @@ def test_named_amortized_settings_compose(name):
 
 
 def test_gaussian_prior_baseline_runs_with_an_amortised_posterior(tmp_path):
-    cfg = compose_cfg([*TINY, "prior=gaussian", "trainer.max_epochs=2"])
-    dataset, problem, _, _ = build(cfg)
-    assert type(problem.model.prior).__name__ == "GaussianPrior"
+    cfg = sparse_elbo.compose([*TINY, "prior=gaussian", "trainer.max_epochs=2"])
+    assert type(build(cfg).problem.model.prior).__name__ == "GaussianPrior"
     summary = run(cfg, tmp_path, progress=False)
     assert np.isfinite(summary.elbo) and np.isfinite(summary.held_out["held_out_log_px"])

@@ -1,4 +1,4 @@
-"""Closed forms of SPEC §3 against independent float64 references: quadrature, Monte Carlo with
+"""Closed forms of docs/design.md §2 against independent float64 references: quadrature, Monte Carlo with
 noise-aware (z-score) tolerances, dense-matrix formulas and torch.distributions."""
 
 from __future__ import annotations
@@ -397,8 +397,9 @@ def _analytic_elbo(x, W, mean, L, lam, sigma2):
 def _optimal_scales(x, W, mean, L):
     q = FullGaussian(mean, L)
     trace = q.trace_term(W.T @ W)
-    lam = closed_forms.optimal_lambda(closed_forms.folded_normal_mean(mean, q.variance.sqrt()))
-    sigma2 = closed_forms.optimal_sigma2(closed_forms.residual_energy(x, W, mean, trace), x.shape[-1])
+    N, D = x.shape
+    lam = closed_forms.optimal_lambda(closed_forms.folded_normal_mean(mean, q.variance.sqrt()).sum(0), N)
+    sigma2 = closed_forms.optimal_sigma2(closed_forms.residual_energy(x, W, mean, trace).sum(), D, N)
     return lam, sigma2
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+import sparse_elbo
 from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.data import make_bars
 from sparse_elbo.evaluation import evaluate_problem, ground_truth_elbo
@@ -24,6 +23,7 @@ from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.priors import GaussianPrior, LaplacePrior
 from sparse_elbo.problem import Problem
 from sparse_elbo.runner import build
+from sparse_elbo.trainers.base import fit
 from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer
 from sparse_elbo.trainers.lbfgs import LBFGSTrainer
 
@@ -62,7 +62,7 @@ def _problem(family: str, prior: str, exact_bars: bool, n_data: int = 300, seed:
 
 def _fit(problem):
     reported = []
-    outcome = FixedPointPosteriorTrainer().fit(problem, lambda epoch, weights, t: reported.append(evaluate_problem(problem, weights)))
+    outcome = fit(FixedPointPosteriorTrainer(), problem, lambda epoch, weights, t: reported.append(evaluate_problem(problem, weights)) or reported[-1])
     return outcome, reported
 
 
@@ -110,8 +110,8 @@ def test_fixed_point_converges_where_an_undamped_curvature_step_cycles():
     outcomes = []
 
     class Recording(FixedPointPosteriorTrainer):
-        def fit(self, *args, **kwargs):
-            outcomes.append(super().fit(*args, **kwargs))
+        def train_epoch(self, *args, **kwargs):
+            outcomes.append(super().train_epoch(*args, **kwargs))
             return outcomes[-1]
 
     fixed_point = ground_truth_elbo(x, W, factory, LaplacePrior(), Recording(), seed=16)
@@ -119,36 +119,34 @@ def test_fixed_point_converges_where_an_undamped_curvature_step_cycles():
     assert fixed_point >= reference - 1e-8
 
 
-def test_fixed_point_trainer_rejects_bad_settings_and_hands_amortised_posteriors_to_its_fallback():
-    with pytest.raises(ValueError, match="train_dictionary must be false"):
+def test_fixed_point_trainer_rejects_bad_settings_and_amortised_posteriors_go_to_the_encoder_trainer():
+    with pytest.raises(TypeError, match="train_dictionary"):  # it never trains W: the setting does not exist
         FixedPointPosteriorTrainer(train_dictionary=True)
     with pytest.raises(ValueError, match="max_iterations"):
         FixedPointPosteriorTrainer(max_iterations=0)
-    with pytest.raises(ValueError, match="fallback .* train_dictionary=false"):
-        FixedPointPosteriorTrainer(fallback=LBFGSTrainer(train_dictionary=True))
-    assert "amortized" not in FixedPointPosteriorTrainer().supported_families
-    def compose_cfg(overrides):
-        with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "configs")):
-            return compose("train", overrides=overrides)
-
+    assert "amortized" not in FixedPointPosteriorTrainer.capabilities.families
+    with pytest.raises(ValueError, match="evaluation.ground_truth_encoder_trainer.train_dictionary=false"):
+        build(sparse_elbo.compose(["posterior=amortized", "trainer=adam", "dataset.n_data=50",
+                                   "evaluation.ground_truth_encoder_trainer.train_dictionary=true"]))
     with pytest.raises(ValueError, match="evaluation.ground_truth=false"):
-        build(compose_cfg(["posterior=amortized", "trainer=adam", "dataset.n_data=50", "~evaluation.ground_truth_trainer.fallback"]))
-    build(compose_cfg(["posterior=amortized", "trainer=adam", "dataset.n_data=50"]))  # the default falls back to L-BFGS
+        build(sparse_elbo.compose(["posterior=amortized", "trainer=adam", "dataset.n_data=50", "evaluation.ground_truth_encoder_trainer=null"]))
+    components = build(sparse_elbo.compose(["posterior=amortized", "trainer=adam", "dataset.n_data=50"]))
+    assert isinstance(components.ground_truth_trainer, LBFGSTrainer)  # the encoder is fitted by L-BFGS
 
 
-def test_an_amortised_ground_truth_fit_runs_on_the_fallback():
+def test_an_amortised_ground_truth_fit_runs_on_the_encoder_trainer():
     from sparse_elbo.encoders import AmortizedPosterior
 
     calls = []
 
     class RecordingLBFGS(LBFGSTrainer):
-        def fit(self, *args, **kwargs):
+        def train_epoch(self, *args, **kwargs):
             calls.append(True)
-            return super().fit(*args, **kwargs)
+            return super().train_epoch(*args, **kwargs)
 
     data = make_bars(grid=3, n_data=100, seed=0)
     x, W = torch.as_tensor(data.x), torch.as_tensor(data.W_true)
     factory = partial(AmortizedPosterior, covariance="diag")
-    trainer = FixedPointPosteriorTrainer(fallback=RecordingLBFGS(max_epochs=2, iterations_per_epoch=5, train_dictionary=False))
+    trainer = RecordingLBFGS(max_epochs=2, iterations_per_epoch=5, train_dictionary=False)
     value = ground_truth_elbo(x, W, factory, LaplacePrior(), trainer, seed=0)
     assert calls and math.isfinite(value)  # the fallback ran and returned a finite ELBO

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import inspect
 import socket
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import scipy.io
 import skimage.io
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+import sparse_elbo
 from sparse_elbo import images
 from sparse_elbo.data import Dataset
 from sparse_elbo.images import (
@@ -27,8 +26,6 @@ from sparse_elbo.images import (
     make_image_patches,
     whiten,
 )
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def one_over_f_image(shape, seed=0):
@@ -346,9 +343,7 @@ def test_bad_settings_name_their_config_key(kwargs, message):
 
 
 def test_config_lists_every_argument_with_the_function_defaults():
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        overrides = ["dataset=image_patches", "dataset.n_patches=64", "dataset.patch_size=4", "seed=3"]
-        cfg = compose("train", overrides=overrides)
+    cfg = sparse_elbo.compose(["dataset=image_patches", "dataset.n_patches=64", "dataset.patch_size=4", "seed=3"])
     defaults = {k: p.default for k, p in inspect.signature(make_image_patches).parameters.items()}
     node = {k: v for k, v in cfg.dataset.items() if k != "_target_"}
     assert set(node) == set(defaults)

@@ -1,5 +1,5 @@
-"""Metrics (SPEC §8: Gini sparseness, field matching up to permutation and sign) and annealing
-schedules (SPEC §4: the authors' step schedules, exponential decay, argument validation)."""
+"""Metrics (docs/design.md §10: Gini sparseness, field matching up to permutation and sign) and annealing
+schedules (docs/design.md §8: the authors' step schedules, exponential decay, argument validation)."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def test_authors_prior_step_schedule():
     assert schedule.final_epoch() == 5
     for epoch in range(12):
         w = schedule(epoch)
-        assert w.prior == max(1, 2 * (5 - epoch))  # SPEC §4: max(1, 2(5 - epoch))
+        assert w.prior == max(1, 2 * (5 - epoch))  # docs/design.md §8: max(1, 2(5 - epoch))
         assert w.likelihood == 1.0 and w.entropy == 1.0
         assert w.is_identity == (epoch >= 5)
 

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from hydra import compose, initialize_config_dir
 
+import sparse_elbo
 from sparse_elbo.metrics import localisation_index
 from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def test_patches_em_small_learns_fields_far_more_localised_than_random(tmp_path):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose("train", overrides=["experiment=patches_em_small", "device=cpu"])
+    cfg = sparse_elbo.compose(["experiment=patches_em_small", "device=cpu"])
     assert cfg.trainer._target_.endswith("EMTrainer") and cfg.annealing._target_.endswith("StepAnnealing")
     summary = run(cfg, tmp_path, progress=False)
     results = read_results(summary.results_path)

@@ -8,16 +8,15 @@ the lasso's optimality (KKT) conditions for the FISTA codes; the generating bars
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+import sparse_elbo
 from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.data import make_bars
 from sparse_elbo.gaussians import FullGaussian
+from sparse_elbo.inference.fixed_point import FixedPointFit
 from sparse_elbo.initialisation import RandomDictionary, SparseCodingDictionary
 from sparse_elbo.metrics import match_fields
 from sparse_elbo.model import SparseCodingModel
@@ -25,11 +24,9 @@ from sparse_elbo.objectives import EntropyELBO
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.problem import Problem
 from sparse_elbo.runner import run
+from sparse_elbo.trainers.base import fit
 from sparse_elbo.trainers.convergence import CONVERGED, NO_PROGRESS, PROGRESS, EpochDecision, StopRule
-from sparse_elbo.trainers.fixed_point import _FixedPoint
 from sparse_elbo.trainers.profile import ProfileLBFGSTrainer
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _bars(grid=3, n_data=200, seed=0):
@@ -49,7 +46,7 @@ def _perturbed_model(data, seed=0, scale=0.3):
 def test_dictionary_gradient_is_autograd_of_the_entropy_objective_at_fixed_q(full):
     data, x = _bars()
     model = _perturbed_model(data)
-    fit = _FixedPoint(x, model.W.detach(), model.prior, full=full)
+    fit = FixedPointFit(x, model.W.detach(), model.prior, full=full)
     for _ in range(5):
         fit.step(30)
     q = FullGaussian(fit.mean, torch.linalg.cholesky(fit.covariance))
@@ -70,7 +67,7 @@ def test_profile_gradient_is_the_derivative_of_the_profile_objective():
 
     def profile(raw):
         model.set_dictionary(raw)
-        fit = _FixedPoint(x, model.W.detach(), model.prior, full=True)
+        fit = FixedPointFit(x, model.W.detach(), model.prior, full=True)
         assert fit.run(5000, 0.0, 30)
         return fit
 
@@ -115,8 +112,8 @@ def test_sparse_coding_codes_solve_the_lasso():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_sparse_coding_start_lies_near_the_bars(seed):
-    """The default bars (rank 9, 10 bars): the MAP start is within |cos| 0.9 of every bar (README: 0.92-0.99
-    over 20 seeds), where a random start is not."""
+    """The default bars (rank 9, 10 bars): the MAP start is within |cos| 0.9 of every bar, where a random
+    start is not."""
     data, x = _bars(grid=5, n_data=1000, seed=seed)
     start = torch.randn(25, 10, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     W = SparseCodingDictionary()(x, start, torch.Generator().manual_seed(seed))
@@ -150,7 +147,7 @@ def test_profile_trainer_learns_the_bars_and_converges(family):
         values.append(float(value.elbo))
         return value
 
-    outcome = ProfileLBFGSTrainer(max_epochs=60, initialisation=SparseCodingDictionary()).fit(problem, evaluate)
+    outcome = fit(ProfileLBFGSTrainer(max_epochs=60, initialisation=SparseCodingDictionary()), problem, evaluate)
     assert outcome.converged and outcome.stop_reason == "converged", outcome
     if family is FullCovariancePosterior:
         assert match_fields(model.W.detach().numpy(), data.W_true).recovered
@@ -159,15 +156,14 @@ def test_profile_trainer_learns_the_bars_and_converges(family):
         # the posterior written after the last epoch is the fixed-point optimum at the final W: a cold fit
         # gains nothing. (Diagonal q at the rank-deficient bars has several stationary points, and a cold fit
         # can end in another one: 0.004 nats higher on this problem; see trainers/profile.py.)
-        fit = _FixedPoint(x, model.W.detach(), model.prior, full=True)
-        fit.run(5000, 0.0, 30)
-        assert float(fit.value) <= values[-1] + 1e-6
+        cold = FixedPointFit(x, model.W.detach(), model.prior, full=True)
+        cold.run(5000, 0.0, 30)
+        assert float(cold.value) <= values[-1] + 1e-6
 
 
 def test_default_cli_configuration_recovers_the_default_bars(tmp_path):
     """The shipped default (profile L-BFGS from the sparse-coding start) on the authors' bars, seed 3."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose("train", overrides=["seed=3"])
+    cfg = sparse_elbo.compose(["seed=3"])
     summary = run(cfg, tmp_path, progress=False)
     assert summary.stop_reason == "converged"
     assert summary.recovered and summary.elbo >= summary.ground_truth_elbo - 0.05

@@ -14,15 +14,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sparse_elbo
 from sparse_elbo import closed_forms
 from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EVERY_EPOCH = "results.checkpoint_interval_s=0"  # a checkpoint after every epoch, however short
 LBFGS_SMALL = ["trainer=lbfgs", "dataset.grid=3", "dataset.n_data=60", "trainer.iterations_per_epoch=10", "trainer.max_epochs=6",
                "evaluation.ground_truth=false", EVERY_EPOCH]
@@ -33,16 +32,11 @@ EM_SMALL = ["trainer=em", "dataset.grid=3", "dataset.n_data=60", "trainer.e_step
             "annealing.step=1", "evaluation.ground_truth=false", EVERY_EPOCH]
 
 
-def compose_cfg(overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        return compose("train", overrides=list(overrides))
-
-
 def _interrupt_after(monkeypatch, epoch_to_fail: int):
     """Make the run raise KeyboardInterrupt right after evaluating ``epoch_to_fail`` (before its checkpoint)."""
-    import sparse_elbo.runner as runner
+    import sparse_elbo.runner.record as record
 
-    original = runner.evaluate_problem
+    original = record.evaluate_problem
     calls = {"n": 0}
 
     def interrupting(problem, weights, *args, **kwargs):
@@ -51,24 +45,24 @@ def _interrupt_after(monkeypatch, epoch_to_fail: int):
             raise KeyboardInterrupt("simulated Ctrl-C")
         return original(problem, weights, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "evaluate_problem", interrupting)
+    monkeypatch.setattr(record, "evaluate_problem", interrupting)
 
 
 @pytest.mark.parametrize("overrides", [LBFGS_SMALL, [*LBFGS_SMALL, "objective=sampled", "posterior=diag"], EM_SMALL, PROFILE_SMALL],
                          ids=["lbfgs-entropy-full", "lbfgs-sampled-diag", "em-annealed", "profile-lbfgs"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, overrides):
-    reference = run(compose_cfg(overrides), tmp_path / "reference", progress=False)
+    reference = run(sparse_elbo.compose(overrides), tmp_path / "reference", progress=False)
     ref = read_results(reference.results_path)
 
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 2)
         with pytest.raises(KeyboardInterrupt):
-            run(compose_cfg(overrides), tmp_path / "interrupted", progress=False)
+            run(sparse_elbo.compose(overrides), tmp_path / "interrupted", progress=False)
     interrupted = read_results(tmp_path / "interrupted" / "results.h5")
     assert interrupted.status == "interrupted"
     assert len(interrupted.metrics["epoch"]) >= 3  # epochs 0..2 kept (2 evaluated before the interrupt)
 
-    resumed = run(compose_cfg([f"resume={tmp_path / 'interrupted' / 'results.h5'}"]), tmp_path / "unused", progress=False)
+    resumed = run(sparse_elbo.compose([f"resume={tmp_path / 'interrupted' / 'results.h5'}"]), tmp_path / "unused", progress=False)
     assert resumed.results_path == tmp_path / "interrupted" / "results.h5"
     res = read_results(resumed.results_path)
     assert res.status == "finished"
@@ -84,7 +78,7 @@ def test_checkpoints_are_at_least_the_interval_apart(tmp_path, monkeypatch):
     an interval of 2.5 s checkpoints after epochs 2 and 5 of 6; an interval of 0 after every epoch."""
     import types
 
-    import sparse_elbo.runner as runner
+    import sparse_elbo.runner.checkpoint as checkpoint
     from sparse_elbo.results import ResultsWriter
 
     written = []
@@ -93,9 +87,9 @@ def test_checkpoints_are_at_least_the_interval_apart(tmp_path, monkeypatch):
     no_interval = [o for o in LBFGS_SMALL if o != EVERY_EPOCH]
     for interval, expected in ((2.5, [2, 5]), (0, [0, 1, 2, 3, 4, 5])):
         ticks = iter(range(1000))
-        monkeypatch.setattr(runner, "time", types.SimpleNamespace(monotonic=lambda: float(next(ticks))))
+        monkeypatch.setattr(checkpoint, "time", types.SimpleNamespace(monotonic=lambda: float(next(ticks))))
         written.clear()
-        cfg = compose_cfg([*no_interval, "trainer.relative_tolerance=0", f"results.checkpoint_interval_s={interval}"])
+        cfg = sparse_elbo.compose([*no_interval, "trainer.relative_tolerance=0", f"results.checkpoint_interval_s={interval}"])
         summary = run(cfg, tmp_path / f"interval{interval}", progress=False)
         assert summary.epochs == 6
         assert written == expected
@@ -106,20 +100,20 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     with h5py.File(path, "w") as f:
         f.attrs["config"] = "seed: 0\n"
     with pytest.raises(ValueError, match="no checkpoint beside this results file"):
-        run(compose_cfg([f"resume={path}"]), tmp_path, progress=False)
+        run(sparse_elbo.compose([f"resume={path}"]), tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="no such results file"):
-        run(compose_cfg([f"resume={tmp_path / 'missing.h5'}"]), tmp_path, progress=False)
+        run(sparse_elbo.compose([f"resume={tmp_path / 'missing.h5'}"]), tmp_path, progress=False)
 
 
 def test_same_seed_gives_bitwise_identical_results_and_records_provenance(tmp_path):
     overrides = [*LBFGS_SMALL, "objective=sampled", "trainer.max_epochs=3"]
-    a = read_results(run(compose_cfg(overrides), tmp_path / "a", progress=False).results_path)
-    b = read_results(run(compose_cfg(overrides), tmp_path / "b", progress=False).results_path)
+    a = read_results(run(sparse_elbo.compose(overrides), tmp_path / "a", progress=False).results_path)
+    b = read_results(run(sparse_elbo.compose(overrides), tmp_path / "b", progress=False).results_path)
     for key in ("elbo", "sigma2", "lambda", "gini_mean"):
         np.testing.assert_array_equal(a.metrics[key], b.metrics[key])
     np.testing.assert_array_equal(a.final["W"], b.final["W"])
     np.testing.assert_array_equal(a.final["posterior"]["scale_tril"], b.final["posterior"]["scale_tril"])
-    c = read_results(run(compose_cfg([*overrides, "seed=1"]), tmp_path / "c", progress=False).results_path)
+    c = read_results(run(sparse_elbo.compose([*overrides, "seed=1"]), tmp_path / "c", progress=False).results_path)
     assert not np.array_equal(a.final["W"], c.final["W"])
     for key in ("seed", "device", "dtype", "versions"):
         assert key in a.attrs
@@ -127,9 +121,9 @@ def test_same_seed_gives_bitwise_identical_results_and_records_provenance(tmp_pa
 
 
 def test_non_finite_parameters_stop_the_run_naming_epoch_and_parameter(tmp_path, monkeypatch):
-    import sparse_elbo.runner as runner
+    import sparse_elbo.runner.record as record
 
-    original = runner.evaluate_problem
+    original = record.evaluate_problem
     calls = {"n": 0}
 
     def poisoning(problem, weights, *args, **kwargs):
@@ -140,9 +134,9 @@ def test_non_finite_parameters_stop_the_run_naming_epoch_and_parameter(tmp_path,
                 problem.model.W_raw[0, 0] = float("inf")
         return value
 
-    monkeypatch.setattr(runner, "evaluate_problem", poisoning)
+    monkeypatch.setattr(record, "evaluate_problem", poisoning)
     with pytest.raises(FloatingPointError, match=r"epoch 2: parameter model.W_raw"):
-        run(compose_cfg(LBFGS_SMALL), tmp_path, progress=False)
+        run(sparse_elbo.compose(LBFGS_SMALL), tmp_path, progress=False)
     res = read_results(tmp_path / "results.h5")
     assert res.status == "failed" and "model.W_raw" in res.attrs["reason"]
     np.testing.assert_array_equal(res.metrics["epoch"], [0, 1])  # the last good epochs are kept

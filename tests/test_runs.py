@@ -3,38 +3,32 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
+import sparse_elbo
+from sparse_elbo.config import config_dir
 from sparse_elbo.results import read_results
 from sparse_elbo.runner import build, run
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = config_dir()
 GROUPS = {
     "dataset": ["bars"],
     "posterior": ["diag", "full", "amortized"],
     "objective": ["sampled", "analytic", "entropy"],
-    "annealing": ["none", "prior", "linear", "exponential"],
-    "trainer": ["lbfgs", "profile_lbfgs", "em", "em_reference", "em_patches", "em_patches_small", "adam"],
+    "annealing": ["none", "prior", "exponential"],
+    "trainer": ["lbfgs", "profile_lbfgs", "em", "authors_em", "adam"],
     "prior": ["laplace", "gaussian"],
 }
 SMALL = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.iterations_per_epoch=5", "evaluation.ground_truth=false"]
 SMALL_ADAM = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.batch_size=10", "evaluation.ground_truth=false"]
 SMALL_EM = ["dataset.n_data=40", "trainer.max_epochs=2", "trainer.e_step_iterations=5", "evaluation.ground_truth=false"]
-
-
-def compose_cfg(overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        return compose("train", overrides=list(overrides))
+SMALL_AUTHORS = [*SMALL_EM, "trainer.batch_size=20"]
 
 
 def test_every_group_option_exists_as_a_file():
@@ -46,12 +40,13 @@ def test_every_group_option_exists_as_a_file():
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_instantiates(group, option):
     # other groups' options with joint L-BFGS, which takes every objective, posterior and schedule
-    small = {"em": SMALL_EM, "ad": SMALL_ADAM}.get(option[:2], SMALL) if group == "trainer" else ["trainer=lbfgs", *SMALL]
-    cfg = compose_cfg([f"{group}={option}", *small])
-    dataset, problem, trainer, _ = build(cfg)
+    small = {"em": SMALL_EM, "au": SMALL_AUTHORS, "ad": SMALL_ADAM}.get(option[:2], SMALL) if group == "trainer" else ["trainer=lbfgs", *SMALL]
+    cfg = sparse_elbo.compose([f"{group}={option}", *small])
+    components = build(cfg)
+    problem = components.problem
     assert problem.x.shape == (40, 25)
     assert problem.model.W.shape == (25, 10)
-    component = {"objective": problem.objective, "annealing": problem.annealing, "trainer": trainer,
+    component = {"objective": problem.objective, "annealing": problem.annealing, "trainer": components.trainer,
                  "prior": problem.model.prior, "posterior": problem.posterior}.get(group)
     if component is not None:
         node = cfg.model.prior if group == "prior" else cfg[group]  # the prior group's package is model.prior
@@ -59,25 +54,41 @@ def test_every_option_composes_and_instantiates(group, option):
 
 
 @pytest.mark.parametrize("experiment", ["patches_em", "patches_em_small"])
-@pytest.mark.parametrize("trainer", ["em_reference", "em"])
-def test_a_trainer_chosen_with_an_experiment_replaces_the_experiments_trainer_settings_whole(experiment, trainer):
-    """``experiment=patches_em trainer=em_reference`` must run the authors' procedure as configured (100
-    E-step iterations per batch), not with the fast EM's settings merged in."""
-    with_experiment = compose_cfg([f"experiment={experiment}", f"trainer={trainer}"]).trainer
-    assert with_experiment == compose_cfg([f"trainer={trainer}"]).trainer
+def test_the_authors_procedure_on_an_experiments_data_is_its_sibling_experiment(experiment):
+    """``experiment=<name>_authors`` runs the authors' procedure as configured (100 E-step iterations per
+    batch, ...), not with the fast EM's settings merged in, on exactly the data of ``experiment=<name>``."""
+    sibling = sparse_elbo.compose([f"experiment={experiment}_authors"])
+    assert sibling.trainer == sparse_elbo.compose(["trainer=authors_em"]).trainer
+    fast = sparse_elbo.compose([f"experiment={experiment}"])
+    assert sibling.dataset == fast.dataset and sibling.n_latents == fast.n_latents and sibling.annealing == fast.annealing
+    assert sibling.posterior == fast.posterior and sibling.dtype == fast.dtype
+
+
+@pytest.mark.parametrize("experiment,message", [
+    ("patches_em_small", r"trainer\.e_step_block_size, trainer\.em_iterations_per_epoch are not settings of AuthorsEMTrainer .*sibling experiment"),
+    ("patches_em", r"Could not override 'trainer/e_step'"),  # the experiment's choice of E-step has no place there
+])
+def test_another_trainer_under_an_experiment_is_rejected_naming_the_setting_that_does_not_fit(experiment, message):
+    """An experiment's trainer settings belong to its trainer: with another trainer chosen on the command line
+    they are rejected before any compute, naming the key (the sibling experiment is the way to swap)."""
+    from sparse_elbo.cli import user_error_message
+
+    with pytest.raises(Exception) as error:
+        build(sparse_elbo.compose([f"experiment={experiment}", "trainer=authors_em"]))
+    assert re.search(message, user_error_message(error.value))
 
 
 def test_file_dataset_composes(tmp_path):
     x = np.random.default_rng(0).normal(size=(30, 6))
     np.save(tmp_path / "x.npy", x)
-    cfg = compose_cfg(["dataset=file", f"dataset.path={tmp_path / 'x.npy'}", "n_latents=3", *SMALL[1:]])
-    dataset, problem, _, _ = build(cfg)
+    cfg = sparse_elbo.compose(["dataset=file", f"dataset.path={tmp_path / 'x.npy'}", "n_latents=3", *SMALL[1:]])
+    problem = build(cfg).problem
     assert problem.x.shape == (30, 6) and problem.model.W.shape == (6, 3)
     np.testing.assert_allclose(problem.x.cpu().numpy(), x)
 
 
 def test_default_config_is_the_authors_bars_setting():
-    cfg = compose_cfg([])
+    cfg = sparse_elbo.compose([])
     assert cfg.dataset.grid == 5 and cfg.dataset.n_data == 1000 and cfg.dataset.noise == 0.1
     assert cfg.dataset.sources == "laplace" and cfg.n_latents is None
     assert cfg.posterior._target_.endswith("FullCovariancePosterior")
@@ -89,7 +100,7 @@ def test_default_config_is_the_authors_bars_setting():
 
 def test_tiny_seeded_bars_run_recovers_every_bar_and_round_trips(tmp_path):
     """A 3x3 bars problem (H=6, N=300) learned with the default objective and posterior."""
-    cfg = compose_cfg(["dataset.grid=3", "dataset.n_data=300", "seed=1", "trainer.max_epochs=40"])
+    cfg = sparse_elbo.compose(["dataset.grid=3", "dataset.n_data=300", "seed=1", "trainer.max_epochs=40"])
     summary = run(cfg, tmp_path, overrides=["dataset.grid=3"], progress=False)
     assert summary.recovered, summary.min_cosine
     assert summary.elbo >= summary.ground_truth_elbo - 0.05
@@ -117,9 +128,8 @@ def test_tiny_seeded_bars_run_recovers_every_bar_and_round_trips(tmp_path):
     model = SparseCodingModel(9, 6).double()
     model.set_dictionary(torch.as_tensor(res.final["W"]))
     q = FullGaussian(torch.as_tensor(res.final["posterior"]["mean"]), torch.as_tensor(res.final["posterior"]["scale_tril"]))
-    dataset, _, _, _ = build(cfg)
     with torch.no_grad():
-        value = EntropyELBO()(torch.as_tensor(dataset.x), q, model)
+        value = EntropyELBO()(torch.as_tensor(build(cfg).dataset.x), q, model)
     assert float(value.elbo) == pytest.approx(float(res.final["elbo"]), abs=1e-8)
     assert float(value.sigma2) == pytest.approx(float(res.final["sigma2"]), rel=1e-8)
 
@@ -127,18 +137,18 @@ def test_tiny_seeded_bars_run_recovers_every_bar_and_round_trips(tmp_path):
 def test_a_given_initial_dictionary_is_used_and_checked_against_the_data(tmp_path):
     W = np.random.default_rng(1).normal(size=(25, 10))
     np.save(tmp_path / "W.npy", W)
-    _, problem, _, _ = build(compose_cfg([f"model.init_dictionary={tmp_path / 'W.npy'}", *SMALL]))
+    problem = build(sparse_elbo.compose([f"model.init_dictionary={tmp_path / 'W.npy'}", *SMALL])).problem
     np.testing.assert_allclose(problem.model.W.detach().numpy(), W / np.linalg.norm(W, axis=0), atol=1e-12)
     np.save(tmp_path / "W_bad.npy", W[:, :8])
     with pytest.raises(ValueError, match=r"has shape \(25, 8\), but the data have D=25 and n_latents=10"):
-        build(compose_cfg([f"model.init_dictionary={tmp_path / 'W_bad.npy'}", *SMALL]))
+        build(sparse_elbo.compose([f"model.init_dictionary={tmp_path / 'W_bad.npy'}", *SMALL]))
     np.save(tmp_path / "W_nan.npy", np.full((25, 10), np.nan))
     with pytest.raises(ValueError, match="model.init_dictionary: .*NaN/Inf"):
-        build(compose_cfg([f"model.init_dictionary={tmp_path / 'W_nan.npy'}", *SMALL]))
+        build(sparse_elbo.compose([f"model.init_dictionary={tmp_path / 'W_nan.npy'}", *SMALL]))
 
 
 def test_diag_posterior_results_store_std(tmp_path):
-    cfg = compose_cfg(["posterior=diag", *SMALL])
+    cfg = sparse_elbo.compose(["posterior=diag", *SMALL])
     summary = run(cfg, tmp_path, progress=False)
     res = read_results(summary.results_path)
     assert res.final["posterior"]["std"].shape == (40, 10)
@@ -146,7 +156,7 @@ def test_diag_posterior_results_store_std(tmp_path):
 
 
 def test_a_run_never_overwrites_another_runs_file(tmp_path):
-    cfg = compose_cfg(SMALL)
+    cfg = sparse_elbo.compose(SMALL)
     run(cfg, tmp_path, progress=False)
     with pytest.raises((FileExistsError, OSError)):
         run(cfg, tmp_path, progress=False)
@@ -154,7 +164,7 @@ def test_a_run_never_overwrites_another_runs_file(tmp_path):
 
 
 def test_failing_run_leaves_a_readable_file_marked_failed(tmp_path, monkeypatch):
-    cfg = compose_cfg([*SMALL[:-1], "trainer.max_epochs=3", "evaluation.ground_truth=false"])
+    cfg = sparse_elbo.compose([*SMALL[:-1], "trainer.max_epochs=3", "evaluation.ground_truth=false"])
     from sparse_elbo import evaluation
 
     calls = {"n": 0}
@@ -167,7 +177,7 @@ def test_failing_run_leaves_a_readable_file_marked_failed(tmp_path, monkeypatch)
                 problem.posterior.mean.fill_(float("nan"))
         return original(problem, weights)
 
-    monkeypatch.setattr("sparse_elbo.runner.evaluate_problem", failing)
+    monkeypatch.setattr("sparse_elbo.runner.record.evaluate_problem", failing)
     with pytest.raises(FloatingPointError, match="epoch 1"):
         run(cfg, tmp_path, progress=False)
     res = read_results(tmp_path / "results.h5")
@@ -194,10 +204,11 @@ def test_cli_runs_and_prints_a_summary(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("posterior=banana", "Available options in 'posterior'"),
+        ("posterior=banana", "Available options in 'posterior': amortized, diag, full"),
         ("dataset.grid=1", "dataset.grid must be >= 2"),
         ("dataset.sources=gauss", "dataset.sources must be one of ['laplace', 'bernoulli']"),
         ("dataset.noise=0", "dataset.noise must be > 0"),
+        ("dataset.noise=-1", "dataset.noise must be > 0, got -1"),
         ("device=tpu", "device must be one of ['cpu', 'cuda', 'auto']"),
         ("dtype=float16", "dtype must be one of ['float32', 'float64']"),
         ("n_latents=0", "n_latents must be >= 1"),
@@ -205,7 +216,7 @@ def test_cli_runs_and_prints_a_summary(tmp_path):
         ("trainer.max_epochs=0", "trainer.max_epochs must be >= 1"),
         ("results.checkpoint_interval_s=-1", "results.checkpoint_interval_s must be >= 0, got -1"),
         ("results.snapshot_every=-2", "results.snapshot_every must be >= 0, got -2"),
-        ("annealing=linear annealing.term=noise", "annealing.term must be one of"),
+        ("trainer=lbfgs annealing=prior annealing.term=noise", "annealing.term must be one of"),
         ("model.gauge=unit_lambda", "needs model.gauge=unit_norm"),
         ("dataset.grdi=3", "grdi"),
         ("objective=analytic", "objective=analytic is not supported by trainer ProfileLBFGSTrainer; allowed objectives: ['entropy']"),
@@ -215,15 +226,56 @@ def test_cli_runs_and_prints_a_summary(tmp_path):
         ("trainer.initialisation.sparsity=0", "trainer.initialisation.sparsity must be > 0"),
         ("trainer.inner_tolerance=-1", "trainer.inner_tolerance must be >= 0"),
         ("trainer=em objective=analytic", "objective=analytic is not supported by trainer EMTrainer; allowed objectives: ['entropy']"),
-        ("trainer=em trainer.statistics=mini", "trainer.statistics must be one of ['full', 'batch']"),
+        ("trainer=adam trainer.statistics=mini", "trainer.statistics must be one of ['full', 'batch']"),
+        ("trainer=em trainer.statistics=batch", "Could not override 'trainer.statistics'"),
         ("dataset=file", "Missing mandatory value: dataset.path"),
+        ("dataset=file dataset.path=/nowhere/x.npy n_latents=3", "dataset.path='/nowhere/x.npy': no such file"),
+        ("resume=/nowhere/results.h5", "resume='/nowhere/results.h5': no such results file"),
+        ("posterior=full n_latents=20000", "reduce n_latents or dataset.n_data"),
+        ("experiment=patches_em_small trainer=adam", "trainer.e_step_block_size, trainer.e_step_iterations, trainer.em_iterations_per_epoch are not settings of AdamTrainer"),
     ],
 )
-def test_bad_overrides_fail_fast_with_a_clear_message(tmp_path, override, message):
+def test_bad_overrides_fail_fast_with_one_line_and_status_2(tmp_path, override, message):
     out = _cli([*override.split(), f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
-    assert out.returncode != 0
-    assert message in out.stderr + out.stdout
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert message in lines[0]
     assert not (tmp_path / "run" / "results.h5").exists()  # rejected before any compute
+
+
+def test_hydra_full_error_shows_the_traceback_of_a_user_error(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    out = subprocess.run([sys.executable, "-m", "sparse_elbo.train", "dataset.noise=-1", f"hydra.run.dir={tmp_path}/run"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "Traceback" in out.stderr and "dataset.noise must be > 0" in out.stderr
+
+
+def test_an_existing_results_file_is_a_user_error_and_is_left_alone(tmp_path):
+    first = _cli([*SMALL, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = _cli([*SMALL, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "already exists" in again.stderr
+    assert read_results(tmp_path / "run" / "results.h5").status == "finished"
+
+
+def test_only_user_errors_are_reported_as_one_line():
+    """A user error anywhere in an exception's cause chain is reported as one line; anything else is a bug and
+    keeps its traceback."""
+    from hydra.errors import InstantiationException
+
+    from sparse_elbo.cli import user_error_message
+    from sparse_elbo.errors import ConfigError
+
+    try:
+        try:
+            raise ConfigError("dataset.grid must be >= 2, got 1")
+        except ConfigError as cause:
+            raise InstantiationException("Error in call to target 'sparse_elbo.data.make_bars':\nConfigError(...)") from cause
+    except InstantiationException as error:
+        assert user_error_message(error) == "dataset.grid must be >= 2, got 1"
+    assert user_error_message(ZeroDivisionError("division by zero")) is None
+    assert user_error_message(ValueError("a plain ValueError from a library")) is None
 
 
 def test_multirun_sweep_writes_one_file_per_job(tmp_path):

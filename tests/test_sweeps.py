@@ -1,4 +1,4 @@
-"""Sweeps (issue #5): paper sweep configs, a multirun with a failing job read back by scripts/summarize.py,
+"""Sweeps: paper sweep configs, a multirun with a failing job read back by ``python -m sparse_elbo.summarize``,
 figures from a sweep, and the joblib, submitit_local and Optuna plugins driving sparse_elbo.train."""
 
 from __future__ import annotations
@@ -9,21 +9,20 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
+import sparse_elbo
+from sparse_elbo.config import config_dir
 from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
 from sparse_elbo.sweeps import group_runs, load_runs
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = config_dir()
 PAPER = sorted(p.stem for p in (CONFIGS / "paper").glob("*.yaml"))
 TINY = ["trainer=lbfgs", "dataset.n_data=40", "trainer.max_epochs=2", "trainer.iterations_per_epoch=5", "evaluation.ground_truth=false"]
 
@@ -33,13 +32,13 @@ def _cli(args, cwd, timeout=600):
     return subprocess.run([sys.executable, "-m", "sparse_elbo.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _script(name, *args, cwd):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+def _tool(name, *args, cwd):
+    """``python -m sparse_elbo.<name> ARGS``: the user-facing tools are package modules."""
+    return subprocess.run([sys.executable, "-m", f"sparse_elbo.{name}", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def _compose(overrides, hydra=False):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+    return sparse_elbo.compose(overrides, return_hydra_config=hydra)
 
 
 def test_every_figure_has_a_full_and_a_quick_paper_sweep():
@@ -101,7 +100,7 @@ def test_summary_has_one_row_per_configuration_with_counts_and_lists_failures(sw
     root, _ = sweep
     (root / "sweep" / "junk").mkdir()
     (root / "sweep" / "junk" / "results.h5").write_bytes(b"not an HDF5 file")  # reported, not a crash
-    out = _script("summarize.py", root / "sweep", cwd=root)
+    out = _tool("summarize", root / "sweep", cwd=root)
     assert out.returncode == 0, out.stderr
     with open(root / "sweep" / "summary.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -136,7 +135,7 @@ def test_figures_are_written_from_a_sweep(sweep, tmp_path):
     cfg = _compose(["dataset=image_patches", "dataset.patch_size=6", "dataset.n_patches=300", "n_latents=8", "posterior=diag",
                     "trainer=em", "trainer.max_epochs=2", "trainer.e_step_iterations=5", "annealing=prior", "evaluation.ground_truth=false"])
     run(cfg, directory / "patches", progress=False)
-    out = _script("figures.py", directory, "--out", tmp_path / "figures", cwd=tmp_path)
+    out = _tool("figures", directory, "--out", tmp_path / "figures", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for name in ("bars_fields", "recovery", "elbo", "entropies", "gini", "annealing", "dictionary_0"):
         for suffix in ("png", "pdf"):
@@ -188,7 +187,7 @@ def test_reproduce_table_reports_each_sweeps_headline_and_time(sweep):
     paper.mkdir(parents=True, exist_ok=True)
     if not (paper / "bars_recovery_quick").exists():
         (paper / "bars_recovery_quick").symlink_to(root / "sweep")
-    out = _script("headlines.py", "quick", "report.md", 42, 2, 1, "bars_recovery_quick|40|2", cwd=root)
+    out = _tool("report", "quick", "report.md", 42, 2, 1, "bars_recovery_quick|40|2", cwd=root)
     assert out.returncode == 0, out.stderr
     report = (root / "report.md").read_text()
     row = next(line for line in report.splitlines() if "paper=bars_recovery_quick" in line)

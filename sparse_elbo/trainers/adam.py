@@ -1,4 +1,4 @@
-"""Minibatch Adam (SPEC §6 ``adam``) for amortised and per-data-point posteriors.
+"""Minibatch Adam for amortised and per-data-point posteriors (docs/design.md §7.5).
 
 One epoch: a permutation of the data (``shuffle=True``; drawn from a generator seeded with the run's
 seed, so runs are reproducible and a resumed run continues the same sequence), then one Adam step per
@@ -7,7 +7,7 @@ batch. Parameters: W (unit-norm columns through the model's gauge), σ² and λ 
 them, and the posterior's parameters (the encoder's weights, or every ``μ_n, Σ_n``: rows outside the
 batch get zero gradient). Nothing in the inner loop reads a value back to the host.
 
-The entropy objective's ``σ²*, λ*`` are data-set averages (SPEC §4); ``statistics`` says how a minibatch
+The entropy objective's ``σ²*, λ*`` are data-set averages (docs/design.md §3); ``statistics`` says how a minibatch
 step estimates them:
 
 - ``full`` (default): the per-data-point statistics ``r_n = ||x_n - Wμ_n||² + tr(WᵀWΣ_n)`` and
@@ -25,12 +25,17 @@ Whatever the estimator, the values reported after each epoch are the exact full-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from sparse_elbo.evaluation import data_blocks
+from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.errors import ConfigError
+from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.objectives import DataStatistics
-from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
-from sparse_elbo.validation import require_at_least, require_one_of
+from sparse_elbo.problem import Problem
+from sparse_elbo.trainers.base import FAMILIES, OBJECTIVES, Capabilities, Sizes, Trainer
+from sparse_elbo.validation import require_at_least, require_one_of, require_positive
 
 STATISTICS = ("full", "batch")
 
@@ -68,9 +73,21 @@ class StatisticsStore:
         )
 
 
-class AdamTrainer:
-    supported_families = ("diag", "full", "amortized")
-    supported_objectives = ("sampled", "analytic", "entropy")
+@dataclass
+class AdamState:
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Adam
+    shuffle_generator: torch.Generator  # the order of the data points in each epoch
+    noise_generator: torch.Generator  # the sampled objective's noise
+    store: StatisticsStore | None  # full-data σ²*, λ* statistics (entropy objective, statistics=full)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "shuffle_generator": self.shuffle_generator.get_state(),
+                "noise_generator": self.noise_generator.get_state()}
+
+
+class AdamTrainer(Trainer):
+    capabilities = Capabilities(families=FAMILIES, objectives=OBJECTIVES, annealing=True)
 
     def __init__(
         self,
@@ -85,11 +102,10 @@ class AdamTrainer:
     ):
         require_at_least("trainer", 1, max_epochs=max_epochs, batch_size=batch_size, statistics_block_size=statistics_block_size)
         require_one_of("trainer.statistics", statistics, STATISTICS)
-        if not learning_rate > 0:
-            raise ValueError(f"trainer.learning_rate must be > 0, got {learning_rate}")
+        require_positive("trainer", learning_rate=learning_rate)
         betas = tuple(float(b) for b in betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"trainer.betas must be two numbers in [0, 1), got {list(betas)}")
+            raise ConfigError(f"trainer.betas must be two numbers in [0, 1), got {list(betas)}")
         self.max_epochs = int(max_epochs)
         self.batch_size = int(batch_size)
         self.learning_rate = float(learning_rate)
@@ -99,48 +115,43 @@ class AdamTrainer:
         self.statistics_block_size = int(statistics_block_size)
         self.train_dictionary = bool(train_dictionary)
 
+    def start(self, problem: Problem, saved: dict | None) -> AdamState:
+        params = problem.trainable_parameters(self.train_dictionary)
+        device = problem.x.device
+        state = AdamState(
+            params,
+            torch.optim.Adam(params, lr=self.learning_rate, betas=self.betas),
+            torch.Generator(device=device).manual_seed(problem.seed),
+            torch.Generator(device=device).manual_seed(problem.seed * 1_000_003 + 1),
+            # the full-data store is only needed where the objective uses σ²*, λ* (the entropy objective)
+            StatisticsStore(problem, self.statistics_block_size)
+            if self.statistics == "full" and not problem.objective.learns_noise_and_prior_scale else None,
+        )
+        if saved is not None:
+            state.optimizer.load_state_dict(saved["optimizer"])
+            state.shuffle_generator.set_state(saved["shuffle_generator"].cpu())  # generator states live on the host
+            state.noise_generator.set_state(saved["noise_generator"].cpu())
+        return state
+
     def _batches(self, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, ...]:
         order = torch.randperm(n, generator=generator, device=device) if self.shuffle else torch.arange(n, device=device)
         return order.split(self.batch_size)
 
-    def fit(self, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, state: dict | None = None) -> FitOutcome:
-        """Train; after each completed epoch ``checkpoint(epoch, trainer_state)`` (if given) receives the
-        optimiser's state and both generators' states: pass it back as ``state`` to resume exactly."""
-        x, model, objective = problem.x, problem.model, problem.objective
-        params = problem.trainable_parameters(self.train_dictionary)
-        optimizer = torch.optim.Adam(params, lr=self.learning_rate, betas=self.betas)
-        shuffle_generator = torch.Generator(device=x.device).manual_seed(problem.seed)
-        noise_generator = torch.Generator(device=x.device).manual_seed(problem.seed * 1_000_003 + 1)
-        state = state or {}
-        if state:
-            optimizer.load_state_dict(state["optimizer"])
-            shuffle_generator.set_state(state["shuffle_generator"].cpu())  # generator states live on the host
-            noise_generator.set_state(state["noise_generator"].cpu())
-        stopwatch = Stopwatch(total=state.get("train_time", 0.0))
-        # The full-data store is only needed where the objective uses σ²*, λ* (the entropy objective).
-        store = None
-        if self.statistics == "full" and not objective.learns_noise_and_prior_scale:
-            store = StatisticsStore(problem, self.statistics_block_size)
-        for epoch in range(state.get("epoch", -1) + 1, self.max_epochs):
-            weights = problem.annealing(epoch)
-            with stopwatch:
-                if store is not None:
-                    store.refresh()
-                for index in self._batches(x.shape[0], shuffle_generator, x.device):
-                    x_batch, q = x[index], problem.q(index)
-                    statistics = None
-                    if store is not None:
-                        statistics = store.statistics(index, *objective.batch_statistics(x_batch, q, model))
-                    value = objective(x_batch, q, model, weights, generator=noise_generator, statistics=statistics)
-                    optimizer.zero_grad(set_to_none=True)
-                    (-value.weighted).backward()
-                    optimizer.step()
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-            evaluate(epoch, weights, stopwatch.total)
-            if checkpoint is not None:
-                checkpoint(epoch, {
-                    "epoch": epoch, "optimizer": optimizer.state_dict(), "train_time": stopwatch.total,
-                    "shuffle_generator": shuffle_generator.get_state(), "noise_generator": noise_generator.get_state(),
-                })
-        return FitOutcome(self.max_epochs, False, "max_epochs", stopwatch.total)
+    def train_epoch(self, problem: Problem, state: AdamState, epoch: int, weights: AnnealingWeights) -> None:
+        """One shuffled pass in minibatches; nothing in the loop reads a value back to the host."""
+        x, model, objective, store = problem.x, problem.model, problem.objective, state.store
+        if store is not None:
+            store.refresh()
+        for index in self._batches(x.shape[0], state.shuffle_generator, x.device):
+            x_batch, q = x[index], problem.q(index)
+            statistics = None
+            if store is not None:
+                statistics = store.statistics(index, *objective.batch_statistics(x_batch, q, model))
+            value = objective(x_batch, q, model, weights, generator=state.noise_generator, statistics=statistics)
+            state.optimizer.zero_grad(set_to_none=True)
+            (-value.weighted).backward()
+            state.optimizer.step()
+
+    def working_memory(self, sizes: Sizes) -> int:
+        """Parameters, gradients and Adam's two moments of every parameter."""
+        return 4 * (sizes.posterior_numbers + sizes.n_observed * sizes.n_latents)

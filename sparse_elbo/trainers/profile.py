@@ -1,4 +1,4 @@
-"""Full-batch L-BFGS on the dictionary's profile objective (the default for the bars).
+"""Full-batch L-BFGS on the dictionary's profile objective (the default for the bars; docs/design.md §7.2).
 
 The entropy objective's profile in ``W``,
 
@@ -6,45 +6,55 @@ The entropy objective's profile in ``W``,
 
 is maximised with ``torch.optim.LBFGS`` (strong Wolfe) on ``W`` alone (its raw parameters under the
 unit-norm gauge). Every evaluation of ``P`` solves for all posteriors at that ``W`` with the batched
-fixed-point iteration of ``trainers/fixed_point.py``, warm-started from the previous evaluation's
-``q``, until ``L_H`` changes by less than ``inner_tolerance`` (relative) per iteration. By the
-envelope theorem ``∇P(W) = ∂L_H/∂W`` at that ``q``, which is in closed form
-(``_FixedPoint.dictionary_gradient``; σ²* is the only term of ``L_H`` that depends on ``W`` at fixed q).
+fixed-point iteration (``inference/fixed_point.py``), warm-started from the previous evaluation's ``q``,
+until ``L_H`` changes by less than ``inner_tolerance`` (relative) per iteration. By the envelope theorem
+``∇P(W) = ∂L_H/∂W`` at that ``q``, which is in closed form (only σ²* depends on W at fixed q).
 
 Why not joint L-BFGS on W and q (``trainer=lbfgs``): near an optimum the joint problem creeps, with q
-lagging behind W along the bars' flat direction; from the same start, joint L-BFGS gains ~1e-4 nats per
-epoch for 150+ epochs where the profile settles in ~15 (README, *Benchmark*). With q always at its
-optimum, L-BFGS sees a 250-dimensional, well-conditioned problem.
+lagging behind W along the bars' flat direction. With q always at its optimum, L-BFGS sees a small,
+well-conditioned problem in W.
 
 The start comes from ``initialisation`` (``sparse_elbo/initialisation.py``; MAP sparse coding by
 default), counted as training time; ``q`` starts at the fixed-point fit from least-squares codes.
 
 One *epoch* is ``iterations_per_epoch`` L-BFGS iterations, then ``q`` is refitted at the accepted ``W``
-(the last evaluation may have been a rejected line-search point), written into the posterior with
-``σ²*, λ*`` into the model, and evaluated. Convergence: ``convergence.StopRule`` on ``P`` and the
-largest entry of ``∇(N P)`` in the raw dictionary, or ``max_epochs``.
+(the last evaluation may have been a rejected line-search point) and written into the posterior, with
+``σ²*, λ*`` into the model. Stop rule: ``convergence.StopRule`` on ``P`` and the largest entry of
+``∇(N P)`` in the raw dictionary, or ``max_epochs``.
 
 Supports the entropy objective with per-data-point diagonal or full-covariance posteriors and no
 annealing (the fixed-point iteration maximises the unweighted ``L_H``). With diagonal posteriors at a
 rank-deficient dictionary ``max_q L_H`` has several nearby stationary points in q, and the warm-started
-fits follow one of them: on 3×3 bars (N = 300) a cold fit at the final W ended 0.004 nats higher.
+fits follow one of them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from sparse_elbo.initialisation import RandomDictionary
-from sparse_elbo.problem import Checkpoint, Evaluate, FitOutcome, Problem, Stopwatch
+from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.inference.fixed_point import FixedPointFit
+from sparse_elbo.initialisation import SparseCodingDictionary
+from sparse_elbo.problem import Problem
+from sparse_elbo.trainers.base import Capabilities, Sizes, Trainer
 from sparse_elbo.trainers.convergence import StopRule, full_batch_lbfgs
-from sparse_elbo.trainers.fixed_point import _FixedPoint
 from sparse_elbo.validation import require_at_least
 
 
-class ProfileLBFGSTrainer:
-    supported_families = ("diag", "full")
-    supported_objectives = ("entropy",)
-    supports_annealing = False
+@dataclass
+class ProfileState:
+    fit: FixedPointFit  # q at the current W, and the warm start of the next fit
+    optimizer: torch.optim.LBFGS
+    largest_gradient: float = float("nan")  # of ∇(N P) at the end of the last epoch
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "fixed_point": self.fit.state()}
+
+
+class ProfileLBFGSTrainer(Trainer):
+    capabilities = Capabilities(families=("diag", "full"), objectives=("entropy",), annealing=False)
 
     def __init__(
         self,
@@ -69,63 +79,48 @@ class ProfileLBFGSTrainer:
         self.inner_tolerance = float(inner_tolerance)
         self.inner_max_iterations = int(inner_max_iterations)
         self.line_search_steps = int(line_search_steps)
-        self.initialisation = initialisation if initialisation is not None else RandomDictionary()
-        self.train_dictionary = True
+        self.initialisation = initialisation if initialisation is not None else SparseCodingDictionary()
 
-    def _optimizer(self, params):
-        return full_batch_lbfgs(params, self.iterations_per_epoch, self.history_size)
-
-    def fit(self, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, state: dict | None = None) -> FitOutcome:
-        """Train; after each completed epoch ``checkpoint(epoch, trainer_state)`` (if given) receives
-        everything needed to continue exactly: pass it back as ``state`` to resume."""
-        x, model, posterior = problem.x, problem.model, problem.posterior
-        weights = problem.annealing(0)  # always 1 (``supports_annealing = False``: checked by the runner's build)
-        state = state or {}
-        stopwatch = Stopwatch(total=state.get("train_time", 0.0))
-        with stopwatch, torch.no_grad():
-            if not state:
+    def start(self, problem: Problem, saved: dict | None) -> ProfileState:
+        x, model = problem.x, problem.model
+        with torch.no_grad():
+            if saved is None:
                 generator = torch.Generator(device=x.device).manual_seed(problem.seed)
                 model.set_dictionary(self.initialisation(x, model.W, generator))
-            fit = _FixedPoint(x, model.W, model.prior, full=posterior.family == "full")
-            if state.get("fixed_point") is not None:
-                fit.mean, fit.curvature, fit.sigma2, fit.lam = state["fixed_point"]
-        params = [model.W_raw]
-        optimizer = self._optimizer(params)
-        if state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        n_data = x.shape[0]
+            fit = FixedPointFit(x, model.W, model.prior, full=problem.posterior.family == "full")
+            if saved is not None:
+                fit.load_state(saved["fixed_point"])
+        optimizer = full_batch_lbfgs([model.W_raw], self.iterations_per_epoch, self.history_size)
+        if saved is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        return ProfileState(fit, optimizer)
 
-        def closure():
+    def _closure(self, problem: Problem, state: ProfileState):
+        model, n_data = problem.model, problem.x.shape[0]
+
+        def closure():  # -N P(W) and its gradient in W_raw
             with torch.no_grad():
                 W = model.W
-                fit.set_dictionary(W)
-                fit.run(self.inner_max_iterations, self.inner_tolerance, self.line_search_steps)
-                model.W_raw.grad = -model.raw_gradient(fit.dictionary_gradient(W))
-                return -n_data * fit.value
+                state.fit.set_dictionary(W)
+                state.fit.run(self.inner_max_iterations, self.inner_tolerance, self.line_search_steps)
+                model.W_raw.grad = -model.raw_gradient(state.fit.dictionary_gradient(W))
+                return -n_data * state.fit.value
 
-        previous, stalled_epochs, outcome = state.get("previous"), state.get("stalled_epochs", 0), None
-        for epoch in range(state.get("epoch", -1) + 1, self.max_epochs):
-            with stopwatch:
-                optimizer.step(closure)
-                closure()  # q at the accepted W (the last evaluation may have been a rejected trial)
-                max_grad = float(model.W_raw.grad.abs().max())
-                fit.write_to(posterior, model)
-            current = float(evaluate(epoch, weights, stopwatch.total).elbo)
-            if previous is not None:
-                decision = self.stop_rule.decide(previous, current, max_grad, stalled_epochs)
-                stalled_epochs = decision.stalled_epochs
-                if decision.restart:
-                    optimizer = self._optimizer(params)
-                if decision.stop_reason is not None:
-                    outcome = FitOutcome(epoch + 1, decision.stop_reason == "converged", decision.stop_reason, stopwatch.total)
-            previous = current
-            if checkpoint is not None:
-                checkpoint(epoch, {
-                    "epoch": epoch, "previous": previous, "stalled_epochs": stalled_epochs,
-                    "optimizer": optimizer.state_dict(), "train_time": stopwatch.total, "outcome": outcome,
-                    "fixed_point": (fit.mean, fit.curvature, fit.sigma2, fit.lam),
-                })
-            if outcome is not None:
-                return outcome
-        return state.get("outcome") or FitOutcome(self.max_epochs, False, "max_epochs", stopwatch.total)
+        return closure
 
+    def train_epoch(self, problem: Problem, state: ProfileState, epoch: int, weights: AnnealingWeights) -> None:
+        closure = self._closure(problem, state)
+        state.optimizer.step(closure)
+        closure()  # q at the accepted W (the last evaluation may have been a rejected trial)
+        state.largest_gradient = float(problem.model.W_raw.grad.abs().max())
+        state.fit.write_to(problem.posterior, problem.model)
+
+    def largest_gradient(self, problem: Problem, state: ProfileState) -> float:
+        return state.largest_gradient
+
+    def restart(self, state: ProfileState) -> None:
+        state.optimizer = full_batch_lbfgs(state.optimizer.param_groups[0]["params"], self.iterations_per_epoch, self.history_size)
+
+    def working_memory(self, sizes: Sizes) -> int:
+        """The posteriors and the fixed-point fit's N × H × H precisions, factors and inverses."""
+        return sizes.posterior_numbers + 5 * sizes.n_data * sizes.n_latents**2

@@ -1,4 +1,4 @@
-"""Importance-sampled log p(x) (sparse_elbo/likelihood.py) against the exact value of a one-latent model,
+"""Importance-sampled log p(x) (sparse_elbo/held_out.py) against the exact value of a one-latent model,
 computed by quadrature: above the ELBO, converging to log p(x) within its standard error; refinement."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from sparse_elbo.likelihood import held_out_metrics, importance_log_weights, importance_sampled_log_px, refine
+from sparse_elbo.held_out import held_out_metrics, importance_log_weights, importance_sampled_log_px, refine
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO
 from sparse_elbo.posteriors import DiagonalPosterior

@@ -3,7 +3,7 @@ seed aside) and write ``summary.csv`` (one row per configuration: the swept keys
 count of each quantity), ``runs.csv`` (one row per run) and ``summary.md`` (a Markdown table, printed
 too, with the runs that did not finish listed under it with their reason).
 
-    python scripts/summarize.py outputs/paper/bars_recovery [--out DIR]
+    python -m sparse_elbo.summarize outputs/paper/bars_recovery [--out DIR]
 
 Quantities (those the runs have): final ELBO, ELBO − ground-truth ELBO and recovery rate (bars), σ,
 final Gini, median localisation (patches), held-out log p(x) and amortisation gap (held-out data),
@@ -18,7 +18,16 @@ import csv
 import sys
 from pathlib import Path
 
-from sparse_elbo.sweeps import QUANTITIES, group_runs, load_runs, markdown_table, not_finished, relative, run_quantities, summary_rows
+from sparse_elbo.sweeps import (
+    QUANTITIES,
+    group_runs,
+    load_runs,
+    markdown_table,
+    not_finished,
+    relative,
+    run_quantities,
+    summary_rows,
+)
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:

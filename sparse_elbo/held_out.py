@@ -1,4 +1,4 @@
-"""Held-out evaluation (SPEC §8): the ELBO of the encoder's q, the ELBO after refining q per data point,
+"""Held-out evaluation (docs/design.md §10.4): the ELBO of the encoder's q, the ELBO after refining q per data point,
 the amortisation gap, and an importance-sampled estimate of ``log p(x)``.
 
 Importance sampling with q as proposal, per data point, ``K`` samples ``z_k ~ q_n``:
@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from sparse_elbo import closed_forms
-from sparse_elbo.evaluation import data_blocks
-from sparse_elbo.annealing import AnnealingWeights, NoAnnealing
+from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.inference.e_step import AnalyticEStep, BlockLBFGS
+from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.objectives import AnalyticELBO
-from sparse_elbo.problem import Problem
-from sparse_elbo.trainers.em import EMTrainer
 from sparse_elbo.validation import require_at_least
 
 
@@ -96,14 +95,11 @@ def _select(q, index: torch.Tensor):
 
 def refine(x: torch.Tensor, posterior, model, iterations: int = 200, block_size: int = 4096, history_size: int = 20):
     """Maximise the analytic ELBO at the model's ``W, σ², λ`` over each ``q_n`` of a per-data-point
-    posterior for data ``x`` (modified in place): the variational E-step of ``trainers/em.py`` with
-    W, σ², λ fixed — L-BFGS (strong Wolfe) on the summed ELBO, block by block, since the problem
-    separates across data points (fused value and gradient for diagonal q under the Laplace prior)."""
-    problem = Problem(x=x, model=model, posterior=posterior, objective=AnalyticELBO(), annealing=NoAnnealing())
-    e_step = EMTrainer(e_step_iterations=iterations, e_step_block_size=block_size, history_size=history_size,
-                       e_step_tolerance=1e-12)
+    posterior for data ``x`` (modified in place): the E-step of EM with W, σ², λ fixed — L-BFGS (strong
+    Wolfe) on the summed ELBO, block by block, since the problem separates across data points."""
+    driver, e_step = BlockLBFGS(iterations, None, history_size, 1e-12), AnalyticEStep()
     for index in data_blocks(x.shape[0], block_size, x.device):
-        e_step.e_step(problem, index, AnalyticELBO(), AnnealingWeights())
+        driver.optimise(posterior, index, model, e_step.block_loss(x[index], posterior, model, AnnealingWeights()))
     return posterior
 
 

@@ -10,10 +10,10 @@ depends on what the sweep holds:
   run, the configuration's mean in bold), ``gini`` (Gini of |z| per epoch), and ``entropies`` (the
   three entropies of the entropy ELBO per epoch) where runs used the entropy objective;
 - image patches: ``dictionary_<k>`` (each configuration's fields ordered by λ, largest first, from
-  ``scripts/plot_run.py``) and ``annealing`` (ELBO, Gini and median localisation per epoch with
+  ``sparse_elbo.plot_run``) and ``annealing`` (ELBO, Gini and median localisation per epoch with
   annealed epochs shaded, and every field's final localisation per configuration).
 
-    python scripts/figures.py outputs/paper/bars_recovery [--out DIR]
+    python -m sparse_elbo.figures outputs/paper/bars_recovery [--out DIR]
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plot_run import field_shape, plot_dictionary  # noqa: E402  (one run's dictionary ordered by λ)
-
+from sparse_elbo.plot_run import field_shape, plot_dictionary  # noqa: E402  (one run's dictionary ordered by λ)
 from sparse_elbo.sweeps import Group, group_runs, load_runs  # noqa: E402
 
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7, "figure.dpi": 100})
@@ -282,7 +280,7 @@ def figure_annealing(groups: list[Group]):
     for ax in axes[:3]:
         _shade_annealing(ax, [r for g in patches for r in g.runs if r.results is not None])
     values = []
-    for k, g in enumerate(patches):
+    for g in patches:
         loc = [np.asarray(r.results.final["localisation"]) for r in g.finished if "localisation" in r.results.final]
         values.append(np.concatenate(loc) if loc else np.array([np.nan]))
     data = [v[np.isfinite(v)] if np.isfinite(v).any() else [0.0] for v in values]

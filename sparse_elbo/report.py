@@ -1,8 +1,8 @@
-"""The README-ready table of scripts/reproduce.sh: for each paper sweep that was run, the figure, the
-command, the headline numbers per configuration (from its results files) and the measured times; then
-each sweep's summary table. Called by reproduce.sh; can be rerun on existing sweeps:
+"""The report of ``scripts/reproduce.sh``: for each paper sweep that was run, the figure, the command, the
+headline numbers per configuration (from its results files) and the measured times; then each sweep's
+summary table. Called by reproduce.sh; can be rerun on existing sweeps:
 
-    python scripts/headlines.py quick outputs/paper/reproduce_quick.md TOTAL_S JOBS THREADS NAME|SWEEP_S|POST_S ...
+    python -m sparse_elbo.report quick outputs/paper/reproduce_quick.md TOTAL_S JOBS THREADS NAME|SWEEP_S|POST_S ...
 """
 
 from __future__ import annotations

@@ -1,0 +1,77 @@
+"""Command-line error reporting: a user error prints one line ``error: …`` and exits with status 2; a bug
+keeps its traceback. ``HYDRA_FULL_ERROR=1`` shows every traceback, user errors included."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from sparse_elbo.errors import UserError
+
+USER_ERROR_STATUS = 2
+
+
+def one_line(text: str) -> str:
+    """Hydra's and OmegaConf's messages on one line: the lines after one ending in ``:`` become a list,
+    OmegaConf's ``full_key:``/``object_type=`` detail lines are dropped."""
+    text = str(text).split("\nConfig search path")[0]  # Hydra's list of search paths: not for the user
+    parts = [p.strip() for p in text.splitlines()]
+    parts = [p for p in parts if p and not p.startswith(("full_key:", "object_type=", "reference_type="))]
+    out: list[str] = []
+    for part in parts:
+        if out and out[-1].endswith(":"):
+            out[-1] = f"{out[-1]} {part}"
+        elif out and out[-1].endswith(("_", ",")) or (out and ":" in out[-1] and len(part.split()) == 1):
+            out[-1] = f"{out[-1]}, {part}"
+        else:
+            out.append(part)
+    return ". ".join(p.rstrip(".") for p in out)
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of a user error (a bad override, a missing key or value, a ``UserError``
+    anywhere in the cause chain); None for anything else, which is a bug."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
+
+    chain, seen = [], error
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for item in chain:
+        if isinstance(item, UserError):
+            return one_line(str(item))
+    for item in chain:
+        if isinstance(item, (MissingMandatoryValue, ConfigKeyError)):
+            return one_line(str(item))
+        if isinstance(item, (ConfigCompositionException, MissingConfigException)):
+            cause = item.__cause__
+            detail = f" ({one_line(str(cause))})" if cause is not None and str(cause) not in str(item) else ""
+            return one_line(str(item)) + detail
+    return None
+
+
+_SHOW_TRACEBACKS = {"value": os.environ.get("HYDRA_FULL_ERROR") == "1"}  # as the user set it, before report_user_errors
+
+
+def exit_on_user_error(error: BaseException) -> None:
+    """Print a user error as one line and exit with status 2 (unless the user asked for tracebacks); return
+    for anything else, which the caller re-raises."""
+    message = None if _SHOW_TRACEBACKS["value"] else user_error_message(error)
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
+
+
+def report_user_errors(main: Callable[[], object]) -> None:
+    """Run a command-line ``main`` (a Hydra entry point): user errors become one line on stderr and exit
+    status 2 (module docstring). Errors inside a single run's task are reported there (``exit_on_user_error``),
+    before Hydra prints its own line about the failed job."""
+    _SHOW_TRACEBACKS["value"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing, so the error can be classified
+    try:
+        main()
+    except Exception as error:
+        exit_on_user_error(error)
+        raise

@@ -1,0 +1,37 @@
+"""The errors a user can cause, kept apart from bugs.
+
+Every check of user input (a config value, a file, a size that cannot fit in memory) raises a
+``UserError``; the command line prints such errors as one line ``error: …`` and exits with status 2
+(``sparse_elbo.cli``). Anything else is a bug and keeps its traceback. Each class also derives from the
+built-in exception a caller would expect (``ValueError`` for a bad value, ``FileNotFoundError`` for a
+missing file, ...), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: the message names the config key, the value and what is allowed."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value (or a value in a user's file) that is not allowed."""
+
+
+class ConfigKeyError(UserError, KeyError):
+    """A key (a config key, or a variable in a user's file) that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder named in the config that does not exist."""
+
+
+class InsufficientMemoryError(UserError, MemoryError):
+    """A run whose arrays cannot fit in the memory of its device, found before allocating them."""
+
+
+class ExistingFileError(UserError, FileExistsError):
+    """An output file that already exists: a run never overwrites another."""

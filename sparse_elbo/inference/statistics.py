@@ -1,0 +1,84 @@
+"""Data blocks and sufficient statistics (docs/design.md §6.1).
+
+A pass over the data in blocks of points keeps memory bounded. For a set of data points and their
+posteriors, the sums
+
+    x_energy = Σ_n ||x_n||²,  cross = Σ_n x_n μ_nᵀ (D,H),  second_moment = Σ_n (μ_n μ_nᵀ + Σ_n) (H,H),
+    prior = Σ_n t_n (H,)   (the prior's statistic, E|z| for Laplace)
+
+give the full-data ``σ²*``, ``λ*`` and the closed-form dictionary for *any* W
+(``closed_forms.expected_residual_from_sums``, ``closed_forms.optimal_dictionary``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparse_elbo import closed_forms
+
+
+def data_blocks(n: int, size: int, device) -> list[torch.Tensor]:
+    """Consecutive index blocks covering ``0..n-1``."""
+    return [torch.arange(start, min(start + size, n), device=device) for start in range(0, n, size)]
+
+
+@dataclass
+class SufficientStatistics:
+    """Sums over a set of data points (float64); ``count`` is N of the whole data set (module docstring)."""
+
+    x_energy: torch.Tensor
+    cross: torch.Tensor
+    second_moment: torch.Tensor
+    prior: torch.Tensor
+    count: int
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, x: torch.Tensor, q, prior, count: int, x_energy: torch.Tensor | None = None) -> SufficientStatistics:
+        """The sums of the data points ``x (B,D)`` with Gaussians ``q`` (``x_energy``: their Σ||x||², when
+        known — it never changes). Products in the data's dtype, sums accumulated in float64."""
+        f64 = torch.float64
+        return cls(
+            x.pow(2).sum(dtype=f64) if x_energy is None else x_energy,
+            (x.T @ q.mean).to(f64),  # (D,H)
+            (q.mean.T @ q.mean + q.covariance_sum()).to(f64),  # (H,H)
+            prior.statistic(q.mean, q.variance).sum(0, dtype=f64),  # (H,)
+            count,
+        )
+
+    def residual(self, W: torch.Tensor) -> torch.Tensor:
+        """``Σ_n E||x_n - W z||²`` for the dictionary ``W (D,H)``."""
+        return closed_forms.expected_residual_from_sums(self.x_energy, self.cross, self.second_moment, W.to(self.cross.dtype))
+
+    def noise_and_prior_scale(self, W: torch.Tensor, n_observed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``σ²*`` and ``λ*`` (H,) of these sums (taken as the whole data set's) at the dictionary W."""
+        sigma2 = closed_forms.optimal_sigma2(self.residual(W), n_observed, self.count)
+        return sigma2, closed_forms.optimal_lambda(self.prior, self.count)
+
+    def rescaled(self, scale: torch.Tensor, prior_degree: int) -> SufficientStatistics:
+        """The sums after the gauge change ``z_h → c_h z_h`` (``t(c z) = c^degree t(z)``)."""
+        scale = scale.to(self.cross.dtype)
+        return SufficientStatistics(
+            self.x_energy, self.cross * scale, self.second_moment * torch.outer(scale, scale),
+            self.prior * scale**prior_degree, self.count,
+        )
+
+    def _combine(self, other: SufficientStatistics, sign: float) -> SufficientStatistics:
+        return SufficientStatistics(
+            self.x_energy + sign * other.x_energy, self.cross + sign * other.cross,
+            self.second_moment + sign * other.second_moment, self.prior + sign * other.prior, self.count,
+        )
+
+    def __add__(self, other: SufficientStatistics) -> SufficientStatistics:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: SufficientStatistics) -> SufficientStatistics:
+        return self._combine(other, -1.0)
+
+
+def total(statistics) -> SufficientStatistics:
+    """The sum of a sequence of block statistics."""
+    statistics = list(statistics)
+    return sum(statistics[1:], statistics[0])

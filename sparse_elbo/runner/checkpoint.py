@@ -1,0 +1,100 @@
+"""Checkpoints (everything needed to continue a run exactly) and the signal guard that keeps every
+results-file write whole."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from sparse_elbo.errors import ConfigError
+from sparse_elbo.problem import Problem
+from sparse_elbo.results import ResultsWriter, read_checkpoint
+from sparse_elbo.runner.build import checkpoint_interval
+
+FORMAT = 2  # the layout of checkpoint.pt: {"format", "model", "posterior", "fit": {"loop", "trainer"}, "torch_rng"}
+
+
+class RunInterrupted(RuntimeError):
+    """SIGTERM (or SIGINT) arrived while training."""
+
+
+class SignalGuard:
+    """Turns SIGTERM into ``RunInterrupted`` — at once while computing, but deferred to the end of a
+    results-file write (``with guard.writing():``) so that a write is never cut in half."""
+
+    def __init__(self):
+        self.depth, self.pending = 0, None
+
+    def handler(self, signum, frame):
+        if self.depth > 0:
+            self.pending = signum
+            return
+        raise RunInterrupted(f"received signal {signum}")
+
+    @contextlib.contextmanager
+    def writing(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise RunInterrupted(f"received signal {signum}")
+
+
+class Checkpointer:
+    """``checkpoint(epoch, fit_state)`` for the training loop: every ``results.checkpoint_every`` epochs,
+    once at least ``results.checkpoint_interval_s`` seconds have passed since the last one (or the start),
+    atomically replaces ``checkpoint.pt`` beside the results file."""
+
+    def __init__(self, cfg: DictConfig, problem: Problem, writer: ResultsWriter, guard: SignalGuard):
+        self.every, self.interval = int(cfg.results.checkpoint_every), checkpoint_interval(cfg)
+        self.problem, self.writer, self.guard = problem, writer, guard
+        self.last = time.monotonic()
+
+    def __call__(self, epoch: int, fit_state: dict) -> None:
+        if self.every <= 0 or (epoch + 1) % self.every:
+            return
+        if time.monotonic() - self.last < self.interval:
+            return  # short epochs: a checkpoint (the L-BFGS memory) would cost more than they do
+        buffer = io.BytesIO()
+        torch.save({"format": FORMAT, "model": self.problem.model.state_dict(), "posterior": self.problem.posterior.state_dict(),
+                    "fit": fit_state, "torch_rng": torch.get_rng_state()}, buffer)
+        with self.guard.writing():
+            self.writer.write_checkpoint(epoch, buffer.getvalue())
+        self.last = time.monotonic()
+
+
+def read_checkpoint_state(path: str | Path) -> dict:
+    """The checkpoint beside the results file ``path``, deserialised (tensors on the host)."""
+    _, blob = read_checkpoint(path)
+    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
+    if state.get("format") != FORMAT:
+        raise ConfigError(f"resume={str(path)!r}: its checkpoint was written by an earlier version of sparse_elbo and "
+                          "cannot be resumed by this one (the results file itself can still be read)")
+    return state
+
+
+def restore(state: dict, problem: Problem) -> dict:
+    """Restore the modules and the global RNG from a checkpoint's ``state``; return the training loop's
+    saved state (for ``trainers.base.fit``), moved to the run's device."""
+    problem.model.load_state_dict(state["model"])
+    problem.posterior.load_state_dict(state["posterior"])
+    torch.set_rng_state(state["torch_rng"])
+    return _to_device(state["fit"], problem.x.device)
+
+
+def _to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value

@@ -1,0 +1,100 @@
+"""One run, start to end: build, train with the shared epoch loop, evaluate, write ``results.h5``; or
+resume a run from its checkpoint. Every exit leaves the results file readable and marked
+``finished``, ``failed`` or ``interrupted``."""
+
+from __future__ import annotations
+
+import platform
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from sparse_elbo.errors import MissingFileError
+from sparse_elbo.results import ResultsWriter, read_results, require_new_results_file
+from sparse_elbo.runner.build import Components, build, results_path
+from sparse_elbo.runner.checkpoint import Checkpointer, RunInterrupted, SignalGuard, read_checkpoint_state, restore
+from sparse_elbo.runner.final import RunSummary, final_evaluation
+from sparse_elbo.runner.record import EpochRecorder
+from sparse_elbo.trainers.base import fit
+from sparse_elbo.version import __version__
+
+
+def _versions() -> str:
+    import h5py
+    import hydra
+
+    return (f"sparse_elbo={__version__} torch={torch.__version__} numpy={np.__version__} "
+            f"h5py={h5py.__version__} hydra={hydra.__version__} python={platform.python_version()}")
+
+
+def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None, progress: bool | None = None) -> RunSummary:
+    """Run one experiment and write ``output_dir/results.h5`` — or, with ``resume=PATH`` in the config,
+    continue the run stored in ``PATH`` from its last checkpoint, in the same file; return the summary."""
+    if cfg.get("resume"):
+        return resume(cfg.resume, progress=progress)
+    path = results_path(output_dir)
+    require_new_results_file(path)
+    components = build(cfg)
+    attrs = {"config": OmegaConf.to_yaml(cfg, resolve=True), "overrides": "\n".join(overrides or []),
+             "versions": _versions(), "seed": int(cfg.seed), "device": str(components.problem.x.device), "dtype": str(cfg.dtype)}
+    writer = ResultsWriter(path, attrs=attrs)
+    dataset = components.dataset
+    if dataset.W_true is not None:
+        writer.write_group("data", {"W_true": dataset.W_true})
+    if dataset.image_shape is not None:
+        writer.write_group("data", {"image_shape": np.asarray(dataset.image_shape)})
+    return _train(cfg, components, writer, None, progress)
+
+
+def resume(path: str | Path, progress: bool | None = None) -> RunSummary:
+    """Continue a run from ``path`` (its results.h5): the stored config is rebuilt and validated, W, σ², λ,
+    the posteriors, the trainer's state (optimiser memory, annealing position = epoch, stop-rule
+    bookkeeping), the RNG state and the epoch are restored, and training goes on in the same file."""
+    path = Path(str(path))
+    if not path.is_file():
+        raise MissingFileError(f"resume={str(path)!r}: no such results file")
+    cfg = OmegaConf.create(read_results(path).config)
+    state = read_checkpoint_state(path)
+    components = build(cfg)
+    saved = restore(state, components.problem)
+    writer = ResultsWriter(path, resume=True)
+    writer.truncate_to_epoch(saved["loop"]["epoch"])
+    return _train(cfg, components, writer, saved, progress)
+
+
+def _train(cfg: DictConfig, components: Components, writer: ResultsWriter, saved: dict | None, progress) -> RunSummary:
+    problem, trainer = components.problem, components.trainer
+    start_epoch = 0 if saved is None else saved["loop"]["epoch"] + 1
+    bar = tqdm(total=trainer.max_epochs, initial=start_epoch, desc="epochs", disable=None if progress is None else not progress, leave=False)
+    guard = SignalGuard()
+    previous_handler = signal.signal(signal.SIGTERM, guard.handler) if threading.current_thread() is threading.main_thread() else None
+    try:
+        evaluate = EpochRecorder(cfg, components, writer, guard, bar)
+        outcome = fit(trainer, problem, evaluate, Checkpointer(cfg, problem, writer, guard), saved)
+        bar.close()
+        final, summary = final_evaluation(cfg, components, outcome, writer.path)
+        with guard.writing():
+            writer.write_group("final", final)
+    except (KeyboardInterrupt, RunInterrupted) as error:
+        _close(writer, guard, bar, "interrupted", repr(error))
+        raise
+    except BaseException as error:
+        _close(writer, guard, bar, "failed", f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    with guard.writing():
+        writer.close("finished")
+    return summary
+
+
+def _close(writer: ResultsWriter, guard: SignalGuard, bar, status: str, reason: str) -> None:
+    bar.close()
+    guard.depth += 1  # a second SIGTERM must not cut the status write short
+    writer.close(status, reason=reason)

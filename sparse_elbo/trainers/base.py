@@ -1,0 +1,193 @@
+"""The trainer contract, and the epoch loop every trainer shares (docs/design.md §7).
+
+A trainer is a learning algorithm. It declares once, as data, what it can train (``capabilities``); it
+makes its state for a run (``start``: a fresh state and the run's start, or the saved state of a run being
+resumed); and it trains one epoch at a time (``train_epoch``). Everything around the epochs is ``fit``'s,
+written once for every trainer: the stopwatch, the evaluation after each epoch, the stop rule, checkpoints,
+and resuming from one.
+
+    outcome = fit(trainer, problem, evaluate)            # evaluate(epoch, weights, train_time) -> ObjectiveValue
+    outcome = fit(trainer, problem, evaluate, checkpoint=save, saved=state)   # save(epoch, state); resume
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+
+from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.problem import Problem
+from sparse_elbo.trainers.convergence import StopRule
+
+FAMILIES = ("diag", "full", "amortized")
+OBJECTIVES = ("sampled", "analytic", "entropy")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a trainer can train: posterior families, objectives (by name), and whether it follows an
+    annealing schedule (False: it maximises the unweighted objective only)."""
+
+    families: tuple[str, ...]
+    objectives: tuple[str, ...]
+    annealing: bool
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes that decide a run's memory: data points, D, H and the posterior's parameter count."""
+
+    n_data: int
+    n_observed: int
+    n_latents: int
+    posterior_numbers: int
+
+
+@dataclass
+class FitOutcome:
+    epochs: int
+    converged: bool
+    stop_reason: str
+    train_time: float
+
+
+@dataclass
+class EpochReport:
+    """What an epoch may say besides its parameters: that the trainer itself ends the run (e.g. a fit that
+    converged, or reached its iteration cap, within its one epoch)."""
+
+    stop_reason: str | None = None
+    converged: bool = False
+
+
+class TrainerState(Protocol):
+    """A trainer's own state for one run (optimiser memory, generators, ...)."""
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly; passed back to ``Trainer.start`` to resume."""
+
+
+@dataclass
+class NoState:
+    """The state of a trainer that keeps none between epochs (its parameters live in the modules)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+class Trainer(ABC):
+    """The contract every trainer follows (module docstring)."""
+
+    capabilities: ClassVar[Capabilities]
+    max_epochs: int
+    stop_rule: StopRule | None = None  # None: train for max_epochs
+    train_dictionary: bool = True
+
+    @abstractmethod
+    def start(self, problem: Problem, saved: dict | None) -> TrainerState:
+        """The state for a new run — and the run's start, counted as training time (an initial dictionary,
+        initial codes) — or, given ``saved`` (a ``state_dict()``), the state of a run being resumed."""
+
+    @abstractmethod
+    def train_epoch(self, problem: Problem, state: TrainerState, epoch: int, weights: AnnealingWeights) -> EpochReport | None:
+        """Train one epoch with the annealing weights of that epoch."""
+
+    @abstractmethod
+    def working_memory(self, sizes: Sizes) -> int:
+        """A lower bound on the numbers (not bytes) training holds at once beyond the data: parameters,
+        optimiser memory, the largest temporaries. Checked against the device's memory before allocating."""
+
+    def largest_gradient(self, problem: Problem, state: TrainerState) -> float:
+        """The largest absolute gradient entry of the objective at the current parameters (for a stop rule
+        with a gradient test)."""
+        raise TypeError(f"{type(self).__name__} has no gradient test")
+
+    def restart(self, state: TrainerState) -> None:
+        """Empty the optimiser's memory after an epoch without progress (stop rule)."""
+
+
+@dataclass
+class Stopwatch:
+    """Accumulates training time, excluding evaluation."""
+
+    total: float = 0.0
+    _start: float | None = field(default=None, repr=False)
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self._start
+        return False
+
+
+@dataclass
+class LoopState:
+    """The loop's own bookkeeping, saved with every checkpoint: the last completed epoch, its unweighted
+    objective, the no-progress count, the training time and the outcome once decided."""
+
+    epoch: int = -1
+    previous: float | None = None
+    stalled_epochs: int = 0
+    train_time: float = 0.0
+    outcome: FitOutcome | None = None
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> LoopState:
+        outcome = saved.get("outcome")
+        return cls(**{**saved, "outcome": None if outcome is None else FitOutcome(**outcome)})
+
+
+# evaluate(epoch, weights, train_time) after every epoch: logs, and returns the full-data objective
+Evaluate = Callable[[int, AnnealingWeights, float], object]
+# checkpoint(epoch, {"loop": ..., "trainer": ...}) after every completed epoch
+Checkpoint = Callable[[int, dict], None]
+
+
+def fit(trainer: Trainer, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None,
+        saved: dict | None = None) -> FitOutcome:
+    """Train ``problem`` with ``trainer`` for up to ``trainer.max_epochs`` epochs (module docstring);
+    ``saved``: a checkpoint's state, to continue that run exactly."""
+    loop = LoopState() if saved is None else LoopState.from_dict(saved["loop"])
+    stopwatch = Stopwatch(total=loop.train_time)
+    with stopwatch:
+        state = trainer.start(problem, None if saved is None else saved["trainer"])
+    final_annealed_epoch = problem.annealing.final_epoch()
+    for epoch in range(loop.epoch + 1, trainer.max_epochs):
+        weights = problem.annealing(epoch)
+        with stopwatch:
+            report = trainer.train_epoch(problem, state, epoch, weights) or EpochReport()
+            if problem.x.is_cuda:
+                torch.cuda.synchronize()
+        current = float(evaluate(epoch, weights, stopwatch.total).elbo)
+        if report.stop_reason is not None:
+            loop.outcome = FitOutcome(epoch + 1, report.converged, report.stop_reason, stopwatch.total)
+        elif trainer.stop_rule is not None and epoch >= final_annealed_epoch and loop.previous is not None:
+            _apply_stop_rule(trainer, problem, state, loop, epoch, current, stopwatch)
+        loop.epoch, loop.previous, loop.train_time = epoch, current, stopwatch.total
+        if checkpoint is not None:
+            checkpoint(epoch, {"loop": asdict(loop), "trainer": state.state_dict()})
+        if loop.outcome is not None:
+            return loop.outcome
+    return loop.outcome or FitOutcome(trainer.max_epochs, False, "max_epochs", stopwatch.total)
+
+
+def _apply_stop_rule(trainer: Trainer, problem: Problem, state, loop: LoopState, epoch: int, current: float,
+                     stopwatch: Stopwatch) -> None:
+    rule = trainer.stop_rule
+    max_gradient = None
+    if rule.needs_gradient:
+        with stopwatch:
+            max_gradient = trainer.largest_gradient(problem, state)
+    decision = rule.decide(loop.previous, current, max_gradient, loop.stalled_epochs)
+    loop.stalled_epochs = decision.stalled_epochs
+    if decision.restart:
+        trainer.restart(state)
+    if decision.stop_reason is not None:
+        loop.outcome = FitOutcome(epoch + 1, decision.stop_reason == "converged", decision.stop_reason, stopwatch.total)
