@@ -43,9 +43,11 @@ def time_epochs(overrides: list[str], epochs: int) -> None:
     start = time.perf_counter()
     components = build(cfg)
     problem, trainer = components.problem, components.trainer
-    print(f"built in {time.perf_counter() - start:.1f} s: N={problem.x.shape[0]}, D={problem.x.shape[1]}, "
-          f"H={problem.model.n_latents}, device={problem.x.device}, dtype={problem.x.dtype}, "
-          f"encoder parameters={sum(p.numel() for p in problem.posterior.parameters())}")
+    print(
+        f"built in {time.perf_counter() - start:.1f} s: N={problem.x.shape[0]}, D={problem.x.shape[1]}, "
+        f"H={problem.model.n_latents}, device={problem.x.device}, dtype={problem.x.dtype}, "
+        f"encoder parameters={sum(p.numel() for p in problem.posterior.parameters())}"
+    )
     times = []
 
     def evaluate(epoch, weights, train_time):
@@ -55,37 +57,58 @@ def time_epochs(overrides: list[str], epochs: int) -> None:
 
     fit(trainer, problem, evaluate)
     per_epoch = np.diff([0.0, *times])
-    print(f"training time per epoch: mean {per_epoch.mean():.2f} s over {len(per_epoch)} epochs "
-          f"({problem.x.shape[0] / per_epoch.mean():.0f} data points / s)")
+    print(
+        f"training time per epoch: mean {per_epoch.mean():.2f} s over {len(per_epoch)} epochs "
+        f"({problem.x.shape[0] / per_epoch.mean():.0f} data points / s)"
+    )
 
 
 def compare_objectives(overrides: list[str], objectives: list[str], epochs: int) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in objectives:
-            cfg = sparse_elbo.compose([*overrides, *OBJECTIVES[name], f"trainer.max_epochs={epochs}",
-                                       "evaluation.gradient_variance_repeats=10", "results.snapshot_every=0"])
+            cfg = sparse_elbo.compose(
+                [
+                    *overrides,
+                    *OBJECTIVES[name],
+                    f"trainer.max_epochs={epochs}",
+                    "evaluation.gradient_variance_repeats=10",
+                    "results.snapshot_every=0",
+                ]
+            )
             summary = sparse_elbo.run(cfg, Path(tmp) / name, progress=False)
             res = sparse_elbo.read_results(summary.results_path)
             rows.append((name, summary, res))
             m, f = res.metrics, res.final
-            print(f"\n== objective {name}: {summary.epochs} epochs, {summary.train_time:.2f} s training "
-                  f"({summary.train_time / summary.epochs:.2f} s per epoch)")
-            print("   wall time [s] -> full-data ELBO: " + ", ".join(
-                f"{t:.1f}->{e:.3f}" for t, e in zip(m["wall_time"], m["elbo"])))
-            print(f"   gradient variance (fixed batch, 10 draws): trace median {np.median(m['gradient_variance']):.4g}, "
-                  f"relative median {np.median(m['gradient_variance_relative']):.4g}")
-            print(f"   held-out ({int(f['held_out_n'])} points): encoder ELBO {float(f['held_out_elbo_encoder']):.4f}, "
-                  f"refined {float(f['held_out_elbo_refined']):.4f}, amortisation gap {float(f['amortization_gap']):.4f} nats, "
-                  f"log p(x) {float(f['held_out_log_px']):.4f} +- {float(f['held_out_log_px_stderr']):.4f} "
-                  f"(over points +- {float(f['held_out_log_px_data_stderr']):.4f})", flush=True)
-    print("\nobjective   s/epoch  final ELBO  grad var (trace)  rel. var   held-out: encoder  refined    gap     log p(x) +- s.e.")
+            print(
+                f"\n== objective {name}: {summary.epochs} epochs, {summary.train_time:.2f} s training "
+                f"({summary.train_time / summary.epochs:.2f} s per epoch)"
+            )
+            print(
+                "   wall time [s] -> full-data ELBO: " + ", ".join(f"{t:.1f}->{e:.3f}" for t, e in zip(m["wall_time"], m["elbo"]))
+            )
+            print(
+                f"   gradient variance (fixed batch, 10 draws): trace median {np.median(m['gradient_variance']):.4g}, "
+                f"relative median {np.median(m['gradient_variance_relative']):.4g}"
+            )
+            print(
+                f"   held-out ({int(f['held_out_n'])} points): encoder ELBO {float(f['held_out_elbo_encoder']):.4f}, "
+                f"refined {float(f['held_out_elbo_refined']):.4f}, amortisation gap {float(f['amortization_gap']):.4f} nats, "
+                f"log p(x) {float(f['held_out_log_px']):.4f} +- {float(f['held_out_log_px_stderr']):.4f} "
+                f"(over points +- {float(f['held_out_log_px_data_stderr']):.4f})",
+                flush=True,
+            )
+    print(
+        "\nobjective   s/epoch  final ELBO  grad var (trace)  rel. var   held-out: encoder  refined    gap     log p(x) +- s.e."
+    )
     for name, summary, res in rows:
         m, f = res.metrics, res.final
-        print(f"{name:10s} {summary.train_time / summary.epochs:7.2f} {summary.elbo:11.4f} {np.median(m['gradient_variance']):16.4g} "
-              f"{np.median(m['gradient_variance_relative']):9.3g}  {float(f['held_out_elbo_encoder']):16.4f} "
-              f"{float(f['held_out_elbo_refined']):8.4f} {float(f['amortization_gap']):7.4f}  "
-              f"{float(f['held_out_log_px']):8.4f} +- {float(f['held_out_log_px_stderr']):.4f}")
+        print(
+            f"{name:10s} {summary.train_time / summary.epochs:7.2f} {summary.elbo:11.4f} {np.median(m['gradient_variance']):16.4g} "
+            f"{np.median(m['gradient_variance_relative']):9.3g}  {float(f['held_out_elbo_encoder']):16.4f} "
+            f"{float(f['held_out_elbo_refined']):8.4f} {float(f['amortization_gap']):7.4f}  "
+            f"{float(f['held_out_log_px']):8.4f} +- {float(f['held_out_log_px_stderr']):.4f}"
+        )
 
 
 def main() -> None:
@@ -98,8 +121,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = args.overrides if any(o.startswith("experiment=") for o in args.overrides) else ["experiment=patches_amortized_small", *args.overrides]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}, overrides={overrides}")
+    overrides = (
+        args.overrides
+        if any(o.startswith("experiment=") for o in args.overrides)
+        else ["experiment=patches_amortized_small", *args.overrides]
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}, overrides={overrides}"
+    )
     if args.time_epochs:
         time_epochs(overrides, args.time_epochs)
         return

@@ -39,22 +39,36 @@ def bench(name: str, overrides: list[str], out: Path) -> None:
     results = sparse_elbo.read_results(summary.results_path)
     epoch_times = np.diff(np.concatenate([[0.0], results.metrics["wall_time"]]))
     print(f"\n== {name}: {' '.join(overrides)}")
-    print(f"   data {cfg.dataset.n_patches} patches of {cfg.dataset.patch_size}x{cfg.dataset.patch_size}, H={cfg.n_latents}, device {results.attrs['device']}, dtype {cfg.dtype}")
+    print(
+        f"   data {cfg.dataset.n_patches} patches of {cfg.dataset.patch_size}x{cfg.dataset.patch_size}, H={cfg.n_latents}, device {results.attrs['device']}, dtype {cfg.dtype}"
+    )
     print(f"   time per epoch (s): {' '.join(f'{t:.2f}' for t in epoch_times)}")
     print(f"   training time {summary.train_time:.2f} s (whole run with data, evaluation, writing: {wall:.2f} s)")
     print(f"   peak memory {peak_memory(results.attrs['device'])}")
-    print(f"   final full-data ELBO {summary.elbo:.4f} nats/patch; sigma {summary.sigma:.4f}; "
-          f"median localisation {np.median(results.final['localisation']):.3f}")
+    print(
+        f"   final full-data ELBO {summary.elbo:.4f} nats/patch; sigma {summary.sigma:.4f}; "
+        f"median localisation {np.median(results.final['localisation']):.3f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="patches_em")
-    parser.add_argument("--reference-experiment", default=None, help="the authors' procedure on the same data; default: EXPERIMENT_authors")
-    parser.add_argument("--reference-fraction", type=float, default=1 / 40,
-                        help="fraction of the patches the authors' procedure runs on (0 to skip)")
-    parser.add_argument("--full-epochs", type=int, default=None,
-                        help="cap the epochs of the full-size run (its time per epoch is still measured); default: all")
+    parser.add_argument(
+        "--reference-experiment", default=None, help="the authors' procedure on the same data; default: EXPERIMENT_authors"
+    )
+    parser.add_argument(
+        "--reference-fraction",
+        type=float,
+        default=1 / 40,
+        help="fraction of the patches the authors' procedure runs on (0 to skip)",
+    )
+    parser.add_argument(
+        "--full-epochs",
+        type=int,
+        default=None,
+        help="cap the epochs of the full-size run (its time per epoch is still measured); default: all",
+    )
     parser.add_argument("overrides", nargs="*", help="extra overrides for both runs")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")

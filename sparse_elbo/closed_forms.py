@@ -61,9 +61,7 @@ def expected_abs_given_variance(mean: torch.Tensor, variance: torch.Tensor) -> t
     return folded_normal_mean(mean, variance.sqrt())
 
 
-def residual_energy(
-    x: torch.Tensor, W: torch.Tensor, mean: torch.Tensor, trace_term: torch.Tensor
-) -> torch.Tensor:
+def residual_energy(x: torch.Tensor, W: torch.Tensor, mean: torch.Tensor, trace_term: torch.Tensor) -> torch.Tensor:
     """``E_q ||x - W z||² = ||x - W μ||² + tr(WᵀW Σ)``.
 
     x (N,D), W (D,H), mean (N,H), trace_term (N,) = tr(WᵀW Σ_n)  ->  (N,)
@@ -106,9 +104,7 @@ def expected_log_laplace_prior(expected_abs: torch.Tensor, lam: torch.Tensor) ->
     return -(torch.log(2.0 * lam) + expected_abs / lam).sum(-1)
 
 
-def expected_log_gaussian_prior(
-    mean: torch.Tensor, variance: torch.Tensor, prior_variance: torch.Tensor
-) -> torch.Tensor:
+def expected_log_gaussian_prior(mean: torch.Tensor, variance: torch.Tensor, prior_variance: torch.Tensor) -> torch.Tensor:
     """``E_q[log N(z; 0, diag(v))] = -½ Σ_h [ log(2π v_h) + (μ_h² + s_h²)/v_h ]`` (Gaussian-prior baseline).
 
     mean, variance (N,H), prior_variance (H,)  ->  (N,)

@@ -18,7 +18,9 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "configs"
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train", return_hydra_config: bool = False) -> DictConfig:
+def compose(
+    overrides: list[str] | tuple[str, ...] = (), config_name: str = "train", return_hydra_config: bool = False
+) -> DictConfig:
     """The config a command line ``python -m sparse_elbo.train OVERRIDES`` would run, e.g.
     ``compose(["experiment=patches_em_small", "seed=1"])``."""
     from hydra import compose as hydra_compose

@@ -50,9 +50,7 @@ def validate_data(x: np.ndarray, origin: str) -> np.ndarray:
     finite = np.isfinite(x)
     if not finite.all():
         rows = np.unique(np.nonzero(~finite)[0])
-        raise ConfigError(
-            f"{origin}: data holds {int((~finite).sum())} NaN/Inf values (first bad rows: {rows[:5].tolist()})"
-        )
+        raise ConfigError(f"{origin}: data holds {int((~finite).sum())} NaN/Inf values (first bad rows: {rows[:5].tolist()})")
     return x.astype(np.float64, copy=False)
 
 

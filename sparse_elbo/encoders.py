@@ -98,9 +98,16 @@ class AmortizedPosterior(nn.Module):
     amortized = True
 
     @staticmethod
-    def parameter_count(n_latents: int, n_observed: int, covariance: str = "diag", rank: int = 2,
-                        hidden_width: int | None = None, block_width: int | None = None, n_blocks: int = 2,
-                        **settings) -> int:
+    def parameter_count(
+        n_latents: int,
+        n_observed: int,
+        covariance: str = "diag",
+        rank: int = 2,
+        hidden_width: int | None = None,
+        block_width: int | None = None,
+        n_blocks: int = 2,
+        **settings,
+    ) -> int:
         """Numbers the encoder holds, known before it is built (its weights and biases)."""
         hidden = 2 * n_observed if hidden_width is None else int(hidden_width)
         block = 3 * n_observed if block_width is None else int(block_width)
@@ -125,8 +132,15 @@ class AmortizedPosterior(nn.Module):
         require_one_of("posterior.covariance", covariance, tuple(COVARIANCES))
         hidden_width = 2 * n_observed if hidden_width is None else int(hidden_width)
         block_width = 3 * n_observed if block_width is None else int(block_width)
-        require_at_least("posterior", 1, rank=rank, hidden_width=hidden_width, block_width=block_width,
-                         n_observed=n_observed, n_latents=n_latents)
+        require_at_least(
+            "posterior",
+            1,
+            rank=rank,
+            hidden_width=hidden_width,
+            block_width=block_width,
+            n_observed=n_observed,
+            n_latents=n_latents,
+        )
         require_at_least("posterior", 0, n_blocks=n_blocks, std_floor=std_floor)
         if not init_std > std_floor:
             raise ConfigError(f"posterior.init_std must be > posterior.std_floor={std_floor}, got {init_std}")

@@ -45,7 +45,9 @@ def evaluate_problem(problem: Problem, weights, block_size: int = 16384) -> Obje
     if isinstance(objective, EntropyELBO):
         statistics, mean_entropy = full_data_statistics(problem, block_size)
         return EntropyELBO.from_statistics(mean_entropy, statistics, x.shape[1], model.prior, weights)
-    values = [(len(index), objective(x[index], problem.q(index), model, weights)) for index in data_blocks(n, block_size, x.device)]
+    values = [
+        (len(index), objective(x[index], problem.q(index), model, weights)) for index in data_blocks(n, block_size, x.device)
+    ]
     terms = {name: sum(m * v.terms[name] for m, v in values) / n for name in values[0][1].terms}
     return ObjectiveValue(
         elbo=sum(m * v.elbo for m, v in values) / n,
@@ -64,9 +66,7 @@ def sparseness(problem: Problem, n_samples: int = 10, max_data_points: int = 100
     return metrics.posterior_sample_gini(problem.q(index), n_samples, generator)
 
 
-def ground_truth_elbo(
-    x: torch.Tensor, W_true: torch.Tensor, posterior_factory, prior, trainer: Trainer, seed: int = 0
-) -> float:
+def ground_truth_elbo(x: torch.Tensor, W_true: torch.Tensor, posterior_factory, prior, trainer: Trainer, seed: int = 0) -> float:
     """``max_{q, σ², λ} ELBO`` with ``W`` fixed to the generator's dictionary (columns normalised,
     the gauge absorbed by λ): the value a perfect learner would reach, for comparison with the run's ELBO.
 
@@ -78,7 +78,9 @@ def ground_truth_elbo(
     model = SparseCodingModel(n_observed, n_latents, prior=prior, gauge="unit_norm", generator=generator)
     model.set_dictionary(W_true.cpu().float())
     model = model.to(device=x.device, dtype=x.dtype)
-    posterior = posterior_factory(n_data=x.shape[0], n_latents=n_latents, n_observed=n_observed).to(device=x.device, dtype=x.dtype)
+    posterior = posterior_factory(n_data=x.shape[0], n_latents=n_latents, n_observed=n_observed).to(
+        device=x.device, dtype=x.dtype
+    )
     problem = Problem(x=x, model=model, posterior=posterior, objective=EntropyELBO(), annealing=NoAnnealing(), seed=seed)
     fit(trainer, problem, lambda epoch, weights, t: evaluate_problem(problem, weights))
     return float(evaluate_problem(problem, problem.annealing(0)).elbo)

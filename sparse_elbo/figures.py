@@ -111,9 +111,13 @@ def figure_bars_fields(groups: list[Group]):
             cosines = np.asarray(final.get("matched_cosines", np.full(H, np.nan)))
             show_field(axes[i, j], sign * W[:, h].reshape(rows_shape), f"{cosines[j]:.2f}" if j < len(cosines) else "")
         label = g.name.replace(", ", "\n")
-        axes[i, 0].set_ylabel(f"{label}\n(seed {run.results.config.get('seed')})", rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle("bars: data, generating fields, and learned fields of each configuration's best run\n"
-                 "(matched to the bars by the Hungarian algorithm on |cosine|; titles: matched |cosine|)")
+        axes[i, 0].set_ylabel(
+            f"{label}\n(seed {run.results.config.get('seed')})", rotation=0, ha="right", va="center", fontsize=7
+        )
+    fig.suptitle(
+        "bars: data, generating fields, and learned fields of each configuration's best run\n"
+        "(matched to the bars by the Hungarian algorithm on |cosine|; titles: matched |cosine|)"
+    )
     fig.tight_layout()
     return fig
 
@@ -202,7 +206,12 @@ def _curves(ax, groups, key: str, x: str = "epoch", ylabel: str = "", symlog: bo
 
 def _elbo_limits(ax, groups) -> None:
     """Zoom onto the ELBO's later values (the first epochs can be far below and flatten everything)."""
-    finals = [float(r.results.metrics["elbo"][-1]) for g in groups for r in g.runs if r.results is not None and len(r.results.metrics.get("elbo", []))]
+    finals = [
+        float(r.results.metrics["elbo"][-1])
+        for g in groups
+        for r in g.runs
+        if r.results is not None and len(r.results.metrics.get("elbo", []))
+    ]
     if finals:
         top, bottom = max(finals), min(finals)
         spread = max(top - bottom, 0.05 * max(abs(top), 1.0))
@@ -218,7 +227,12 @@ def figure_elbo(groups: list[Group]):
     _curves(axes[2], groups, "elbo", "wall_time", "full-data ELBO (nats / data point)")
     for ax in axes[:2]:
         _elbo_limits(ax, groups)
-    finals = [float(r.results.metrics["elbo"][-1]) for g in groups for r in g.runs if r.results is not None and len(r.results.metrics.get("elbo", []))]
+    finals = [
+        float(r.results.metrics["elbo"][-1])
+        for g in groups
+        for r in g.runs
+        if r.results is not None and len(r.results.metrics.get("elbo", []))
+    ]
     top = max(finals)
     margin = 0.02 * max(abs(top), 10.0)
     axes[2].set_ylim(top - 5 * margin, top + margin)  # zoom onto the best runs' last improvements
@@ -234,7 +248,11 @@ def figure_elbo(groups: list[Group]):
 
 def figure_entropies(groups: list[Group]):
     terms = ("posterior_entropy", "prior_entropy", "likelihood_entropy")
-    entropy_groups = [g for g in groups if any(terms[0] in r.results.metrics and "prior_entropy" in r.results.metrics for r in g.runs if r.results)]
+    entropy_groups = [
+        g
+        for g in groups
+        if any(terms[0] in r.results.metrics and "prior_entropy" in r.results.metrics for r in g.runs if r.results)
+    ]
     if not entropy_groups:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -276,7 +294,11 @@ def figure_annealing(groups: list[Group]):
     _elbo_limits(axes[0], patches)
     _curves(axes[1], patches, "gini_mean", "epoch", "Gini of |z|")
     _curves(axes[2], patches, "localisation_median", "epoch", "median localisation (random ≈ 0.99)")
-    axes[0].set_title("ELBO"), axes[1].set_title("sparseness"), axes[2].set_title("localisation of the fields (lower = more local)")
+    (
+        axes[0].set_title("ELBO"),
+        axes[1].set_title("sparseness"),
+        axes[2].set_title("localisation of the fields (lower = more local)"),
+    )
     for ax in axes[:3]:
         _shade_annealing(ax, [r for g in patches for r in g.runs if r.results is not None])
     values = []

@@ -50,9 +50,7 @@ class DiagonalGaussian:
 
     def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``z = μ + s ⊙ ε``  ->  (K,N,H)"""
-        eps = torch.randn(
-            (n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator
-        )
+        eps = torch.randn((n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator)
         return self.mean + self.std * eps
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -90,9 +88,7 @@ class FullGaussian:
 
     def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``z = μ + L ε``  ->  (K,N,H)"""
-        eps = torch.randn(
-            (n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator
-        )
+        eps = torch.randn((n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator)
         return self.mean + torch.einsum("nij,knj->kni", self.scale_tril, eps)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -122,9 +118,9 @@ class LowRankGaussian:
     def entropy(self) -> torch.Tensor:
         scaled = self.factor / self.diag_std.unsqueeze(-1)  # (N,H,R)
         rank = self.factor.shape[-1]
-        capacitance = torch.eye(rank, dtype=self.mean.dtype, device=self.mean.device) + scaled.transpose(
-            -1, -2
-        ) @ scaled  # (N,R,R)
+        capacitance = (
+            torch.eye(rank, dtype=self.mean.dtype, device=self.mean.device) + scaled.transpose(-1, -2) @ scaled
+        )  # (N,R,R)
         logdet = 2.0 * torch.log(self.diag_std).sum(-1) + torch.logdet(capacitance)
         return closed_forms.gaussian_entropy_from_logdet(logdet, self.mean.shape[-1])
 

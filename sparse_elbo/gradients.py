@@ -33,7 +33,11 @@ class GradientVariance:
 
 
 def gradient_variance(
-    problem, index: torch.Tensor, repeats: int = 10, weights: AnnealingWeights | None = None, seed: int = 0,
+    problem,
+    index: torch.Tensor,
+    repeats: int = 10,
+    weights: AnnealingWeights | None = None,
+    seed: int = 0,
     train_dictionary: bool = True,
 ) -> GradientVariance:
     """Variance over ``repeats`` evaluations of the gradient of the problem's objective (minibatch ``index``,

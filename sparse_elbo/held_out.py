@@ -121,8 +121,13 @@ def encoder_elbo(x: torch.Tensor, posterior, model, block_size: int = 4096) -> f
 
 
 def held_out_metrics(
-    x: torch.Tensor, posterior, model, refine_iterations: int = 200, importance_samples: int = 100,
-    seed: int = 0, block_size: int = 4096,
+    x: torch.Tensor,
+    posterior,
+    model,
+    refine_iterations: int = 200,
+    importance_samples: int = 100,
+    seed: int = 0,
+    block_size: int = 4096,
 ) -> dict[str, float]:
     """The held-out numbers stored under ``/final`` (nats per data point):
 

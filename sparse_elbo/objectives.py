@@ -153,7 +153,9 @@ class EntropyELBO:
             variance, trace, entropy, pullback = posterior.moments_with_pullback(W_value.T @ W_value)
             error = x - mean @ W_value.T  # (N,D)
             residual = error.pow(2).sum(-1).add_(trace).mean()  # R = D σ²*
-            statistic, prior_gradient, prior_curvature = model.prior.statistic_and_derivatives(mean, variance.sqrt())  # (N,H) each
+            statistic, prior_gradient, prior_curvature = model.prior.statistic_and_derivatives(
+                mean, variance.sqrt()
+            )  # (N,H) each
             value = self.from_statistics(entropy.mean(), DataStatistics(residual, statistic.mean(0)), D, model.prior, weights)
             lam = value.lam  # λ* (H,)
             alpha = -weights.likelihood / (2.0 * value.sigma2)  # ∂(N L)/∂r_n, the same for every point

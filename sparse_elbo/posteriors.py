@@ -129,7 +129,7 @@ class DiagonalPosterior(_PerDataPointPosterior):
     def moments_with_pullback(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pullback]:
         """``s²`` (N,H), ``tr(G Σ_n) = Σ_h s_h² G_hh`` (N,), ``H[q_n]`` (N,) and their pullback:
 
-            ∂/∂log s_h = 2 s_h² (ḡ_var,h + ḡ_tr G_hh) + ḡ_ent,     ∂/∂G = ḡ_tr diag(Σ_n s_n²)
+        ∂/∂log s_h = 2 s_h² (ḡ_var,h + ḡ_tr G_hh) + ḡ_ent,     ∂/∂G = ḡ_tr diag(Σ_n s_n²)
         """
         variance = torch.exp(2.0 * self.log_std)  # (N,H)
         gram_diag = torch.diagonal(gram)  # (H,)
@@ -176,7 +176,9 @@ class FullCovariancePosterior(_PerDataPointPosterior):
         self.register_buffer("flat_index", torch.cat([rows * n_latents + cols, diag * n_latents + diag]), persistent=False)
         self.register_buffer("lower_rows", rows, persistent=False)
         # the same values' positions in the flattened transpose U = Lᵀ (rows of U are columns of L)
-        self.register_buffer("flat_index_transposed", torch.cat([cols * n_latents + rows, diag * n_latents + diag]), persistent=False)
+        self.register_buffer(
+            "flat_index_transposed", torch.cat([cols * n_latents + rows, diag * n_latents + diag]), persistent=False
+        )
 
     def initial_value(self, name: str, n: int, std: float | None = None) -> torch.Tensor:
         if name == "mean":
@@ -219,7 +221,7 @@ class FullCovariancePosterior(_PerDataPointPosterior):
             rows = U.view(N * H, H)
             grad_gram = grad_trace * (rows.T @ rows)  # (H,H)
             packed = torch.gather(grad_U.view(N, H * H), 1, self.flat_index_transposed.expand(N, -1))  # (N,P+H)
-            return {"lower": packed[:, : self.n_lower], "log_diag": packed[:, self.n_lower:] * diag + grad_entropy}, grad_gram
+            return {"lower": packed[:, : self.n_lower], "log_diag": packed[:, self.n_lower :] * diag + grad_entropy}, grad_gram
 
         return variance, trace, entropy, pullback
 

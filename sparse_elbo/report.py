@@ -16,13 +16,27 @@ import torch
 from sparse_elbo.sweeps import QUANTITIES, group_runs, load_runs, statistics
 
 FIGURES = {
-    "bars_recovery": ("bars recovery: diag vs full posterior (recovery, bars_fields)", ("recovered", "elbo_minus_ground_truth", "sigma")),
+    "bars_recovery": (
+        "bars recovery: diag vs full posterior (recovery, bars_fields)",
+        ("recovered", "elbo_minus_ground_truth", "sigma"),
+    ),
     "objectives": ("ELBO against time: sampled K=1/10, analytic, entropy (elbo, entropies)", ("elbo", "recovered", "train_time")),
-    "patches_annealing": ("natural-image fields: prior annealing vs none (annealing, dictionary_k, gini)", ("elbo", "gini", "localisation_median")),
+    "patches_annealing": (
+        "natural-image fields: prior annealing vs none (annealing, dictionary_k, gini)",
+        ("elbo", "gini", "localisation_median"),
+    ),
     "amortized_vs_not": ("amortised vs per-data-point posteriors (elbo, recovery)", ("elbo", "held_out_log_px", "recovered")),
 }
-SHORT = {"recovered": "recovered", "elbo_minus_ground_truth": "ELBO−GT", "sigma": "σ", "elbo": "ELBO", "train_time": "time",
-         "gini": "Gini", "localisation_median": "loc.", "held_out_log_px": "held-out log p(x)"}
+SHORT = {
+    "recovered": "recovered",
+    "elbo_minus_ground_truth": "ELBO−GT",
+    "sigma": "σ",
+    "elbo": "ELBO",
+    "train_time": "time",
+    "gini": "Gini",
+    "localisation_median": "loc.",
+    "held_out_log_px": "held-out log p(x)",
+}
 
 
 def headline(directory: Path, quantities) -> str:
@@ -64,7 +78,9 @@ def main() -> None:
         base = name[: -len(suffix)] if suffix and name.endswith(suffix) else name
         figure, quantities = FIGURES.get(base, (base, ("elbo",)))
         directory = Path("outputs/paper") / name
-        lines.append(f"| {figure} | `python -m sparse_elbo.train paper={name}` | {headline(directory, quantities)} | {sweep_s} s | {post_s} s |")
+        lines.append(
+            f"| {figure} | `python -m sparse_elbo.train paper={name}` | {headline(directory, quantities)} | {sweep_s} s | {post_s} s |"
+        )
         if (directory / "summary.md").is_file():
             summaries += ["", (directory / "summary.md").read_text().replace("# Sweep summary", "### Sweep summary")]
     Path(report).write_text("\n".join(lines + summaries) + "\n")

@@ -90,10 +90,7 @@ def _hashable(value):
 
 def setting(config: dict) -> dict[str, Any]:
     """The flattened config without the seed keys: what identifies a configuration across seeds."""
-    return {
-        k: v for k, v in flatten(config).items()
-        if k.rsplit(".", 1)[-1] != "seed" and k not in IGNORED_KEYS
-    }
+    return {k: v for k, v in flatten(config).items() if k.rsplit(".", 1)[-1] != "seed" and k not in IGNORED_KEYS}
 
 
 def short_value(key: str, value: Any) -> str:
@@ -242,10 +239,7 @@ def statistics(group: Group) -> dict[str, Statistic]:
     for run in group.finished:
         for k, v in run_quantities(run.results).items():
             values.setdefault(k, []).append(v)
-    return {
-        k: Statistic(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
-        for k, v in values.items()
-    }
+    return {k: Statistic(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)) for k, v in values.items()}
 
 
 def summary_rows(groups: list[Group]) -> tuple[list[str], list[dict]]:

@@ -26,9 +26,18 @@ from sparse_elbo.runner import build, run
 from sparse_elbo.trainers.adam import StatisticsStore
 
 F64 = torch.float64
-TINY = ["dataset.grid=3", "dataset.n_data=200", "posterior=amortized", "trainer=adam", "trainer.batch_size=25",
-        "evaluation.ground_truth=false", "evaluation.held_out_fraction=0.25", "evaluation.held_out_refine_iterations=30",
-        "evaluation.importance_samples=20", "evaluation.gini_samples=2"]
+TINY = [
+    "dataset.grid=3",
+    "dataset.n_data=200",
+    "posterior=amortized",
+    "trainer=adam",
+    "trainer.batch_size=25",
+    "evaluation.ground_truth=false",
+    "evaluation.held_out_fraction=0.25",
+    "evaluation.held_out_refine_iterations=30",
+    "evaluation.importance_samples=20",
+    "evaluation.gini_samples=2",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,8 +139,12 @@ def test_full_statistics_store_gives_full_data_values_and_the_batch_estimate_of_
     # with the whole data set as the batch, the step's gradient is that of the exact full-data L_H
     store.refresh()
     everything = torch.arange(12)
-    value = objective(problem.x, problem.q(), problem.model,
-                      statistics=store.statistics(everything, *objective.batch_statistics(problem.x, problem.q(), problem.model)))
+    value = objective(
+        problem.x,
+        problem.q(),
+        problem.model,
+        statistics=store.statistics(everything, *objective.batch_statistics(problem.x, problem.q(), problem.model)),
+    )
     exact = objective(problem.x, problem.q(), problem.model)
     params = list(problem.posterior.parameters()) + [problem.model.W_raw]
     for a, b in zip(torch.autograd.grad(value.elbo, params), torch.autograd.grad(exact.elbo, params)):
@@ -156,7 +169,9 @@ def test_gradient_variance_is_zero_for_the_analytic_objectives_and_falls_with_sa
 
 
 def test_adam_on_tiny_bars_raises_the_held_out_elbo_and_stores_held_out_metrics(tmp_path):
-    cfg = sparse_elbo.compose([*TINY, "trainer.max_epochs=15", "trainer.learning_rate=3e-3", "evaluation.gradient_variance_repeats=3"])
+    cfg = sparse_elbo.compose(
+        [*TINY, "trainer.max_epochs=15", "trainer.learning_rate=3e-3", "evaluation.gradient_variance_repeats=3"]
+    )
     summary = run(cfg, tmp_path, progress=False)
     res = read_results(summary.results_path)
     curve = res.metrics["held_out_elbo_encoder"]
@@ -166,7 +181,9 @@ def test_adam_on_tiny_bars_raises_the_held_out_elbo_and_stores_held_out_metrics(
     np.testing.assert_array_equal(res.metrics["gradient_variance"], 0.0)  # entropy objective
     final = res.final
     assert int(final["held_out_n"]) == 50
-    assert float(final["amortization_gap"]) == pytest.approx(float(final["held_out_elbo_refined"]) - float(final["held_out_elbo_encoder"]))
+    assert float(final["amortization_gap"]) == pytest.approx(
+        float(final["held_out_elbo_refined"]) - float(final["held_out_elbo_encoder"])
+    )
     assert float(final["amortization_gap"]) > -1e-3  # refining from the encoder's q cannot lose (up to tolerance)
     assert float(final["held_out_log_px"]) > float(final["held_out_elbo_refined"])
     assert 0 < float(final["held_out_log_px_stderr"]) < 0.5
@@ -220,7 +237,10 @@ def test_held_out_split_is_seeded_and_uses_the_data_sets_own_held_out_points():
     [
         (["posterior=amortized", "trainer=em"], "posterior=amortized is not supported by trainer EMTrainer"),
         (["posterior=amortized", "trainer=authors_em"], "posterior=amortized is not supported by trainer AuthorsEMTrainer"),
-        (["posterior=amortized", "trainer=adam", "posterior.covariance=full"], "posterior.covariance must be one of ['diag', 'lowrank']"),
+        (
+            ["posterior=amortized", "trainer=adam", "posterior.covariance=full"],
+            "posterior.covariance must be one of ['diag', 'lowrank']",
+        ),
         (["posterior=amortized", "trainer=adam", "posterior.rank=0"], "posterior.rank must be >= 1"),
         (["trainer=adam", "trainer.statistics=mini"], "trainer.statistics must be one of ['full', 'batch']"),
         (["trainer=adam", "trainer.learning_rate=0"], "trainer.learning_rate must be > 0"),

@@ -54,6 +54,7 @@ def _mc_mean_and_se(samples: torch.Tensor):
 
 def _quad_folded_normal_mean(mu: float, s: float) -> float:
     """∫ |z| N(z; μ, s²) dz by adaptive quadrature on [μ - 40s, μ + 40s], split at 0 and μ."""
+
     def integrand(z):
         return abs(z) * stats.norm.pdf(z, loc=mu, scale=s)
 
@@ -194,13 +195,86 @@ def test_expected_log_likelihood_matches_dense_expansion(likelihood_problem):
     gram = W.T @ W
     trace = torch.stack([torch.trace(gram @ Sigma[n]) for n in range(N)])
     second_moment = Sigma + mean.unsqueeze(-1) * mean.unsqueeze(-2)  # (N,H,H)
-    energy = torch.stack(
-        [x[n] @ x[n] - 2 * x[n] @ W @ mean[n] + torch.trace(gram @ second_moment[n]) for n in range(N)]
-    )
+    energy = torch.stack([x[n] @ x[n] - 2 * x[n] @ W @ mean[n] + torch.trace(gram @ second_moment[n]) for n in range(N)])
     reference = -0.5 * D * torch.log(2 * math.pi * sigma2) - energy / (2 * sigma2)
     value = closed_forms.expected_log_likelihood(x, W, mean, trace, sigma2)
     torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(closed_forms.residual_energy(x, W, mean, trace), energy, rtol=1e-12, atol=1e-12)
+
+
+def test_residual_sums_from_sufficient_statistics_and_from_projections_equal_the_dense_per_point_sum(likelihood_problem):
+    """Σ_n E||x_n - W z||² three ways for a dictionary the sums were not computed with: per point with dense
+    matrices (the reference), from (Σ||x||², Σ x μᵀ, Σ (μμᵀ + Σ)) and from the projections b = Wᵀx."""
+    x, W_sums, mean, L, _ = likelihood_problem
+    W = W_sums + 0.3 * _randn(*W_sums.shape, seed=14)
+    N = x.shape[0]
+    Sigma = L @ L.transpose(-1, -2)
+    reference = sum(float(((x[n] - W @ mean[n]) ** 2).sum() + torch.trace(W @ Sigma[n] @ W.T)) for n in range(N))
+    x_energy, second_moment = x.pow(2).sum(), mean.T @ mean + Sigma.sum(0)
+    from_sums = closed_forms.expected_residual_from_sums(x_energy, x.T @ mean, second_moment, W)
+    from_projections = closed_forms.expected_residual_from_projections(x_energy, x @ W, mean, W.T @ W, Sigma)
+    assert float(from_sums) == pytest.approx(reference, rel=1e-12)
+    assert float(from_projections) == pytest.approx(reference, rel=1e-12)
+
+
+def test_the_closed_form_dictionary_zeroes_the_dictionary_gradient_which_is_autograd_of_the_likelihood(likelihood_problem):
+    """∂/∂W Σ_n E_q[log p(x_n|z)] = (C - W S)/σ² against autograd of the expected log-likelihood (W free), and
+    W* = C S⁻¹ is where it vanishes and the expected log-likelihood is largest."""
+    x, W0, mean, L, sigma2 = likelihood_problem
+    x, mean, L = x.repeat(3, 1), mean.repeat(3, 1) + _randn(9, 3, seed=15), L.repeat(3, 1, 1)  # S of full rank
+    Sigma = L @ L.transpose(-1, -2)
+    cross, second_moment = x.T @ mean, mean.T @ mean + Sigma.sum(0)
+
+    def expected_log_likelihood(W):
+        trace = torch.einsum("ij,nji->n", W.T @ W, Sigma)
+        return closed_forms.expected_log_likelihood(x, W, mean, trace, sigma2).sum()
+
+    W = (W0 + 0.1).requires_grad_(True)
+    (autograd,) = torch.autograd.grad(expected_log_likelihood(W), W)
+    torch.testing.assert_close(
+        closed_forms.dictionary_gradient(cross, second_moment, W.detach(), sigma2), autograd, rtol=1e-10, atol=1e-12
+    )
+    W_star = closed_forms.optimal_dictionary(cross, second_moment)
+    torch.testing.assert_close(
+        closed_forms.dictionary_gradient(cross, second_moment, W_star, sigma2), torch.zeros_like(W_star), rtol=0, atol=1e-10
+    )
+    best = float(expected_log_likelihood(W_star))
+    for seed in range(5):
+        assert float(expected_log_likelihood(W_star + 1e-3 * _randn(*W_star.shape, seed=seed))) < best
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.7, 6.0)], ids=["unit", "annealed"])
+def test_code_and_variance_gradients_are_autograd_of_the_weighted_elbo_of_a_diagonal_posterior(weights):
+    """``code_gradient`` and ``variance_gradient`` against autograd of β_lik E_q[log p(x|z)] + β_prior E_q[log p(z)]
+    (closed forms of §2) with respect to μ and s² of a diagonal q, at fixed σ², λ."""
+    from sparse_elbo.priors import LaplacePrior
+
+    likelihood_weight, prior_weight = weights
+    N, D, H = 6, 5, 4
+    x, W = _randn(N, D, seed=30), _randn(D, H, seed=31)
+    mean = (2.0 * _randn(N, H, seed=32)).requires_grad_(True)
+    variance = (0.05 + torch.rand(N, H, dtype=F64, generator=_gen(33))).requires_grad_(True)
+    sigma2, lam = torch.tensor(0.4, dtype=F64), 0.5 + torch.rand(H, dtype=F64, generator=_gen(34))
+    prior = LaplacePrior()
+    value = (
+        likelihood_weight * closed_forms.expected_log_likelihood(x, W, mean, variance @ torch.diagonal(W.T @ W), sigma2)
+        + prior_weight * prior.expected_log_prob(mean, variance, lam)
+    ).sum()
+    grad_mean, grad_variance = torch.autograd.grad(value, (mean, variance))
+    _, prior_gradient, prior_curvature = prior.statistic_and_derivatives(mean.detach(), variance.detach().sqrt())
+    code_residual = (x - mean.detach() @ W.T) @ W
+    torch.testing.assert_close(
+        closed_forms.code_gradient(code_residual, sigma2, prior_gradient, lam, likelihood_weight, prior_weight),
+        grad_mean,
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(
+        closed_forms.variance_gradient(torch.diagonal(W.T @ W), sigma2, prior_curvature, lam, likelihood_weight, prior_weight),
+        grad_variance,
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,8 +318,7 @@ def test_expected_log_laplace_prior_matches_quadrature(prior_problem):
             lo, hi = mu - 40 * s, mu + 40 * s
             points = sorted({lo, hi, mu} | ({0.0} if lo < 0 < hi else set()))
             reference[n] += sum(
-                integrate.quad(integrand, a, c, epsabs=0.0, epsrel=1e-12, limit=200)[0]
-                for a, c in zip(points[:-1], points[1:])
+                integrate.quad(integrand, a, c, epsabs=0.0, epsrel=1e-12, limit=200)[0] for a, c in zip(points[:-1], points[1:])
             )
     value = closed_forms.expected_log_laplace_prior(closed_forms.folded_normal_mean(mean, std), lam)
     torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-10)
@@ -445,9 +518,7 @@ def test_optimal_scales_match_direct_formulas(elbo_problem):
         dtype=F64,
     )
     torch.testing.assert_close(lam, expected_abs.mean(0), rtol=1e-10, atol=0)
-    energy = sum(
-        float(((x[n] - W @ mean[n]) ** 2).sum() + torch.trace(W @ Sigma[n] @ W.T)) for n in range(N)
-    )
+    energy = sum(float(((x[n] - W @ mean[n]) ** 2).sum() + torch.trace(W @ Sigma[n] @ W.T)) for n in range(N))
     assert float(sigma2) == pytest.approx(energy / (N * D), rel=1e-12)
 
 

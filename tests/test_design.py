@@ -67,7 +67,9 @@ def test_every_module_has_a_layer():
 def test_layers_import_one_way(path):
     importer = _component(path)
     for imported in _imported_components(ast.parse(path.read_text())):
-        assert LAYER[imported] <= LAYER[importer], f"{importer} (layer {LAYER[importer]}) imports {imported} (layer {LAYER[imported]})"
+        assert LAYER[imported] <= LAYER[importer], (
+            f"{importer} (layer {LAYER[importer]}) imports {imported} (layer {LAYER[imported]})"
+        )
 
 
 def test_the_layer_check_can_fail():
@@ -115,7 +117,6 @@ def test_the_runner_rejects_what_a_trainer_does_not_declare():
     from sparse_elbo.annealing import NoAnnealing, StepAnnealing
     from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
     from sparse_elbo.runner.build import check_capabilities
-
     from sparse_elbo.trainers.lbfgs import LBFGSTrainer
 
     class OnlyDiagonal(LBFGSTrainer):
@@ -134,7 +135,16 @@ def test_the_runner_rejects_what_a_trainer_does_not_declare():
 
 # ------------------------------------------------------------------------------------------------- configs
 
-COMPONENT_GROUPS = ["dataset", "posterior", "objective", "annealing", "trainer", "prior", "trainer/initialisation", "trainer/e_step"]
+COMPONENT_GROUPS = [
+    "dataset",
+    "posterior",
+    "objective",
+    "annealing",
+    "trainer",
+    "prior",
+    "trainer/initialisation",
+    "trainer/e_step",
+]
 SIZES = {"n_data", "n_latents", "n_observed", "generator", "prior"}
 
 
@@ -145,8 +155,12 @@ def _options():
 def _node(group: str, option: str) -> DictConfig:
     base = {"trainer/initialisation": ["trainer=profile_lbfgs"], "trainer/e_step": ["trainer=em"]}.get(group, [])
     cfg = sparse_elbo.compose([*base, f"{group}={option}", *(["dataset.path=x.npy"] if option == "file" else [])])
-    return OmegaConf.select(cfg, {"prior": "model.prior", "trainer/initialisation": "trainer.initialisation",
-                                  "trainer/e_step": "trainer.e_step"}.get(group, group))
+    return OmegaConf.select(
+        cfg,
+        {"prior": "model.prior", "trainer/initialisation": "trainer.initialisation", "trainer/e_step": "trainer.e_step"}.get(
+            group, group
+        ),
+    )
 
 
 def _state(obj):
@@ -163,7 +177,9 @@ def test_shipped_yaml_lists_every_setting_with_the_constructor_default(group, op
     node = _node(group, option)
     target = get_object(node._target_)
     sizes = SIZES if "_partial_" in node else set()  # passed at the instantiate call, not in the YAML
-    parameters = {k: p for k, p in inspect.signature(target).parameters.items() if k not in sizes and p.kind is p.POSITIONAL_OR_KEYWORD}
+    parameters = {
+        k: p for k, p in inspect.signature(target).parameters.items() if k not in sizes and p.kind is p.POSITIONAL_OR_KEYWORD
+    }
     keys = set(node) - {"_target_", "_partial_"}
     assert keys == set(parameters), f"{group}={option}: YAML keys {sorted(keys)} != arguments {sorted(parameters)}"
     if isinstance(target, type) and all(p.default is not p.empty for p in parameters.values()) and "_partial_" not in node:

@@ -61,7 +61,9 @@ def small_problem(family="diag", n_data=60, grid=3, seed=0, n_latents=None):
 def test_e_step_increases_the_objective_and_matches_a_float64_reference_optimum(family):
     problem = small_problem(family, n_data=6)
     with torch.no_grad():
-        problem.model.set_noise_and_prior_scale(torch.tensor(0.05, dtype=torch.float64), torch.full((6,), 0.8, dtype=torch.float64))
+        problem.model.set_noise_and_prior_scale(
+            torch.tensor(0.05, dtype=torch.float64), torch.full((6,), 0.8, dtype=torch.float64)
+        )
     objective = AnalyticELBO()
     with torch.no_grad():
         before = float(objective(problem.x, problem.posterior(), problem.model).elbo)
@@ -89,7 +91,9 @@ def test_e_step_increases_the_objective_and_matches_a_float64_reference_optimum(
             return float(value.detach()), np.concatenate([g.reshape(-1).numpy() for g in grads])
 
         start = np.concatenate([np.full(size, -0.5 if name != "mean" else 0.3) for name, size in zip(names, sizes)])
-        result = scipy.optimize.minimize(f, start, jac=True, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 5000})
+        result = scipy.optimize.minimize(
+            f, start, jac=True, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 5000}
+        )
         reference.append(-result.fun)
     per_point = objective(problem.x, problem.posterior(), problem.model).per_point.detach().numpy()
     np.testing.assert_allclose(per_point, reference, atol=1e-6)
@@ -228,7 +232,9 @@ def test_fused_diagonal_e_step_equals_the_autograd_analytic_elbo_in_float64(weig
 
     problem = small_problem("diag", n_data=40)
     with torch.no_grad():
-        problem.model.set_noise_and_prior_scale(torch.tensor(0.07, dtype=torch.float64), torch.linspace(0.3, 2.0, 6, dtype=torch.float64))
+        problem.model.set_noise_and_prior_scale(
+            torch.tensor(0.07, dtype=torch.float64), torch.linspace(0.3, 2.0, 6, dtype=torch.float64)
+        )
         problem.posterior.mean.normal_(generator=torch.Generator().manual_seed(1))
         problem.posterior.log_std.uniform_(-4.0, 0.5, generator=torch.Generator().manual_seed(2))
         problem.posterior.log_std[0, 0] = -30.0  # s ≈ 1e-13: |μ|/s enormous
@@ -243,6 +249,33 @@ def test_fused_diagonal_e_step_equals_the_autograd_analytic_elbo_in_float64(weig
     torch.testing.assert_close(loss - fused.constant().sum(), expected_loss.detach(), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(grad_mean, block["mean"].grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad_log_std, block["log_std"].grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("weights", [AnnealingWeights(), AnnealingWeights(likelihood=0.7, prior=6.0, entropy=1.3)])
+def test_fused_gradients_are_the_closed_form_gradient_pieces(weights):
+    """The fused kernel's in-place gradients against ``closed_forms.code_gradient`` and
+    ``closed_forms.variance_gradient`` (with the chain rule to ρ = log s and the entropy's β_q)."""
+    from sparse_elbo import closed_forms
+    from sparse_elbo.inference.kernels import DiagonalLaplaceEStep
+
+    problem = small_problem("diag", n_data=25, seed=3)
+    with torch.no_grad():
+        problem.model.set_noise_and_prior_scale(torch.tensor(0.05, dtype=torch.float64), 0.3 + torch.rand(6, dtype=torch.float64))
+    generator = torch.Generator().manual_seed(4)
+    mean = 2.0 * torch.randn(25, 6, generator=generator, dtype=torch.float64)
+    log_std = torch.empty(25, 6, dtype=torch.float64).uniform_(-4.0, 1.0, generator=generator)
+    _, grad_mean, grad_log_std = DiagonalLaplaceEStep(problem.x, problem.model, weights).loss_and_gradients(mean, log_std)
+    model, std = problem.model, log_std.exp()
+    W = model.W.detach()
+    _, prior_gradient, prior_curvature = model.prior.statistic_and_derivatives(mean, std)
+    code = closed_forms.code_gradient(
+        (problem.x - mean @ W.T) @ W, model.sigma2.detach(), prior_gradient, model.lam.detach(), weights.likelihood, weights.prior
+    )
+    variance = closed_forms.variance_gradient(
+        torch.diagonal(W.T @ W), model.sigma2.detach(), prior_curvature, model.lam.detach(), weights.likelihood, weights.prior
+    )
+    torch.testing.assert_close(grad_mean, -code, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_log_std, -(2.0 * std**2 * variance + weights.entropy), rtol=1e-10, atol=1e-10)
 
 
 def test_fused_e_step_loss_resolves_small_changes_of_a_large_float32_block():
@@ -266,7 +299,10 @@ def test_fused_e_step_loss_resolves_small_changes_of_a_large_float32_block():
     fused32 = DiagonalLaplaceEStep(x, model, AnnealingWeights())
     fused64 = DiagonalLaplaceEStep(x.double(), model.double(), AnnealingWeights())
     change32 = float(fused32.loss_and_gradients(moved, log_std)[0] - fused32.loss_and_gradients(mean, log_std)[0])
-    change64 = float(fused64.loss_and_gradients(moved.double(), log_std.double())[0] - fused64.loss_and_gradients(mean.double(), log_std.double())[0])
+    change64 = float(
+        fused64.loss_and_gradients(moved.double(), log_std.double())[0]
+        - fused64.loss_and_gradients(mean.double(), log_std.double())[0]
+    )
     assert abs(float(fused64.loss_and_gradients(mean.double(), log_std.double())[0])) > 1e5  # float32 spacing there: ≥ 0.008
     assert 1e-4 < abs(change64) < 1e-1
     assert change32 == pytest.approx(change64, rel=1e-2)
@@ -291,10 +327,14 @@ def test_fused_entropy_e_step_equals_autograd_of_the_full_data_entropy_objective
         q = problem.posterior.gaussian({"mean": full_mean, "log_std": full_log_std})
         return -40 * EntropyELBO()(problem.x, q, problem.model, weights).weighted
 
-    fused = DiagonalLaplaceEntropyEStep(problem.x[block_index], problem.model, weights, others.residual(problem.model.W.detach()), others.prior, 40)
+    fused = DiagonalLaplaceEntropyEStep(
+        problem.x[block_index], problem.model, weights, others.residual(problem.model.W.detach()), others.prior, 40
+    )
     starts = []
     for seed in (3, 4):
-        mean = problem.posterior.mean[block_index].detach().clone() + 0.3 * torch.randn(15, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        mean = problem.posterior.mean[block_index].detach().clone() + 0.3 * torch.randn(
+            15, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
         log_std = problem.posterior.log_std[block_index].detach().clone()
         starts.append((mean.requires_grad_(True), log_std.requires_grad_(True)))
     expected, actual = [], []
@@ -327,7 +367,9 @@ def test_fused_and_autograd_e_steps_reach_the_same_posteriors():
     problem_fused, problem_autograd = small_problem("diag", n_data=30), small_problem("diag", n_data=30)
     for problem in (problem_fused, problem_autograd):
         with torch.no_grad():
-            problem.model.set_noise_and_prior_scale(torch.tensor(0.05, dtype=torch.float64), torch.full((6,), 0.8, dtype=torch.float64))
+            problem.model.set_noise_and_prior_scale(
+                torch.tensor(0.05, dtype=torch.float64), torch.full((6,), 0.8, dtype=torch.float64)
+            )
     index = torch.arange(30)
     for problem, fused in ((problem_fused, True), (problem_autograd, False)):
         e_step(problem, index, AnalyticEStep(fused=fused), iterations=300, tolerance=0.0, weights=AnnealingWeights(prior=4.0))
@@ -384,7 +426,10 @@ def test_overrelaxed_m_step_moves_along_the_em_step_by_omega_and_never_raises_th
     trainer = EMTrainer(e_step_iterations=30)
     set_full_data_optima(problem)
     e_step(problem, torch.arange(50), iterations=30)
-    state = {k: v.clone() for k, v in problem.model.state_dict().items()}, {k: v.clone() for k, v in problem.posterior.state_dict().items()}
+    state = (
+        {k: v.clone() for k, v in problem.model.state_dict().items()},
+        {k: v.clone() for k, v in problem.posterior.state_dict().items()},
+    )
 
     def residual_after(omega):
         problem.model.load_state_dict(state[0])

@@ -62,7 +62,11 @@ def _problem(family: str, prior: str, exact_bars: bool, n_data: int = 300, seed:
 
 def _fit(problem):
     reported = []
-    outcome = fit(FixedPointPosteriorTrainer(), problem, lambda epoch, weights, t: reported.append(evaluate_problem(problem, weights)) or reported[-1])
+    outcome = fit(
+        FixedPointPosteriorTrainer(),
+        problem,
+        lambda epoch, weights, t: reported.append(evaluate_problem(problem, weights)) or reported[-1],
+    )
     return outcome, reported
 
 
@@ -91,8 +95,9 @@ def test_fixed_point_ground_truth_elbo_matches_lbfgs_on_the_posteriors(family):
     data = make_bars(grid=3, n_data=300, seed=2)
     x, W = torch.as_tensor(data.x), torch.as_tensor(data.W_true)
     factory = partial(POSTERIORS[family], init_std=0.1)
-    lbfgs = LBFGSTrainer(max_epochs=60, iterations_per_epoch=50, relative_tolerance=1e-12, gradient_tolerance=1e-7,
-                         train_dictionary=False)
+    lbfgs = LBFGSTrainer(
+        max_epochs=60, iterations_per_epoch=50, relative_tolerance=1e-12, gradient_tolerance=1e-7, train_dictionary=False
+    )
     reference = ground_truth_elbo(x, W, factory, LaplacePrior(), lbfgs, seed=2)
     fixed_point = ground_truth_elbo(x, W, factory, LaplacePrior(), FixedPointPosteriorTrainer(), seed=2)
     assert fixed_point == pytest.approx(reference, abs=1e-7)
@@ -104,8 +109,9 @@ def test_fixed_point_converges_where_an_undamped_curvature_step_cycles():
     data = make_bars(seed=16)
     x, W = torch.as_tensor(data.x), torch.as_tensor(data.W_true)
     factory = partial(FullCovariancePosterior, init_std=0.1)
-    lbfgs = LBFGSTrainer(max_epochs=40, iterations_per_epoch=50, relative_tolerance=1e-8, gradient_tolerance=1e-3,
-                         train_dictionary=False)
+    lbfgs = LBFGSTrainer(
+        max_epochs=40, iterations_per_epoch=50, relative_tolerance=1e-8, gradient_tolerance=1e-3, train_dictionary=False
+    )
     reference = ground_truth_elbo(x, W, factory, LaplacePrior(), lbfgs, seed=16)
     outcomes = []
 
@@ -126,10 +132,22 @@ def test_fixed_point_trainer_rejects_bad_settings_and_amortised_posteriors_go_to
         FixedPointPosteriorTrainer(max_iterations=0)
     assert "amortized" not in FixedPointPosteriorTrainer.capabilities.families
     with pytest.raises(ValueError, match="evaluation.ground_truth_encoder_trainer.train_dictionary=false"):
-        build(sparse_elbo.compose(["posterior=amortized", "trainer=adam", "dataset.n_data=50",
-                                   "evaluation.ground_truth_encoder_trainer.train_dictionary=true"]))
+        build(
+            sparse_elbo.compose(
+                [
+                    "posterior=amortized",
+                    "trainer=adam",
+                    "dataset.n_data=50",
+                    "evaluation.ground_truth_encoder_trainer.train_dictionary=true",
+                ]
+            )
+        )
     with pytest.raises(ValueError, match="evaluation.ground_truth=false"):
-        build(sparse_elbo.compose(["posterior=amortized", "trainer=adam", "dataset.n_data=50", "evaluation.ground_truth_encoder_trainer=null"]))
+        build(
+            sparse_elbo.compose(
+                ["posterior=amortized", "trainer=adam", "dataset.n_data=50", "evaluation.ground_truth_encoder_trainer=null"]
+            )
+        )
     components = build(sparse_elbo.compose(["posterior=amortized", "trainer=adam", "dataset.n_data=50"]))
     assert isinstance(components.ground_truth_trainer, LBFGSTrainer)  # the encoder is fitted by L-BFGS
 

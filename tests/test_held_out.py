@@ -38,8 +38,15 @@ def _exact_log_px(x: np.ndarray, model) -> np.ndarray:
     out = []
     for xn in x:
         z_hat = float(w @ xn / (w @ w))  # where the likelihood peaks; the integrand is shifted by its log max
+
         def log_f(z):
-            return -0.5 * D * math.log(2 * math.pi * sigma2) - ((xn - w * z) ** 2).sum() / (2 * sigma2) - abs(z) / lam - math.log(2 * lam)
+            return (
+                -0.5 * D * math.log(2 * math.pi * sigma2)
+                - ((xn - w * z) ** 2).sum() / (2 * sigma2)
+                - abs(z) / lam
+                - math.log(2 * lam)
+            )
+
         shift = max(log_f(z_hat), log_f(0.0))
         f = lambda z: math.exp(log_f(z) - shift)  # noqa: E731
         total = sum(integrate.quad(f, a, b, epsabs=0, epsrel=1e-12, limit=200)[0] for a, b in ((-np.inf, 0.0), (0.0, np.inf)))

@@ -449,8 +449,9 @@ def test_entropy_elbo_on_minibatches_with_full_data_statistics(family):
     assert abs(_num(batch_only.terms["likelihood_entropy"] - full.terms["likelihood_entropy"])) > 1e-6
 
 
-@pytest.mark.parametrize("weights", [AnnealingWeights(), AnnealingWeights(likelihood=0.7, prior=0.3, entropy=1.6)],
-                         ids=["unit", "annealed"])
+@pytest.mark.parametrize(
+    "weights", [AnnealingWeights(), AnnealingWeights(likelihood=0.7, prior=0.3, entropy=1.6)], ids=["unit", "annealed"]
+)
 @pytest.mark.parametrize("prior", sorted(PRIORS))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_entropy_elbo_closed_form_gradient_equals_autograd(family, prior, weights):
@@ -501,7 +502,9 @@ def test_problem_loss_and_gradients_closed_form_and_autograd_agree(family):
         x, model, posterior = make_problem(family, "laplace", N=6, D=5, H=4, seed=63)
         problem = Problem(x=x, model=model, posterior=posterior, objective=objective, annealing=NoAnnealing())
         loss = problem.loss_and_gradients(AnnealingWeights())
-        got = {name: p.grad.clone() for name, p in [*model.named_parameters(), *posterior.named_parameters()] if p.grad is not None}
+        got = {
+            name: p.grad.clone() for name, p in [*model.named_parameters(), *posterior.named_parameters()] if p.grad is not None
+        }
         for p in [*model.parameters(), *posterior.parameters()]:
             p.grad = None
         reference = -6 * objective(x, posterior(), model).weighted

@@ -44,7 +44,14 @@ def installed(tmp_path_factory):
 
 def test_the_wheel_ships_the_configs_and_imports_from_the_environment(installed):
     environment, work = installed
-    out = _run([environment / "bin" / "python", "-c", "import sparse_elbo, sparse_elbo.config as c; print(sparse_elbo.__file__); print(c.config_dir())"], work)
+    out = _run(
+        [
+            environment / "bin" / "python",
+            "-c",
+            "import sparse_elbo, sparse_elbo.config as c; print(sparse_elbo.__file__); print(c.config_dir())",
+        ],
+        work,
+    )
     assert out.returncode == 0, out.stderr
     package, configs = out.stdout.split()
     assert package.startswith(str(environment)) and configs.startswith(str(environment))
@@ -56,8 +63,17 @@ def test_the_installed_default_and_an_experiment_run_from_outside_the_checkout(i
     default = _run([environment / "bin" / "python", "-m", "sparse_elbo.train", f"hydra.run.dir={work}/default"], work)
     assert default.returncode == 0, default.stderr
     assert "all fields recovered" in default.stdout and (work / "default" / "results.h5").is_file()
-    experiment = _run([environment / "bin" / "sparse-elbo", "experiment=patches_em_small", "trainer.max_epochs=1",
-                       "dataset.n_patches=1000", "device=cpu", f"hydra.run.dir={work}/patches"], work)
+    experiment = _run(
+        [
+            environment / "bin" / "sparse-elbo",
+            "experiment=patches_em_small",
+            "trainer.max_epochs=1",
+            "dataset.n_patches=1000",
+            "device=cpu",
+            f"hydra.run.dir={work}/patches",
+        ],
+        work,
+    )
     assert experiment.returncode == 0, experiment.stderr
     assert "final ELBO" in experiment.stdout
     for tool, args in (("summarize", [work]), ("plot_run", [work / "patches" / "results.h5"])):

@@ -37,7 +37,9 @@ def _bars(grid=3, n_data=200, seed=0):
 def _perturbed_model(data, seed=0, scale=0.3):
     D, H = data.W_true.shape
     model = SparseCodingModel(D, H).double()
-    W = torch.as_tensor(data.W_true) + scale * torch.randn(D, H, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    W = torch.as_tensor(data.W_true) + scale * torch.randn(
+        D, H, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     model.set_dictionary(W)
     return model
 
@@ -98,7 +100,9 @@ def test_sparse_coding_codes_solve_the_lasso():
     Wᵀ(x - Ws) = α sign(s) where s ≠ 0 and |Wᵀ(x - Ws)| ≤ α where s = 0."""
     data, x = _bars(grid=5, n_data=300, seed=2)
     init = SparseCodingDictionary(sparsity=0.8, iterations=30, code_iterations=10)
-    W = init(x, torch.randn(25, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64), torch.Generator().manual_seed(0))
+    W = init(
+        x, torch.randn(25, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64), torch.Generator().manual_seed(0)
+    )
     penalty = float(0.8 * (x.pow(2).sum(-1).mean() / 10).sqrt())
     solver = SparseCodingDictionary(sparsity=0.8, iterations=1, code_iterations=3000)
     codes = solver._codes(x, W, x.new_zeros(300, 10), torch.tensor(penalty, dtype=torch.float64))
@@ -128,7 +132,9 @@ def test_unused_atoms_restart_at_data_points():
     generator = torch.Generator().manual_seed(0)
     directions = torch.eye(6, dtype=torch.float64)[:, :2]
     x = torch.randn(200, 2, generator=generator, dtype=torch.float64) ** 3 @ directions.T
-    W = SparseCodingDictionary(sparsity=2.0, iterations=20)(x, torch.randn(6, 10, generator=generator, dtype=torch.float64), generator)
+    W = SparseCodingDictionary(sparsity=2.0, iterations=20)(
+        x, torch.randn(6, 10, generator=generator, dtype=torch.float64), generator
+    )
     assert bool(torch.isfinite(W).all())
     torch.testing.assert_close(W.norm(dim=0), torch.ones(10, dtype=torch.float64))
     assert match_fields(W.numpy(), directions.numpy()).min_cosine > 0.99

@@ -23,13 +23,38 @@ from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
 
 EVERY_EPOCH = "results.checkpoint_interval_s=0"  # a checkpoint after every epoch, however short
-LBFGS_SMALL = ["trainer=lbfgs", "dataset.grid=3", "dataset.n_data=60", "trainer.iterations_per_epoch=10", "trainer.max_epochs=6",
-               "evaluation.ground_truth=false", EVERY_EPOCH]
-PROFILE_SMALL = ["trainer=profile_lbfgs", "dataset.grid=3", "dataset.n_data=60", "trainer.iterations_per_epoch=3",
-                 "trainer.max_epochs=6", "trainer.relative_tolerance=0", "evaluation.ground_truth=false", EVERY_EPOCH]
-EM_SMALL = ["trainer=em", "dataset.grid=3", "dataset.n_data=60", "trainer.e_step_iterations=10",
-            "trainer.em_iterations_per_epoch=2", "trainer.max_epochs=6", "annealing=prior", "annealing.start=3",
-            "annealing.step=1", "evaluation.ground_truth=false", EVERY_EPOCH]
+LBFGS_SMALL = [
+    "trainer=lbfgs",
+    "dataset.grid=3",
+    "dataset.n_data=60",
+    "trainer.iterations_per_epoch=10",
+    "trainer.max_epochs=6",
+    "evaluation.ground_truth=false",
+    EVERY_EPOCH,
+]
+PROFILE_SMALL = [
+    "trainer=profile_lbfgs",
+    "dataset.grid=3",
+    "dataset.n_data=60",
+    "trainer.iterations_per_epoch=3",
+    "trainer.max_epochs=6",
+    "trainer.relative_tolerance=0",
+    "evaluation.ground_truth=false",
+    EVERY_EPOCH,
+]
+EM_SMALL = [
+    "trainer=em",
+    "dataset.grid=3",
+    "dataset.n_data=60",
+    "trainer.e_step_iterations=10",
+    "trainer.em_iterations_per_epoch=2",
+    "trainer.max_epochs=6",
+    "annealing=prior",
+    "annealing.start=3",
+    "annealing.step=1",
+    "evaluation.ground_truth=false",
+    EVERY_EPOCH,
+]
 
 
 def _interrupt_after(monkeypatch, epoch_to_fail: int):
@@ -48,8 +73,11 @@ def _interrupt_after(monkeypatch, epoch_to_fail: int):
     monkeypatch.setattr(record, "evaluate_problem", interrupting)
 
 
-@pytest.mark.parametrize("overrides", [LBFGS_SMALL, [*LBFGS_SMALL, "objective=sampled", "posterior=diag"], EM_SMALL, PROFILE_SMALL],
-                         ids=["lbfgs-entropy-full", "lbfgs-sampled-diag", "em-annealed", "profile-lbfgs"])
+@pytest.mark.parametrize(
+    "overrides",
+    [LBFGS_SMALL, [*LBFGS_SMALL, "objective=sampled", "posterior=diag"], EM_SMALL, PROFILE_SMALL],
+    ids=["lbfgs-entropy-full", "lbfgs-sampled-diag", "em-annealed", "profile-lbfgs"],
+)
 def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, overrides):
     reference = run(sparse_elbo.compose(overrides), tmp_path / "reference", progress=False)
     ref = read_results(reference.results_path)
@@ -83,7 +111,9 @@ def test_checkpoints_are_at_least_the_interval_apart(tmp_path, monkeypatch):
 
     written = []
     original = ResultsWriter.write_checkpoint
-    monkeypatch.setattr(ResultsWriter, "write_checkpoint", lambda self, epoch, blob: (written.append(epoch), original(self, epoch, blob)))
+    monkeypatch.setattr(
+        ResultsWriter, "write_checkpoint", lambda self, epoch, blob: (written.append(epoch), original(self, epoch, blob))
+    )
     no_interval = [o for o in LBFGS_SMALL if o != EVERY_EPOCH]
     for interval, expected in ((2.5, [2, 5]), (0, [0, 1, 2, 3, 4, 5])):
         ticks = iter(range(1000))
@@ -145,7 +175,10 @@ def test_non_finite_parameters_stop_the_run_naming_epoch_and_parameter(tmp_path,
 
 def _cli_process(args, cwd):
     return subprocess.Popen(
-        [sys.executable, "-m", "sparse_elbo.train", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "sparse_elbo.train", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -165,8 +198,14 @@ def _wait_for_epochs(path: Path, n: int, process, timeout: float = 240.0) -> Non
     raise TimeoutError(f"{path} did not reach {n} epochs")
 
 
-LONG_RUN = ["dataset.n_data=300", "trainer.iterations_per_epoch=5", "trainer.max_epochs=400",
-            "trainer.relative_tolerance=0", "evaluation.ground_truth=false", EVERY_EPOCH]
+LONG_RUN = [
+    "dataset.n_data=300",
+    "trainer.iterations_per_epoch=5",
+    "trainer.max_epochs=400",
+    "trainer.relative_tolerance=0",
+    "evaluation.ground_truth=false",
+    EVERY_EPOCH,
+]
 
 
 def _signal_a_long_run(tmp_path, after_epochs: int, signum: int):

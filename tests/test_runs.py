@@ -40,14 +40,23 @@ def test_every_group_option_exists_as_a_file():
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_instantiates(group, option):
     # other groups' options with joint L-BFGS, which takes every objective, posterior and schedule
-    small = {"em": SMALL_EM, "au": SMALL_AUTHORS, "ad": SMALL_ADAM}.get(option[:2], SMALL) if group == "trainer" else ["trainer=lbfgs", *SMALL]
+    small = (
+        {"em": SMALL_EM, "au": SMALL_AUTHORS, "ad": SMALL_ADAM}.get(option[:2], SMALL)
+        if group == "trainer"
+        else ["trainer=lbfgs", *SMALL]
+    )
     cfg = sparse_elbo.compose([f"{group}={option}", *small])
     components = build(cfg)
     problem = components.problem
     assert problem.x.shape == (40, 25)
     assert problem.model.W.shape == (25, 10)
-    component = {"objective": problem.objective, "annealing": problem.annealing, "trainer": components.trainer,
-                 "prior": problem.model.prior, "posterior": problem.posterior}.get(group)
+    component = {
+        "objective": problem.objective,
+        "annealing": problem.annealing,
+        "trainer": components.trainer,
+        "prior": problem.model.prior,
+        "posterior": problem.posterior,
+    }.get(group)
     if component is not None:
         node = cfg.model.prior if group == "prior" else cfg[group]  # the prior group's package is model.prior
         assert type(component).__name__ == node._target_.rsplit(".", 1)[1]
@@ -64,10 +73,16 @@ def test_the_authors_procedure_on_an_experiments_data_is_its_sibling_experiment(
     assert sibling.posterior == fast.posterior and sibling.dtype == fast.dtype
 
 
-@pytest.mark.parametrize("experiment,message", [
-    ("patches_em_small", r"trainer\.e_step_block_size, trainer\.em_iterations_per_epoch are not settings of AuthorsEMTrainer .*sibling experiment"),
-    ("patches_em", r"Could not override 'trainer/e_step'"),  # the experiment's choice of E-step has no place there
-])
+@pytest.mark.parametrize(
+    "experiment,message",
+    [
+        (
+            "patches_em_small",
+            r"trainer\.e_step_block_size, trainer\.em_iterations_per_epoch are not settings of AuthorsEMTrainer .*sibling experiment",
+        ),
+        ("patches_em", r"Could not override 'trainer/e_step'"),  # the experiment's choice of E-step has no place there
+    ],
+)
 def test_another_trainer_under_an_experiment_is_rejected_naming_the_setting_that_does_not_fit(experiment, message):
     """An experiment's trainer settings belong to its trainer: with another trainer chosen on the command line
     they are rejected before any compute, naming the key (the sibling experiment is the way to swap)."""
@@ -109,7 +124,16 @@ def test_tiny_seeded_bars_run_recovers_every_bar_and_round_trips(tmp_path):
     assert res.config["dataset"]["grid"] == 3 and res.attrs["overrides"] == "dataset.grid=3"
     E = len(res.metrics["epoch"])
     assert E == summary.epochs
-    for key in ("elbo", "wall_time", "sigma2", "gini_mean", "posterior_entropy", "prior_entropy", "likelihood_entropy", "weight_prior"):
+    for key in (
+        "elbo",
+        "wall_time",
+        "sigma2",
+        "gini_mean",
+        "posterior_entropy",
+        "prior_entropy",
+        "likelihood_entropy",
+        "weight_prior",
+    ):
         assert res.metrics[key].shape == (E,), key
     assert res.metrics["lambda"].shape == (E, 6)
     assert np.all(np.diff(res.metrics["wall_time"]) > 0)
@@ -219,20 +243,29 @@ def test_cli_runs_and_prints_a_summary(tmp_path):
         ("trainer=lbfgs annealing=prior annealing.term=noise", "annealing.term must be one of"),
         ("model.gauge=unit_lambda", "needs model.gauge=unit_norm"),
         ("dataset.grdi=3", "grdi"),
-        ("objective=analytic", "objective=analytic is not supported by trainer ProfileLBFGSTrainer; allowed objectives: ['entropy']"),
+        (
+            "objective=analytic",
+            "objective=analytic is not supported by trainer ProfileLBFGSTrainer; allowed objectives: ['entropy']",
+        ),
         ("posterior=amortized", "posterior=amortized is not supported by trainer ProfileLBFGSTrainer"),
         ("annealing=prior", "is not supported by trainer ProfileLBFGSTrainer, which maximises the unweighted objective"),
         ("trainer/initialisation=banana", "Available options in 'trainer/initialisation'"),
         ("trainer.initialisation.sparsity=0", "trainer.initialisation.sparsity must be > 0"),
         ("trainer.inner_tolerance=-1", "trainer.inner_tolerance must be >= 0"),
-        ("trainer=em objective=analytic", "objective=analytic is not supported by trainer EMTrainer; allowed objectives: ['entropy']"),
+        (
+            "trainer=em objective=analytic",
+            "objective=analytic is not supported by trainer EMTrainer; allowed objectives: ['entropy']",
+        ),
         ("trainer=adam trainer.statistics=mini", "trainer.statistics must be one of ['full', 'batch']"),
         ("trainer=em trainer.statistics=batch", "Could not override 'trainer.statistics'"),
         ("dataset=file", "Missing mandatory value: dataset.path"),
         ("dataset=file dataset.path=/nowhere/x.npy n_latents=3", "dataset.path='/nowhere/x.npy': no such file"),
         ("resume=/nowhere/results.h5", "resume='/nowhere/results.h5': no such results file"),
         ("posterior=full n_latents=20000", "reduce n_latents or dataset.n_data"),
-        ("experiment=patches_em_small trainer=adam", "trainer.e_step_block_size, trainer.e_step_iterations, trainer.em_iterations_per_epoch are not settings of AdamTrainer"),
+        (
+            "experiment=patches_em_small trainer=adam",
+            "trainer.e_step_block_size, trainer.e_step_iterations, trainer.em_iterations_per_epoch are not settings of AdamTrainer",
+        ),
     ],
 )
 def test_bad_overrides_fail_fast_with_one_line_and_status_2(tmp_path, override, message):
@@ -246,8 +279,14 @@ def test_bad_overrides_fail_fast_with_one_line_and_status_2(tmp_path, override, 
 
 def test_hydra_full_error_shows_the_traceback_of_a_user_error(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    out = subprocess.run([sys.executable, "-m", "sparse_elbo.train", "dataset.noise=-1", f"hydra.run.dir={tmp_path}/run"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "sparse_elbo.train", "dataset.noise=-1", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 1 and "Traceback" in out.stderr and "dataset.noise must be > 0" in out.stderr
 
 

@@ -24,17 +24,27 @@ from sparse_elbo.sweeps import group_runs, load_runs
 
 CONFIGS = config_dir()
 PAPER = sorted(p.stem for p in (CONFIGS / "paper").glob("*.yaml"))
-TINY = ["trainer=lbfgs", "dataset.n_data=40", "trainer.max_epochs=2", "trainer.iterations_per_epoch=5", "evaluation.ground_truth=false"]
+TINY = [
+    "trainer=lbfgs",
+    "dataset.n_data=40",
+    "trainer.max_epochs=2",
+    "trainer.iterations_per_epoch=5",
+    "evaluation.ground_truth=false",
+]
 
 
 def _cli(args, cwd, timeout=600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
-    return subprocess.run([sys.executable, "-m", "sparse_elbo.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sparse_elbo.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _tool(name, *args, cwd):
     """``python -m sparse_elbo.<name> ARGS``: the user-facing tools are package modules."""
-    return subprocess.run([sys.executable, "-m", f"sparse_elbo.{name}", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", f"sparse_elbo.{name}", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def _compose(overrides, hydra=False):
@@ -77,7 +87,10 @@ def sweep(tmp_path_factory):
     """8 tiny bars jobs: posterior (diag, full) x init_std (1e200: diverges at the first evaluation, 0.1)
     x 2 seeds; the failing jobs come first and must not stop the others."""
     root = tmp_path_factory.mktemp("sweep")
-    out = _cli(["-m", "posterior=diag,full", "posterior.init_std=1e200,0.1", "seed=0,1", *TINY, f"hydra.sweep.dir={root}/sweep"], cwd=root)
+    out = _cli(
+        ["-m", "posterior=diag,full", "posterior.init_std=1e200,0.1", "seed=0,1", *TINY, f"hydra.sweep.dir={root}/sweep"],
+        cwd=root,
+    )
     return root, out
 
 
@@ -132,8 +145,20 @@ def test_figures_are_written_from_a_sweep(sweep, tmp_path):
     directory = tmp_path / "sweep"
     shutil.copytree(root / "sweep", directory)  # the shared sweep stays as it is for the other tests
     # one tiny image-patches run beside the bars runs: the dictionary and annealing figures too
-    cfg = _compose(["dataset=image_patches", "dataset.patch_size=6", "dataset.n_patches=300", "n_latents=8", "posterior=diag",
-                    "trainer=em", "trainer.max_epochs=2", "trainer.e_step_iterations=5", "annealing=prior", "evaluation.ground_truth=false"])
+    cfg = _compose(
+        [
+            "dataset=image_patches",
+            "dataset.patch_size=6",
+            "dataset.n_patches=300",
+            "n_latents=8",
+            "posterior=diag",
+            "trainer=em",
+            "trainer.max_epochs=2",
+            "trainer.e_step_iterations=5",
+            "annealing=prior",
+            "evaluation.ground_truth=false",
+        ]
+    )
     run(cfg, directory / "patches", progress=False)
     out = _tool("figures", directory, "--out", tmp_path / "figures", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -150,7 +175,10 @@ def test_groups_follow_the_stored_config_not_the_directories(sweep, tmp_path):
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
-    out = _cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
+    out = _cli(
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     files = sorted((tmp_path / "sweep").glob("*/results.h5"))
     assert len(files) == 2
@@ -161,14 +189,27 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     """The Slurm path (hydra/launcher=submitit_slurm) with submitit's local executor: each job in its own
     process, pickled task function, its own directory and results file."""
-    out = _cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
-                "posterior=diag,full", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
+    out = _cli(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            "hydra.launcher.cpus_per_task=1",
+            "posterior=diag,full",
+            *TINY,
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr + out.stdout
     files = sorted((tmp_path / "sweep").glob("*/results.h5"))
     assert len(files) == 2
     runs = [read_results(f) for f in files]
     assert all(r.status == "finished" for r in runs)
-    assert sorted(r.config["posterior"]["_target_"].rsplit(".", 1)[1] for r in runs) == ["DiagonalPosterior", "FullCovariancePosterior"]
+    assert sorted(r.config["posterior"]["_target_"].rsplit(".", 1)[1] for r in runs) == [
+        "DiagonalPosterior",
+        "FullCovariancePosterior",
+    ]
     assert (tmp_path / "sweep" / ".submitit").is_dir()  # submitit's job folders: the jobs went through submitit
 
 

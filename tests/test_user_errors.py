@@ -42,11 +42,22 @@ SETTINGS = {
     "results.snapshot_every": ["-1"],
 }
 # a tiny problem, and one short epoch of each trainer
-TINY = ["dataset.n_data=30", "dataset.grid=3", "trainer.max_epochs=1", "evaluation.ground_truth=false", "evaluation.gini_samples=2",
-        "evaluation.held_out_refine_iterations=5", "evaluation.importance_samples=5"]
-SHORT_EPOCH = {"lbfgs": ["trainer.iterations_per_epoch=3"], "profile_lbfgs": ["trainer.iterations_per_epoch=2"],
-               "em": ["trainer.e_step_iterations=3"], "authors_em": ["trainer.e_step_iterations=3", "trainer.batch_size=10"],
-               "adam": ["trainer.batch_size=10"]}
+TINY = [
+    "dataset.n_data=30",
+    "dataset.grid=3",
+    "trainer.max_epochs=1",
+    "evaluation.ground_truth=false",
+    "evaluation.gini_samples=2",
+    "evaluation.held_out_refine_iterations=5",
+    "evaluation.importance_samples=5",
+]
+SHORT_EPOCH = {
+    "lbfgs": ["trainer.iterations_per_epoch=3"],
+    "profile_lbfgs": ["trainer.iterations_per_epoch=2"],
+    "em": ["trainer.e_step_iterations=3"],
+    "authors_em": ["trainer.e_step_iterations=3", "trainer.batch_size=10"],
+    "adam": ["trainer.batch_size=10"],
+}
 
 
 CAPABLE = {  # combinations each trainer declares it can train
@@ -66,8 +77,13 @@ def overrides(draw):
         posteriors, objectives, schedules = CAPABLE[trainer]
     else:
         posteriors, objectives, schedules = GROUPS["posterior"], GROUPS["objective"], GROUPS["annealing"]
-    choices = {"trainer": trainer, "posterior": draw(st.sampled_from(posteriors)), "objective": draw(st.sampled_from(objectives)),
-               "annealing": draw(st.sampled_from(schedules)), "prior": draw(st.sampled_from(GROUPS["prior"]))}
+    choices = {
+        "trainer": trainer,
+        "posterior": draw(st.sampled_from(posteriors)),
+        "objective": draw(st.sampled_from(objectives)),
+        "annealing": draw(st.sampled_from(schedules)),
+        "prior": draw(st.sampled_from(GROUPS["prior"])),
+    }
     chosen = [f"{group}={option}" for group, option in choices.items()]
     drawn = draw(st.lists(st.sampled_from(sorted(SETTINGS)), max_size=2, unique=True))
     values = [f"{key}={draw(st.sampled_from(SETTINGS[key]))}" for key in drawn]

@@ -46,8 +46,9 @@ class BlockContext:
 
 
 class EStepObjective(Protocol):
-    def block_loss(self, x: torch.Tensor, posterior, model, weights: AnnealingWeights,
-                   context: BlockContext | None = None) -> BlockLoss:
+    def block_loss(
+        self, x: torch.Tensor, posterior, model, weights: AnnealingWeights, context: BlockContext | None = None
+    ) -> BlockLoss:
         """The loss of the block of data ``x (B,D)`` (posterior parameters passed at each call)."""
 
 
@@ -142,8 +143,13 @@ class BlockLBFGS:
     tolerance: float = 1e-9
 
     def __post_init__(self):
-        require_at_least("trainer", 1, e_step_iterations=self.iterations, history_size=self.history_size,
-                         **({} if self.max_evaluations is None else {"e_step_max_evaluations": self.max_evaluations}))
+        require_at_least(
+            "trainer",
+            1,
+            e_step_iterations=self.iterations,
+            history_size=self.history_size,
+            **({} if self.max_evaluations is None else {"e_step_max_evaluations": self.max_evaluations}),
+        )
         require_at_least("trainer", 0, e_step_tolerance=self.tolerance)
 
     def optimise(self, posterior, index: torch.Tensor, model, block_loss: BlockLoss) -> dict[str, torch.Tensor]:
@@ -151,8 +157,13 @@ class BlockLBFGS:
         stores) their new parameters."""
         block = posterior.block_parameters(index)
         optimizer = torch.optim.LBFGS(
-            list(block.values()), lr=1.0, max_iter=self.iterations, max_eval=self.max_evaluations,
-            history_size=self.history_size, tolerance_grad=1e-7, tolerance_change=self.tolerance,
+            list(block.values()),
+            lr=1.0,
+            max_iter=self.iterations,
+            max_eval=self.max_evaluations,
+            history_size=self.history_size,
+            tolerance_grad=1e-7,
+            tolerance_change=self.tolerance,
             line_search_fn="strong_wolfe",
         )
         with _frozen(model):

@@ -149,7 +149,9 @@ class FixedPointFit:
         self.covariance = covariance
 
         # Step 4: σ²*, λ* and L_H of the new q
-        residual = closed_forms.expected_residual_from_projections(self.x_energy, self.projection, self.mean, self.gram, covariance)
+        residual = closed_forms.expected_residual_from_projections(
+            self.x_energy, self.projection, self.mean, self.gram, covariance
+        )
         statistics = DataStatistics(residual / n, statistic.mean(0))
         posterior_entropy = closed_forms.gaussian_entropy_from_logdet(log_det, H).mean()
         value = EntropyELBO.from_statistics(posterior_entropy, statistics, self.x.shape[1], self.prior)

@@ -70,7 +70,9 @@ class DiagonalLaplaceEStep:
         # The sums are accumulated in float64 even for float32 parameters: the loss is a sum over up to
         # the whole data set, and in float32 its rounding (≈ 1e-7 of ~10⁶) hides the changes that the
         # line search must compare once the E-step is nearly converged, so it stops early.
-        energy = ((gram_mean - 2.0 * self.projection) * mean).sum(dtype=torch.float64) + (variance @ self.gram_diagonal).sum(dtype=torch.float64)
+        energy = ((gram_mean - 2.0 * self.projection) * mean).sum(dtype=torch.float64) + (variance @ self.gram_diagonal).sum(
+            dtype=torch.float64
+        )
         return expected_abs, energy, gram_mean.sub_(self.projection), sign_mass, density_std, variance
 
     def _gradients(self, pieces, likelihood_scale, prior_scale):
@@ -78,7 +80,9 @@ class DiagonalLaplaceEStep:
         ∂loss/∂ρ = β_lik G_hh s²/σ² + β_prior √(2/π) e^{-r²/2} s/λ - β_q."""
         gram_mean_minus_b, sign_mass, density_std, variance = pieces
         grad_mean = gram_mean_minus_b.mul_(likelihood_scale).add_(sign_mass.mul_(prior_scale))
-        grad_log_std = variance.mul_(self.gram_diagonal * likelihood_scale).add_(density_std.mul_(prior_scale)).sub_(self.weights.entropy)
+        grad_log_std = (
+            variance.mul_(self.gram_diagonal * likelihood_scale).add_(density_std.mul_(prior_scale)).sub_(self.weights.entropy)
+        )
         return grad_mean, grad_log_std
 
     @torch.no_grad()
@@ -119,8 +123,16 @@ class DiagonalLaplaceEntropyEStep(DiagonalLaplaceEStep):
     theorem its gradient is the analytic E-step's at ``σ² = σ²*, λ = λ*`` (same formulas, current values).
     """
 
-    def __init__(self, x: torch.Tensor, model, weights: AnnealingWeights, other_residual: torch.Tensor,
-                 other_prior: torch.Tensor, n_total: int, x_energy: torch.Tensor | None = None):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        model,
+        weights: AnnealingWeights,
+        other_residual: torch.Tensor,
+        other_prior: torch.Tensor,
+        n_total: int,
+        x_energy: torch.Tensor | None = None,
+    ):
         super().__init__(x, model, weights)
         with torch.no_grad():  # Σ_n ||x_n||² of the block (float64), unless the caller has it already
             self.x_energy = x.pow(2).sum(dtype=torch.float64) if x_energy is None else x_energy

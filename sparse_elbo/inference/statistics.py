@@ -61,14 +61,20 @@ class SufficientStatistics:
         """The sums after the gauge change ``z_h → c_h z_h`` (``t(c z) = c^degree t(z)``)."""
         scale = scale.to(self.cross.dtype)
         return SufficientStatistics(
-            self.x_energy, self.cross * scale, self.second_moment * torch.outer(scale, scale),
-            self.prior * scale**prior_degree, self.count,
+            self.x_energy,
+            self.cross * scale,
+            self.second_moment * torch.outer(scale, scale),
+            self.prior * scale**prior_degree,
+            self.count,
         )
 
     def _combine(self, other: SufficientStatistics, sign: float) -> SufficientStatistics:
         return SufficientStatistics(
-            self.x_energy + sign * other.x_energy, self.cross + sign * other.cross,
-            self.second_moment + sign * other.second_moment, self.prior + sign * other.prior, self.count,
+            self.x_energy + sign * other.x_energy,
+            self.cross + sign * other.cross,
+            self.second_moment + sign * other.second_moment,
+            self.prior + sign * other.prior,
+            self.count,
         )
 
     def __add__(self, other: SufficientStatistics) -> SufficientStatistics:

@@ -88,8 +88,14 @@ def check_settings(node: DictConfig, key: str) -> None:
 
 def check_results_settings(cfg: DictConfig) -> None:
     results = cfg.results
-    require_at_least("results", 0, snapshot_every=results.snapshot_every, checkpoint_every=results.checkpoint_every,
-                     checkpoint_interval_s=checkpoint_interval(cfg), max_posterior_numbers=results.max_posterior_numbers)
+    require_at_least(
+        "results",
+        0,
+        snapshot_every=results.snapshot_every,
+        checkpoint_every=results.checkpoint_every,
+        checkpoint_interval_s=checkpoint_interval(cfg),
+        max_posterior_numbers=results.max_posterior_numbers,
+    )
 
 
 def checkpoint_interval(cfg: DictConfig) -> float:
@@ -101,14 +107,19 @@ def check_capabilities(trainer: Trainer, family: str, objective, annealing, name
     """The trainer's declared capabilities against the chosen posterior family, objective and schedule."""
     capabilities, trainer_name = trainer.capabilities, type(trainer).__name__
     if family not in capabilities.families:
-        raise ConfigError(f"posterior={family} is not supported by {name} {trainer_name}; "
-                          f"allowed posteriors: {list(capabilities.families)}")
+        raise ConfigError(
+            f"posterior={family} is not supported by {name} {trainer_name}; allowed posteriors: {list(capabilities.families)}"
+        )
     if objective.name not in capabilities.objectives:
-        raise ConfigError(f"objective={objective.name} is not supported by {name} {trainer_name}; "
-                          f"allowed objectives: {list(capabilities.objectives)}")
+        raise ConfigError(
+            f"objective={objective.name} is not supported by {name} {trainer_name}; "
+            f"allowed objectives: {list(capabilities.objectives)}"
+        )
     if not capabilities.annealing and annealing.final_epoch() > 0:
-        raise ConfigError(f"annealing ({type(annealing).__name__}) is not supported by {name} {trainer_name}, which "
-                          "maximises the unweighted objective; allowed: annealing=none (or a trainer that anneals, e.g. trainer=lbfgs)")
+        raise ConfigError(
+            f"annealing ({type(annealing).__name__}) is not supported by {name} {trainer_name}, which "
+            "maximises the unweighted objective; allowed: annealing=none (or a trainer that anneals, e.g. trainer=lbfgs)"
+        )
 
 
 def ground_truth_trainer(cfg: DictConfig, dataset: Dataset, family: str) -> Trainer | None:
@@ -123,8 +134,10 @@ def ground_truth_trainer(cfg: DictConfig, dataset: Dataset, family: str) -> Trai
             if trainer.train_dictionary:
                 raise ConfigError(f"evaluation.{key} must keep the dictionary fixed: set evaluation.{key}.train_dictionary=false")
             return trainer
-    raise ConfigError(f"posterior={family} is supported by neither evaluation.ground_truth_trainer nor "
-                      "evaluation.ground_truth_encoder_trainer; set evaluation.ground_truth=false")
+    raise ConfigError(
+        f"posterior={family} is supported by neither evaluation.ground_truth_trainer nor "
+        "evaluation.ground_truth_encoder_trainer; set evaluation.ground_truth=false"
+    )
 
 
 def _available_memory(device: torch.device) -> int:
@@ -173,11 +186,18 @@ def build(cfg: DictConfig) -> Components:
     check_capabilities(trainer, family, objective, annealing)
     truth_trainer = ground_truth_trainer(cfg, dataset, family)
     x_train, x_held_out = split_held_out(dataset, float(cfg.evaluation.held_out_fraction), int(cfg.seed))
-    sizes = Sizes(x_train.shape[0], dataset.n_observed, n_latents, posterior_factory.func.parameter_count(
-        n_data=x_train.shape[0], n_latents=n_latents, n_observed=dataset.n_observed, **posterior_factory.keywords))
+    sizes = Sizes(
+        x_train.shape[0],
+        dataset.n_observed,
+        n_latents,
+        posterior_factory.func.parameter_count(
+            n_data=x_train.shape[0], n_latents=n_latents, n_observed=dataset.n_observed, **posterior_factory.keywords
+        ),
+    )
     check_memory(cfg, [t for t in (trainer, truth_trainer) if t is not None], sizes, dtype, device)
-    model = instantiate(cfg.model)(n_observed=dataset.n_observed, n_latents=n_latents,
-                                   generator=torch.Generator().manual_seed(int(cfg.seed)))
+    model = instantiate(cfg.model)(
+        n_observed=dataset.n_observed, n_latents=n_latents, generator=torch.Generator().manual_seed(int(cfg.seed))
+    )
     if objective.requires_unit_norm and model.gauge != "unit_norm":
         raise ConfigError(f"objective={objective.name} needs model.gauge=unit_norm, got {model.gauge!r}")
     posterior = posterior_factory(n_data=x_train.shape[0], n_latents=n_latents, n_observed=dataset.n_observed)

@@ -64,8 +64,16 @@ class Checkpointer:
         if time.monotonic() - self.last < self.interval:
             return  # short epochs: a checkpoint (the L-BFGS memory) would cost more than they do
         buffer = io.BytesIO()
-        torch.save({"format": FORMAT, "model": self.problem.model.state_dict(), "posterior": self.problem.posterior.state_dict(),
-                    "fit": fit_state, "torch_rng": torch.get_rng_state()}, buffer)
+        torch.save(
+            {
+                "format": FORMAT,
+                "model": self.problem.model.state_dict(),
+                "posterior": self.problem.posterior.state_dict(),
+                "fit": fit_state,
+                "torch_rng": torch.get_rng_state(),
+            },
+            buffer,
+        )
         with self.guard.writing():
             self.writer.write_checkpoint(epoch, buffer.getvalue())
         self.last = time.monotonic()
@@ -76,8 +84,10 @@ def read_checkpoint_state(path: str | Path) -> dict:
     _, blob = read_checkpoint(path)
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
     if state.get("format") != FORMAT:
-        raise ConfigError(f"resume={str(path)!r}: its checkpoint was written by an earlier version of sparse_elbo and "
-                          "cannot be resumed by this one (the results file itself can still be read)")
+        raise ConfigError(
+            f"resume={str(path)!r}: its checkpoint was written by an earlier version of sparse_elbo and "
+            "cannot be resumed by this one (the results file itself can still be read)"
+        )
     return state
 
 

@@ -35,7 +35,9 @@ class RunSummary:
         if self.ground_truth_elbo is not None:
             out.append(f"ground-truth ELBO     {self.ground_truth_elbo:.4f} (W fixed to the generator's)")
         if self.min_cosine is not None:
-            out.append(f"min matched |cosine|  {self.min_cosine:.4f} ({'all fields recovered' if self.recovered else 'NOT all recovered'})")
+            out.append(
+                f"min matched |cosine|  {self.min_cosine:.4f} ({'all fields recovered' if self.recovered else 'NOT all recovered'})"
+            )
         out += [
             f"sigma                 {self.sigma:.4f}",
             f"lambda range          [{self.lambda_range[0]:.4f}, {self.lambda_range[1]:.4f}]",
@@ -44,7 +46,9 @@ class RunSummary:
         if self.held_out:
             h = self.held_out
             if "held_out_elbo_encoder" in h:
-                out.append(f"held-out ELBO encoder {h['held_out_elbo_encoder']:.4f} (amortisation gap {h['amortization_gap']:.4f} nats)")
+                out.append(
+                    f"held-out ELBO encoder {h['held_out_elbo_encoder']:.4f} (amortisation gap {h['amortization_gap']:.4f} nats)"
+                )
             out += [
                 f"held-out ELBO refined {h['held_out_elbo_refined']:.4f} over {int(h['held_out_n'])} held-out points",
                 f"held-out log p(x)     {h['held_out_log_px']:.4f} +- {h['held_out_log_px_stderr']:.4f} (importance sampled)",
@@ -57,20 +61,31 @@ def _held_out(cfg: DictConfig, components: Components) -> dict | None:
     if problem.x_held_out is None:
         return None
     evaluation = cfg.evaluation
-    return held_out_metrics(problem.x_held_out, problem.posterior, problem.model, int(evaluation.held_out_refine_iterations),
-                            int(evaluation.importance_samples), int(cfg.seed))
+    return held_out_metrics(
+        problem.x_held_out,
+        problem.posterior,
+        problem.model,
+        int(evaluation.held_out_refine_iterations),
+        int(evaluation.importance_samples),
+        int(cfg.seed),
+    )
 
 
 def _recovery(cfg: DictConfig, components: Components) -> dict:
     """Field matching against the generating dictionary, and the ground-truth ELBO (W fixed to it)."""
     problem, dataset = components.problem, components.dataset
     match = metrics.match_fields(problem.model.W.detach().cpu().numpy(), dataset.W_true, cfg.evaluation.recovery_threshold)
-    out = {"min_matched_cosine": match.min_cosine, "recovered": match.recovered, "matched_cosines": match.cosines,
-           "assignment": match.assignment}
+    out = {
+        "min_matched_cosine": match.min_cosine,
+        "recovered": match.recovered,
+        "matched_cosines": match.cosines,
+        "assignment": match.assignment,
+    }
     if components.ground_truth_trainer is not None:
         W_true = torch.as_tensor(dataset.W_true, dtype=problem.x.dtype, device=problem.x.device)
-        out["ground_truth_elbo"] = ground_truth_elbo(problem.x, W_true, components.posterior_factory, problem.model.prior,
-                                                     components.ground_truth_trainer, int(cfg.seed))
+        out["ground_truth_elbo"] = ground_truth_elbo(
+            problem.x, W_true, components.posterior_factory, problem.model.prior, components.ground_truth_trainer, int(cfg.seed)
+        )
     return out
 
 
@@ -81,9 +96,16 @@ def final_evaluation(cfg: DictConfig, components: Components, outcome: FitOutcom
     problem, dataset = components.problem, components.dataset
     value = evaluate_problem(problem, problem.annealing(10**9))
     problem.model.set_noise_and_prior_scale(value.sigma2.detach(), value.lam.detach())
-    final = {"W": problem.model.W.detach(), "sigma2": value.sigma2, "lambda": value.lam, "elbo": value.elbo,
-             "epochs": outcome.epochs, "converged": outcome.converged, "stop_reason": outcome.stop_reason,
-             "train_time": outcome.train_time}
+    final = {
+        "W": problem.model.W.detach(),
+        "sigma2": value.sigma2,
+        "lambda": value.lam,
+        "elbo": value.elbo,
+        "epochs": outcome.epochs,
+        "converged": outcome.converged,
+        "stop_reason": outcome.stop_reason,
+        "train_time": outcome.train_time,
+    }
     arrays = problem.posterior.state_arrays()
     if sum(v.numel() for v in arrays.values()) <= int(cfg.results.max_posterior_numbers):
         final["posterior"] = arrays
@@ -95,9 +117,16 @@ def final_evaluation(cfg: DictConfig, components: Components, outcome: FitOutcom
         final.update(_recovery(cfg, components))
     lam = value.lam.detach().cpu().numpy()
     summary = RunSummary(
-        results_path=results_path, elbo=float(value.elbo), ground_truth_elbo=final.get("ground_truth_elbo"),
-        min_cosine=final.get("min_matched_cosine"), recovered=final.get("recovered"), sigma=float(value.sigma2.sqrt()),
-        lambda_range=(float(lam.min()), float(lam.max())), epochs=outcome.epochs, stop_reason=outcome.stop_reason,
-        train_time=outcome.train_time, held_out=held_out,
+        results_path=results_path,
+        elbo=float(value.elbo),
+        ground_truth_elbo=final.get("ground_truth_elbo"),
+        min_cosine=final.get("min_matched_cosine"),
+        recovered=final.get("recovered"),
+        sigma=float(value.sigma2.sqrt()),
+        lambda_range=(float(lam.min()), float(lam.max())),
+        epochs=outcome.epochs,
+        stop_reason=outcome.stop_reason,
+        train_time=outcome.train_time,
+        held_out=held_out,
     )
     return final, summary

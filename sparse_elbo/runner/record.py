@@ -23,9 +23,19 @@ def metric_row(cfg: DictConfig, components: Components, epoch: int, weights, tra
     problem, dataset, evaluation = components.problem, components.dataset, cfg.evaluation
     value = evaluate_problem(problem, weights)
     gini_mean, gini_std = sparseness(problem, evaluation.gini_samples, evaluation.gini_data_points)
-    row = {"epoch": epoch, "elbo": value.elbo, **value.terms, "sigma2": value.sigma2, "lambda": value.lam,
-           "weight_likelihood": weights.likelihood, "weight_prior": weights.prior, "weight_entropy": weights.entropy,
-           "gini_mean": gini_mean, "gini_std": gini_std, "wall_time": train_time}
+    row = {
+        "epoch": epoch,
+        "elbo": value.elbo,
+        **value.terms,
+        "sigma2": value.sigma2,
+        "lambda": value.lam,
+        "weight_likelihood": weights.likelihood,
+        "weight_prior": weights.prior,
+        "weight_entropy": weights.entropy,
+        "gini_mean": gini_mean,
+        "gini_std": gini_std,
+        "wall_time": train_time,
+    }
     if problem.x_held_out is not None and problem.posterior.amortized:
         at_optimum = ModelAt(problem.model.W, value.sigma2, value.lam, problem.model.prior)
         row["held_out_elbo_encoder"] = encoder_elbo(problem.x_held_out, problem.posterior, at_optimum)
@@ -35,7 +45,9 @@ def metric_row(cfg: DictConfig, components: Components, epoch: int, weights, tra
         row["gradient_variance"], row["gradient_variance_relative"] = noise.total, noise.relative
     W = problem.model.W.detach().cpu().numpy()
     if dataset.W_true is not None:
-        row["min_matched_cosine"] = metrics.match_fields(np.nan_to_num(W), dataset.W_true, evaluation.recovery_threshold).min_cosine
+        row["min_matched_cosine"] = metrics.match_fields(
+            np.nan_to_num(W), dataset.W_true, evaluation.recovery_threshold
+        ).min_cosine
     elif dataset.image_shape is not None:
         row["localisation_median"] = float(np.median(metrics.localisation_index(W, dataset.image_shape)))
     return row, value

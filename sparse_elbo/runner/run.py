@@ -28,8 +28,10 @@ def _versions() -> str:
     import h5py
     import hydra
 
-    return (f"sparse_elbo={__version__} torch={torch.__version__} numpy={np.__version__} "
-            f"h5py={h5py.__version__} hydra={hydra.__version__} python={platform.python_version()}")
+    return (
+        f"sparse_elbo={__version__} torch={torch.__version__} numpy={np.__version__} "
+        f"h5py={h5py.__version__} hydra={hydra.__version__} python={platform.python_version()}"
+    )
 
 
 def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None, progress: bool | None = None) -> RunSummary:
@@ -40,8 +42,14 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     path = results_path(output_dir)
     require_new_results_file(path)
     components = build(cfg)
-    attrs = {"config": OmegaConf.to_yaml(cfg, resolve=True), "overrides": "\n".join(overrides or []),
-             "versions": _versions(), "seed": int(cfg.seed), "device": str(components.problem.x.device), "dtype": str(cfg.dtype)}
+    attrs = {
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "overrides": "\n".join(overrides or []),
+        "versions": _versions(),
+        "seed": int(cfg.seed),
+        "device": str(components.problem.x.device),
+        "dtype": str(cfg.dtype),
+    }
     writer = ResultsWriter(path, attrs=attrs)
     dataset = components.dataset
     if dataset.W_true is not None:
@@ -70,9 +78,17 @@ def resume(path: str | Path, progress: bool | None = None) -> RunSummary:
 def _train(cfg: DictConfig, components: Components, writer: ResultsWriter, saved: dict | None, progress) -> RunSummary:
     problem, trainer = components.problem, components.trainer
     start_epoch = 0 if saved is None else saved["loop"]["epoch"] + 1
-    bar = tqdm(total=trainer.max_epochs, initial=start_epoch, desc="epochs", disable=None if progress is None else not progress, leave=False)
+    bar = tqdm(
+        total=trainer.max_epochs,
+        initial=start_epoch,
+        desc="epochs",
+        disable=None if progress is None else not progress,
+        leave=False,
+    )
     guard = SignalGuard()
-    previous_handler = signal.signal(signal.SIGTERM, guard.handler) if threading.current_thread() is threading.main_thread() else None
+    previous_handler = (
+        signal.signal(signal.SIGTERM, guard.handler) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         evaluate = EpochRecorder(cfg, components, writer, guard, bar)
         outcome = fit(trainer, problem, evaluate, Checkpointer(cfg, problem, writer, guard), saved)

@@ -82,8 +82,11 @@ class AdamState:
     store: StatisticsStore | None  # full-data σ²*, λ* statistics (entropy objective, statistics=full)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "shuffle_generator": self.shuffle_generator.get_state(),
-                "noise_generator": self.noise_generator.get_state()}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "shuffle_generator": self.shuffle_generator.get_state(),
+            "noise_generator": self.noise_generator.get_state(),
+        }
 
 
 class AdamTrainer(Trainer):
@@ -125,7 +128,8 @@ class AdamTrainer(Trainer):
             torch.Generator(device=device).manual_seed(problem.seed * 1_000_003 + 1),
             # the full-data store is only needed where the objective uses σ²*, λ* (the entropy objective)
             StatisticsStore(problem, self.statistics_block_size)
-            if self.statistics == "full" and not problem.objective.learns_noise_and_prior_scale else None,
+            if self.statistics == "full" and not problem.objective.learns_noise_and_prior_scale
+            else None,
         )
         if saved is not None:
             state.optimizer.load_state_dict(saved["optimizer"])

@@ -47,8 +47,12 @@ class AuthorsEMTrainer(Trainer):
         require_positive("trainer", fresh_std=fresh_std, learning_rate=learning_rate)
         self.max_epochs = int(max_epochs)
         self.batch_size = int(batch_size)
-        self.driver = BlockLBFGS(int(e_step_iterations), None if e_step_max_evaluations is None else int(e_step_max_evaluations),
-                                 int(history_size), float(e_step_tolerance))
+        self.driver = BlockLBFGS(
+            int(e_step_iterations),
+            None if e_step_max_evaluations is None else int(e_step_max_evaluations),
+            int(history_size),
+            float(e_step_tolerance),
+        )
         self.fresh_std = float(fresh_std)
         self.learning_rate = float(learning_rate)
 

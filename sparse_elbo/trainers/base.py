@@ -150,8 +150,9 @@ Evaluate = Callable[[int, AnnealingWeights, float], object]
 Checkpoint = Callable[[int, dict], None]
 
 
-def fit(trainer: Trainer, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None,
-        saved: dict | None = None) -> FitOutcome:
+def fit(
+    trainer: Trainer, problem: Problem, evaluate: Evaluate, checkpoint: Checkpoint | None = None, saved: dict | None = None
+) -> FitOutcome:
     """Train ``problem`` with ``trainer`` for up to ``trainer.max_epochs`` epochs (module docstring);
     ``saved``: a checkpoint's state, to continue that run exactly."""
     loop = LoopState() if saved is None else LoopState.from_dict(saved["loop"])
@@ -178,8 +179,9 @@ def fit(trainer: Trainer, problem: Problem, evaluate: Evaluate, checkpoint: Chec
     return loop.outcome or FitOutcome(trainer.max_epochs, False, "max_epochs", stopwatch.total)
 
 
-def _apply_stop_rule(trainer: Trainer, problem: Problem, state, loop: LoopState, epoch: int, current: float,
-                     stopwatch: Stopwatch) -> None:
+def _apply_stop_rule(
+    trainer: Trainer, problem: Problem, state, loop: LoopState, epoch: int, current: float, stopwatch: Stopwatch
+) -> None:
     rule = trainer.stop_rule
     max_gradient = None
     if rule.needs_gradient:

@@ -28,8 +28,15 @@ PROGRESS, CONVERGED, NO_PROGRESS = "progress", "converged", "no_progress"
 def full_batch_lbfgs(params, iterations: int, history_size: int) -> torch.optim.LBFGS:
     """One epoch of ``iterations`` L-BFGS iterations (strong Wolfe, unit first step); the stop rule,
     not torch's tolerances, decides when to end."""
-    return torch.optim.LBFGS(params, lr=1.0, max_iter=iterations, history_size=history_size,
-                             tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
+    return torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=iterations,
+        history_size=history_size,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
 
 
 @dataclass

@@ -67,16 +67,27 @@ class EMTrainer(Trainer):
         m_step_overrelaxation: float = 1.0,
         relative_tolerance: float = 0.0,
     ):
-        require_at_least("trainer", 1, max_epochs=max_epochs, em_iterations_per_epoch=em_iterations_per_epoch,
-                         **({} if e_step_block_size is None else {"e_step_block_size": e_step_block_size}))
+        require_at_least(
+            "trainer",
+            1,
+            max_epochs=max_epochs,
+            em_iterations_per_epoch=em_iterations_per_epoch,
+            **({} if e_step_block_size is None else {"e_step_block_size": e_step_block_size}),
+        )
         if not 0 < m_step_overrelaxation <= 2:
-            raise ConfigError(f"trainer.m_step_overrelaxation must be in (0, 2] (beyond 2 the M-step can lower the ELBO), "
-                              f"got {m_step_overrelaxation}")
+            raise ConfigError(
+                f"trainer.m_step_overrelaxation must be in (0, 2] (beyond 2 the M-step can lower the ELBO), "
+                f"got {m_step_overrelaxation}"
+            )
         self.max_epochs = int(max_epochs)
         self.em_iterations_per_epoch = int(em_iterations_per_epoch)
         self.e_step = e_step
-        self.driver = BlockLBFGS(int(e_step_iterations), None if e_step_max_evaluations is None else int(e_step_max_evaluations),
-                                 int(history_size), float(e_step_tolerance))
+        self.driver = BlockLBFGS(
+            int(e_step_iterations),
+            None if e_step_max_evaluations is None else int(e_step_max_evaluations),
+            int(history_size),
+            float(e_step_tolerance),
+        )
         self.e_step_block_size = None if e_step_block_size is None else int(e_step_block_size)
         self.m_step_overrelaxation = float(m_step_overrelaxation)
         self.stop_rule = StopRule(float(relative_tolerance))
@@ -89,8 +100,10 @@ class EMTrainer(Trainer):
 
     def train_epoch(self, problem: Problem, state: NoState, epoch: int, weights: AnnealingWeights) -> None:
         blocks = data_blocks(problem.x.shape[0], block_size(problem.x, self.e_step_block_size), problem.x.device)
-        statistics = [SufficientStatistics.of(problem.x[index], problem.q(index), problem.model.prior, problem.x.shape[0])
-                      for index in blocks]
+        statistics = [
+            SufficientStatistics.of(problem.x[index], problem.q(index), problem.model.prior, problem.x.shape[0])
+            for index in blocks
+        ]
         for _ in range(self.em_iterations_per_epoch):
             statistics = self.em_iteration(problem, blocks, statistics, weights)
         self._set_noise_and_prior_scale(problem, total(statistics))
@@ -102,8 +115,9 @@ class EMTrainer(Trainer):
         return sizes.posterior_numbers + (2 * self.driver.history_size + 8) * block * per_point
 
     # ----------------------------------------------------------------------------------- one iteration
-    def em_iteration(self, problem: Problem, blocks: list[torch.Tensor], statistics: list[SufficientStatistics],
-                     weights: AnnealingWeights) -> list[SufficientStatistics]:
+    def em_iteration(
+        self, problem: Problem, blocks: list[torch.Tensor], statistics: list[SufficientStatistics], weights: AnnealingWeights
+    ) -> list[SufficientStatistics]:
         """One EM iteration (module docstring) from the blocks' sums; returns their new sums."""
         x, model, posterior = problem.x, problem.model, problem.posterior
         summed = total(statistics)
@@ -114,7 +128,9 @@ class EMTrainer(Trainer):
             context = BlockContext(others, statistics[b].x_energy)
             block_loss = self.e_step.block_loss(x[index], posterior, model, weights, context)
             block = self.driver.optimise(posterior, index, model, block_loss)
-            statistics[b] = SufficientStatistics.of(x[index], posterior.gaussian(block), model.prior, x.shape[0], statistics[b].x_energy)
+            statistics[b] = SufficientStatistics.of(
+                x[index], posterior.gaussian(block), model.prior, x.shape[0], statistics[b].x_energy
+            )
             summed = others + statistics[b]
         scale = self.m_step(model, summed)
         posterior.rescale_latents(scale)

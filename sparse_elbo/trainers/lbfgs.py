@@ -51,8 +51,9 @@ class LBFGSTrainer(Trainer):
         gradient_tolerance: float = 1e-2,
         train_dictionary: bool = True,
     ):
-        require_at_least("trainer", 1, max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch,
-                         history_size=history_size)
+        require_at_least(
+            "trainer", 1, max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch, history_size=history_size
+        )
         self.stop_rule = StopRule(float(relative_tolerance), float(gradient_tolerance))
         self.max_epochs = int(max_epochs)
         self.iterations_per_epoch = int(iterations_per_epoch)

@@ -68,9 +68,15 @@ class ProfileLBFGSTrainer(Trainer):
         line_search_steps: int = 30,
         initialisation=None,
     ):
-        require_at_least("trainer", 1, max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch,
-                         history_size=history_size, inner_max_iterations=inner_max_iterations,
-                         line_search_steps=line_search_steps)
+        require_at_least(
+            "trainer",
+            1,
+            max_epochs=max_epochs,
+            iterations_per_epoch=iterations_per_epoch,
+            history_size=history_size,
+            inner_max_iterations=inner_max_iterations,
+            line_search_steps=line_search_steps,
+        )
         require_at_least("trainer", 0, inner_tolerance=inner_tolerance)
         self.stop_rule = StopRule(float(relative_tolerance), float(gradient_tolerance))
         self.max_epochs = int(max_epochs)
@@ -119,7 +125,9 @@ class ProfileLBFGSTrainer(Trainer):
         return state.largest_gradient
 
     def restart(self, state: ProfileState) -> None:
-        state.optimizer = full_batch_lbfgs(state.optimizer.param_groups[0]["params"], self.iterations_per_epoch, self.history_size)
+        state.optimizer = full_batch_lbfgs(
+            state.optimizer.param_groups[0]["params"], self.iterations_per_epoch, self.history_size
+        )
 
     def working_memory(self, sizes: Sizes) -> int:
         """The posteriors and the fixed-point fit's N × H × H precisions, factors and inverses."""
