@@ -7,12 +7,14 @@ The path the command line takes, as functions::
     summary = sparse_elbo.run(cfg, "outputs/my_run")                       # train, write results.h5
     results = sparse_elbo.read_results(summary.results_path)               # every number back, as numpy
 
-``resume(path)`` continues an interrupted run from its checkpoint.
+``resume(path)`` continues an interrupted run from its checkpoint; ``load(path)`` gives the trained model
+(encode, reconstruct and score new data); ``score_dictionary(x, W)`` is ``max_q L_H`` of any dictionary on
+data; ``denoise_image(noisy)`` denoises a grey image.
 """
 
 from sparse_elbo.version import __version__
 
-__all__ = ["compose", "read_results", "resume", "run", "__version__"]
+__all__ = ["compose", "denoise_image", "load", "read_results", "resume", "run", "score_dictionary", "__version__"]
 
 
 def __getattr__(name: str):
@@ -30,4 +32,16 @@ def __getattr__(name: str):
         from sparse_elbo.results import read_results
 
         return read_results
+    if name == "load":
+        from sparse_elbo.trained import load
+
+        return load
+    if name == "score_dictionary":
+        from sparse_elbo.evaluation import score_dictionary
+
+        return score_dictionary
+    if name == "denoise_image":
+        from sparse_elbo.denoise import denoise_image
+
+        return denoise_image
     raise AttributeError(f"module 'sparse_elbo' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.validation import require_one_of
@@ -24,6 +25,15 @@ class AnnealingWeights:
     @property
     def is_identity(self) -> bool:
         return self.likelihood == 1.0 and self.prior == 1.0 and self.entropy == 1.0
+
+
+class Schedule(Protocol):
+    """The contract of an annealing schedule: the weights of each epoch, and the first epoch from which
+    they stay 1 (stop rules wait for it)."""
+
+    def __call__(self, epoch: int) -> AnnealingWeights: ...
+
+    def final_epoch(self) -> int: ...
 
 
 def _check_term(term: str) -> None:

@@ -75,3 +75,34 @@ def report_user_errors(main: Callable[[], object]) -> None:
     except Exception as error:
         exit_on_user_error(error)
         raise
+
+
+def settings_from_arguments(schema: type, arguments: list[str]):
+    """``key=value`` arguments of a tool checked against the dataclass ``schema``: an unknown key, a value of
+    the wrong type or a missing required one is a user error naming the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sparse_elbo.errors import ConfigError
+
+    bad = [argument for argument in arguments if "=" not in argument]
+    if bad:
+        raise ConfigError(f"arguments are key=value pairs, got {bad[0]!r}")
+    try:
+        settings = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(arguments))
+        missing = sorted(OmegaConf.missing_keys(settings))
+        if missing:
+            raise ConfigError(f"{missing[0]} is required: add {missing[0]}=...")
+        return OmegaConf.to_object(settings)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{key}: {one_line(str(error))}" if key else one_line(str(error))) from error
+
+
+def run_tool(main: Callable[[list[str]], object], arguments: list[str] | None = None) -> None:
+    """Run a ``key=value`` tool; user errors become one line on stderr and exit status 2."""
+    try:
+        main(sys.argv[1:] if arguments is None else arguments)
+    except Exception as error:
+        exit_on_user_error(error)
+        raise

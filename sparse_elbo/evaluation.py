@@ -3,6 +3,8 @@ and the ground-truth ELBO."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sparse_elbo import metrics
@@ -66,21 +68,71 @@ def sparseness(problem: Problem, n_samples: int = 10, max_data_points: int = 100
     return metrics.posterior_sample_gini(problem.q(index), n_samples, generator)
 
 
-def ground_truth_elbo(x: torch.Tensor, W_true: torch.Tensor, posterior_factory, prior, trainer: Trainer, seed: int = 0) -> float:
-    """``max_{q, σ², λ} ELBO`` with ``W`` fixed to the generator's dictionary (columns normalised,
-    the gauge absorbed by λ): the value a perfect learner would reach, for comparison with the run's ELBO.
-
-    posterior_factory(n_data=, n_latents=, n_observed=) builds a fresh posterior of the run's family;
-    trainer: one that does not train the dictionary (``train_dictionary`` false), e.g. the fixed-point fit.
-    """
-    n_observed, n_latents = W_true.shape
-    generator = torch.Generator().manual_seed(seed)
-    model = SparseCodingModel(n_observed, n_latents, prior=prior, gauge="unit_norm", generator=generator)
-    model.set_dictionary(W_true.cpu().float())
+def fit_at_dictionary(x: torch.Tensor, W: torch.Tensor, posterior_factory, prior, trainer: Trainer, seed: int = 0) -> Problem:
+    """Fit fresh posteriors of ``posterior_factory``'s family (and σ², λ) to the data ``x (N,D)`` with the
+    dictionary fixed to ``W (D,H)`` (columns normalised, the gauge absorbed by λ), by a ``trainer`` that does
+    not train the dictionary; returns the fitted problem (``evaluate_problem`` gives its ``L_H``)."""
+    n_observed, n_latents = W.shape
+    model = SparseCodingModel(
+        n_observed, n_latents, prior=prior, gauge="unit_norm", generator=torch.Generator().manual_seed(seed)
+    )
     model = model.to(device=x.device, dtype=x.dtype)
+    model.set_dictionary(W.to(device=x.device, dtype=x.dtype))
     posterior = posterior_factory(n_data=x.shape[0], n_latents=n_latents, n_observed=n_observed).to(
         device=x.device, dtype=x.dtype
     )
     problem = Problem(x=x, model=model, posterior=posterior, objective=EntropyELBO(), annealing=NoAnnealing(), seed=seed)
     fit(trainer, problem, lambda epoch, weights, t: evaluate_problem(problem, weights))
+    return problem
+
+
+def ground_truth_elbo(x: torch.Tensor, W_true: torch.Tensor, posterior_factory, prior, trainer: Trainer, seed: int = 0) -> float:
+    """``max_{q, σ², λ} ELBO`` with ``W`` fixed to the generator's dictionary: the value a perfect learner
+    would reach, for comparison with the run's ELBO (``fit_at_dictionary``)."""
+    problem = fit_at_dictionary(x, W_true, posterior_factory, prior, trainer, seed)
     return float(evaluate_problem(problem, problem.annealing(0)).elbo)
+
+
+@dataclass
+class DictionaryScore:
+    """``max_q L_H`` of a dictionary on data (nats per data point) and the σ²*, λ* (H,) it comes with."""
+
+    elbo: float
+    sigma2: float
+    lam: torch.Tensor
+
+
+def score_dictionary(
+    x, W, prior=None, family: str = "diag", max_iterations: int = 100, tolerance: float = 1e-7, block_size: int | None = None
+) -> DictionaryScore:
+    """How well a dictionary ``W (D,H)`` explains the data ``x (N,D)``: ``max_{q, σ², λ} L_H`` with W fixed.
+
+    Diagonal posteriors (``family="diag"``): block coordinate ascent with the entropy E-step (σ²*, λ* follow
+    q; EM without its M-step), O(N·H²) per iteration and memory bounded by the blocks, until L_H changes by
+    less than ``tolerance`` (relative) per iteration. Full covariances: the fixed-point fit (docs/design.md §6.3).
+    x, W: tensors (their device and dtype are used) or arrays (float64 on the CPU)."""
+    from functools import partial
+
+    from sparse_elbo.inference.e_step import EntropyEStep
+    from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
+    from sparse_elbo.priors import LaplacePrior
+    from sparse_elbo.trainers.em import EMTrainer
+    from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer
+
+    x = torch.as_tensor(x, dtype=torch.float64) if not torch.is_tensor(x) else x
+    W = torch.as_tensor(W, dtype=x.dtype, device=x.device)
+    if family == "diag":
+        trainer = EMTrainer(
+            max_epochs=max_iterations,
+            e_step=EntropyEStep(),
+            e_step_iterations=10,
+            e_step_block_size=block_size,
+            relative_tolerance=tolerance,
+            train_dictionary=False,
+        )
+        factory = partial(DiagonalPosterior)
+    else:
+        trainer, factory = FixedPointPosteriorTrainer(tolerance=tolerance), partial(FullCovariancePosterior)
+    problem = fit_at_dictionary(x, W, factory, prior or LaplacePrior(), trainer)
+    value = evaluate_problem(problem, problem.annealing(0))
+    return DictionaryScore(float(value.elbo), float(value.sigma2), value.lam.detach())

@@ -103,6 +103,22 @@ def refine(x: torch.Tensor, posterior, model, iterations: int = 200, block_size:
     return posterior
 
 
+def fit_new_data(x: torch.Tensor, posterior, model, iterations: int = 200, block_size: int = 4096):
+    """Per-data-point posteriors of the data ``x (N,D)`` under the model's fixed ``W, σ², λ``, of the family
+    of ``posterior`` (an amortised one starts from the encoder's output, a low-rank one as a full
+    covariance), refined by ``iterations`` L-BFGS iterations per block (0: the start itself)."""
+    new = posterior.per_data_point(x)
+    if not posterior.amortized:
+        # A fresh q starts at s_h = min(init_std, λ_h): a latent the model has switched off (λ_h ≈ 1e-5)
+        # would otherwise start ~1e4 nats from its optimum, and the block's shared L-BFGS line search
+        # stalls on it (docs/experiments.md).
+        with torch.no_grad():
+            new.rescale_latents(torch.clamp(model.lam.detach() / new.init_std, max=1.0))
+    if iterations > 0:
+        refine(x, new, model, iterations, block_size)
+    return new
+
+
 @dataclass
 class ModelAt:
     """The model's dictionary and prior with given ``σ², λ`` — what the objectives read from a model —
@@ -142,15 +158,7 @@ def held_out_metrics(
     out: dict[str, float] = {"held_out_n": float(x.shape[0])}
     if posterior.amortized:
         out["held_out_elbo_encoder"] = encoder_elbo(x, posterior, model, block_size)
-    refined = posterior.per_data_point(x)
-    if not posterior.amortized:
-        # A fresh q starts at s_h = min(init_std, λ_h): a latent the model has switched off (λ_h ≈ 1e-5)
-        # would otherwise start ~1e4 nats from its optimum, and the block's shared L-BFGS line search
-        # stalls on it (measured: held-out ELBO −200.7 for a run whose training ELBO is −9.3).
-        with torch.no_grad():
-            refined.rescale_latents(torch.clamp(model.lam.detach() / refined.init_std, max=1.0))
-    if refine_iterations > 0:
-        refine(x, refined, model, refine_iterations, block_size)
+    refined = fit_new_data(x, posterior, model, refine_iterations, block_size)
     with torch.no_grad():
         out["held_out_elbo_refined"] = _blocked_elbo(x, lambda index: refined(index), model, block_size)
         if posterior.amortized:

@@ -20,7 +20,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sparse_elbo.data import Dataset, validate_data
 from sparse_elbo.errors import ConfigError, ConfigKeyError, MissingFileError
 
-SOURCES = ("builtin", "mat", "folder", "vanhateren")
+SOURCES = ("builtin", "mat", "npy", "folder", "vanhateren")
 
 # Natural photographs stored inside the scikit-image wheel: each loads offline (no pooch download).
 # Left out: synthetic or diagrammatic images (checkerboard, logo, text, page, phantom, ...), microscopy
@@ -311,6 +311,62 @@ def extract_patches(
     return patches
 
 
+def load_npy_images(path, axis: int = -1) -> list[np.ndarray]:
+    """Images from a ``.npy`` file: one 2-D image (R, C), or a 3-D stack with the images along ``axis``."""
+    file = _require_path(path, "a .npy file")
+    try:
+        array = np.load(file, allow_pickle=False)
+    except Exception as error:  # not a .npy file
+        raise ConfigError(f"dataset.path={str(path)!r}: could not read the .npy file ({error})") from error
+    origin = f"dataset.path={str(path)!r}"
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array) or array.ndim not in (2, 3):
+        raise ConfigError(
+            f"{origin}: expected a real 2-D image or a 3-D stack of images, got dtype {array.dtype}, shape {array.shape}"
+        )
+    if array.ndim == 3 and not -3 <= int(axis) <= 2:
+        raise ConfigError(f"dataset.image_axis={axis} is out of range for an array of shape {array.shape}")
+    stack = array[None] if array.ndim == 2 else np.moveaxis(array, int(axis), 0)
+    if not np.isfinite(stack).all():
+        raise ConfigError(f"{origin}: images hold NaN/Inf values")
+    return list(stack.astype(np.float64))
+
+
+def _mat_source(path, key, axis, pattern):
+    images = load_mat_images(path, key=key, axis=axis)
+    return images, [f"{key}[{i}]" for i in range(len(images))], {"key": key}
+
+
+def _npy_source(path, key, axis, pattern):
+    images = load_npy_images(path, axis=axis)
+    return images, [f"image[{i}]" for i in range(len(images))], {}
+
+
+def _folder_source(path, key, axis, pattern):
+    pattern = pattern or "*"
+    names = [f.name for f in _match_files(path, pattern, IMAGE_SUFFIXES, "files")]
+    return load_folder_images(path, pattern), names, {"pattern": pattern}
+
+
+def _vanhateren_source(path, key, axis, pattern):
+    pattern = pattern or "*.iml"
+    names = [f.name for f in _match_files(path, pattern, None, "files")]
+    return load_vanhateren(path, pattern, shape=VANHATEREN_SHAPE), names, {"pattern": pattern}
+
+
+# source -> loader(path, key, axis, pattern) -> (images, names, info)
+_FILE_SOURCES = {"mat": _mat_source, "npy": _npy_source, "folder": _folder_source, "vanhateren": _vanhateren_source}
+
+
+def _whiten_all(images: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
+    white = []
+    for name, image in zip(names, images):
+        try:
+            white.append(whiten(image))
+        except ValueError as error:
+            raise ConfigError(f"dataset.path: image {name}: {error}") from error
+    return white
+
+
 def make_image_patches(
     source: str = "builtin",
     path: str | None = None,
@@ -327,7 +383,8 @@ def make_image_patches(
     """Random ``p×p`` patches of (whitened) natural images -> ``Dataset`` with ``x (n_patches, p²)``.
 
     source: ``builtin`` (the scikit-image photographs ``BUILTIN_IMAGES``; needs no path), ``mat`` (``path``
-    to a .mat file, variable ``key``, images along ``image_axis``), ``folder`` (image files in ``path``
+    to a .mat file, variable ``key``, images along ``image_axis``), ``npy`` (``path`` to a .npy file with one
+    image, or a stack with the images along ``image_axis``), ``folder`` (image files in ``path``
     matching ``pattern``, default ``*``) or ``vanhateren`` (``.iml`` files in ``path`` matching ``pattern``,
     default ``*.iml``).
     whiten_images: apply ``whiten`` (f0 = 0.4·size, variance 0.1) to every image before cutting patches.
@@ -346,40 +403,21 @@ def make_image_patches(
     for name, flag in (("whiten_images", whiten_images), ("remove_dc", remove_dc)):
         if not isinstance(flag, (bool, np.bool_)):
             raise ConfigError(f"dataset.{name} must be true or false, got {flag!r}")
-    info: dict = {"source": source}
     if source == "builtin":
         if path is not None and str(path) != "":
             raise ConfigError(
                 f"dataset.path={str(path)!r} is set but dataset.source=builtin uses no files; "
                 f"set dataset.source to one of {list(SOURCES[1:])}"
             )
-        images = list(_whitened_builtin()) if whiten_images else list(_builtin_raw())
-        names = list(BUILTIN_IMAGES)
+        images, names, info = list(_whitened_builtin()) if whiten_images else list(_builtin_raw()), list(BUILTIN_IMAGES), {}
     else:
         if path is None or str(path) == "":
             raise ConfigError(f"dataset.path must name the images to read with dataset.source={source}")
-        if source == "mat":
-            images = load_mat_images(path, key=key, axis=image_axis)
-            names = [f"{key}[{i}]" for i in range(len(images))]
-            info["key"] = key
-        else:
-            pattern = pattern or ("*" if source == "folder" else "*.iml")
-            if source == "folder":
-                images = load_folder_images(path, pattern)
-            else:
-                images = load_vanhateren(path, pattern, shape=VANHATEREN_SHAPE)
-            files = _match_files(path, pattern, IMAGE_SUFFIXES if source == "folder" else None, "files")
-            names = [f.name for f in files]
-            info["pattern"] = pattern
+        images, names, info = _FILE_SOURCES[source](path, key=key, axis=image_axis, pattern=pattern)
         info["path"] = str(Path(str(path)).expanduser().resolve())
         if whiten_images:
-            white = []
-            for name, image in zip(names, images):
-                try:
-                    white.append(whiten(image))
-                except ValueError as error:
-                    raise ConfigError(f"dataset.path: image {name}: {error}") from error
-            images = white
+            images = _whiten_all(images, names)
+    info["source"] = source
     patches = extract_patches(images, p, n + n_held, seed, remove_dc=remove_dc)  # (n + n_held, p²)
     x = validate_data(patches[:n], "dataset=image_patches")
     info.update(

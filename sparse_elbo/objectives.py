@@ -10,6 +10,7 @@ terms and the annealing-weighted value that an optimiser maximises. Higher is be
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -68,10 +69,25 @@ def _autograd_only(posterior) -> bool:
     return False
 
 
+class Objective(Protocol):
+    """The contract of an objective: ``objective(x, q, model, weights, generator, statistics)`` returns the
+    ``ObjectiveValue`` of the data ``x (N,D)`` with Gaussians ``q`` under ``model``; it declares its ``name``
+    (what trainers list in their capabilities), whether it learns σ², λ as parameters or uses their optima,
+    whether it needs the unit-norm gauge, and whether it has a closed-form gradient for a posterior."""
+
+    name: str
+    learns_noise_and_prior_scale: bool
+    requires_unit_norm: bool
+
+    def __call__(self, x, q, model, weights: AnnealingWeights = ..., generator=None, statistics=None) -> ObjectiveValue: ...
+
+    def has_closed_form_gradient(self, posterior) -> bool: ...
+
+
 class AnalyticELBO:
-    name = "analytic"
     """Closed-form ELBO with σ² and λ as learned model parameters."""
 
+    name = "analytic"
     learns_noise_and_prior_scale = True
     requires_unit_norm = False
     has_closed_form_gradient = staticmethod(_autograd_only)
@@ -86,9 +102,9 @@ class AnalyticELBO:
 
 
 class SampledELBO:
-    name = "sampled"
     """Reparameterised Monte Carlo ELBO with ``n_samples`` samples per data point; entropy exact."""
 
+    name = "sampled"
     learns_noise_and_prior_scale = True
     requires_unit_norm = False
     has_closed_form_gradient = staticmethod(_autograd_only)
@@ -108,13 +124,13 @@ class SampledELBO:
 
 
 class EntropyELBO:
-    name = "entropy"
     """The paper's entropy objective ``L_H`` (three entropies) at ``λ*``, ``σ²*``.
 
     ``statistics=None`` takes the optima from the batch itself (exact when the batch is the data);
     trainers that see minibatches pass full-data ``DataStatistics`` (docs/design.md §3 ``full``).
     """
 
+    name = "entropy"
     learns_noise_and_prior_scale = False
     requires_unit_norm = True
 

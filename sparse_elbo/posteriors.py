@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,6 +35,25 @@ from sparse_elbo.gaussians import DiagonalGaussian, FullGaussian
 #   -> ({parameter name: gradient} for every parameter except the mean, grad_gram (H,H))
 # (The entropy ELBO's weight on tr(G Σ_n), -c/(2σ²*), is the same for every data point.)
 Pullback = Callable[[torch.Tensor, torch.Tensor, float], tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+class Posterior(Protocol):
+    """The contract of a posterior family (per data point here, amortised in ``encoders.py``): its
+    ``family`` name (what trainers list in their capabilities), the numbers it will hold (known before it is
+    built, for the memory check), the Gaussians of data points ``index`` of ``x``, a fresh per-data-point
+    posterior of the family for new data, and the arrays the results file stores."""
+
+    family: str
+    amortized: bool
+
+    @staticmethod
+    def parameter_count(n_data: int, n_latents: int, **settings) -> int: ...
+
+    def q(self, x: torch.Tensor | None = None, index: torch.Tensor | None = None): ...
+
+    def per_data_point(self, x: torch.Tensor) -> nn.Module: ...
+
+    def state_arrays(self) -> dict[str, torch.Tensor]: ...
 
 
 def _check_sizes(n_data: int, n_latents: int, init_std: float) -> None:

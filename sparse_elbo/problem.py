@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.annealing import AnnealingWeights, Schedule
+from sparse_elbo.model import SparseCodingModel
+from sparse_elbo.objectives import Objective
+from sparse_elbo.posteriors import Posterior
 
 
 @dataclass
@@ -15,10 +18,10 @@ class Problem:
     x_held_out (M,D): data never trained on, for held-out metrics (None when there is no split)."""
 
     x: torch.Tensor
-    model: torch.nn.Module
-    posterior: torch.nn.Module
-    objective: object
-    annealing: object
+    model: SparseCodingModel
+    posterior: Posterior
+    objective: Objective
+    annealing: Schedule
     seed: int = 0
     x_held_out: torch.Tensor | None = None
 

@@ -20,7 +20,7 @@ from sparse_elbo.trainers.base import FAMILIES, OBJECTIVES, Capabilities, Traine
 
 PACKAGE = Path(sparse_elbo.__file__).resolve().parent
 # closed forms -> distributions -> model -> objectives -> problem -> inference -> trainers -> evaluation ->
-# runner -> the API and tools. A module imports only from its own layer or the layers before it.
+# runner and trained models -> the API and tools. A module imports only from its own layer or the layers before it.
 LAYERS = [
     {"version", "errors", "validation", "closed_forms", "annealing", "data", "images", "results", "metrics"},
     {"gaussians", "priors"},
@@ -30,8 +30,8 @@ LAYERS = [
     {"inference"},
     {"trainers", "initialisation"},
     {"evaluation", "held_out", "gradients"},
-    {"runner"},
-    {"__init__", "config", "cli", "train", "sweeps", "summarize", "figures", "plot_run", "report"},
+    {"runner", "trained"},
+    {"__init__", "config", "cli", "train", "sweeps", "summarize", "figures", "plot_run", "report", "encode", "denoise"},
 ]
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}
 

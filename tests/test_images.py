@@ -316,8 +316,26 @@ def test_wrong_mat_key_lists_the_available_keys(tmp_path, cube):
         make_image_patches(source="mat", path=str(path), n_patches=10)
 
 
+def test_npy_source_reads_one_image_or_a_stack_along_the_given_axis(tmp_path, cube):
+    """``source=npy``: a 2-D array is one image, a 3-D one a stack with the images along ``image_axis``."""
+    np.save(tmp_path / "one.npy", cube[..., 0])
+    np.save(tmp_path / "stack.npy", cube)
+    assert len(images.load_npy_images(tmp_path / "one.npy")) == 1
+    stack = images.load_npy_images(tmp_path / "stack.npy", axis=-1)
+    assert len(stack) == cube.shape[-1]
+    np.testing.assert_array_equal(stack[1], cube[..., 1])
+    data = make_image_patches(
+        source="npy", path=str(tmp_path / "stack.npy"), patch_size=4, n_patches=30, whiten_images=False, seed=2
+    )
+    reference = extract_patches(list(np.moveaxis(cube, -1, 0)), 4, 30, 2)
+    np.testing.assert_array_equal(data.x, reference)
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4, 5)))
+    with pytest.raises(ValueError, match=r"expected a real 2-D image or a 3-D stack of images"):
+        images.load_npy_images(tmp_path / "bad.npy")
+
+
 def test_unknown_source_lists_the_allowed_values():
-    allowed = r"\['builtin', 'mat', 'folder', 'vanhateren'\]"
+    allowed = r"\['builtin', 'mat', 'npy', 'folder', 'vanhateren'\]"
     with pytest.raises(ValueError, match=rf"dataset\.source must be one of {allowed}, got 'olshausen'"):
         make_image_patches(source="olshausen")
 

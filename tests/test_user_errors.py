@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import sparse_elbo
 from sparse_elbo.cli import user_error_message
+from sparse_elbo.runner import build
 
 GROUPS = {
     "posterior": ["diag", "full", "amortized"],
@@ -112,10 +113,11 @@ def test_messages_name_the_key_and_what_is_allowed():
         "trainer=adam trainer.statistics=mini": "trainer.statistics must be one of ['full', 'batch'], got 'mini'",
         "posterior=amortized posterior.covariance=full trainer=adam": "posterior.covariance must be one of ['diag', 'lowrank']",
         "trainer=em posterior=amortized": "posterior=amortized is not supported by trainer EMTrainer; allowed posteriors: ['diag', 'full']",
+        "trainer._target_=sparse_elbo.trainers.lbfgs.LBFGSTrainr": "trainer._target_='sparse_elbo.trainers.lbfgs.LBFGSTrainr' cannot be imported",
     }
     for overrides_text, expected in cases.items():
         try:
-            sparse_elbo.runner.build(sparse_elbo.compose([*overrides_text.split(), *TINY]))
+            build(sparse_elbo.compose([*overrides_text.split(), *TINY]))
         except Exception as error:  # noqa: BLE001
             assert expected in user_error_message(error), (overrides_text, user_error_message(error))
         else:

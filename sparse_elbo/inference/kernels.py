@@ -16,8 +16,7 @@ with ``G = WᵀW (H,H)``, ``b_n = Wᵀ x_n (H,)``, ``E|z_h| = s_h √(2/π) e^{-
 
 Why it exists: the same value through autograd (``AnalyticELBO``) forms the residual ``x - Wμ`` (N,D)
 and backpropagates some forty elementwise passes over (N,H); here ``b = Wᵀx`` is computed once per E-step,
-so no (N,D) array appears in the L-BFGS loop and the elementwise work is about a dozen passes. On the
-paper's 204,800 patches this makes one evaluation several times cheaper on a CPU. Tests check value
+so no (N,D) array appears in the L-BFGS loop and the elementwise work is about a dozen passes. Tests check value
 (with ``c_n`` added back) and gradients against ``AnalyticELBO`` with autograd, and the gradients against
 ``closed_forms.code_gradient`` and ``closed_forms.variance_gradient``, in float64.
 """

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch._dynamo  # noqa: F401  torch.optim imports it when the first optimiser is made (~1 s): at start-up, not in training time
+import torch._dynamo  # noqa: F401  torch.optim imports it with the first optimiser: here, so that it is not counted as training time
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig
 
@@ -71,7 +71,10 @@ def check_settings(node: DictConfig, key: str) -> None:
         check_settings(node[name], f"{key}.{name}")
     if "_target_" not in node:
         return
-    target = get_object(node._target_)
+    try:
+        target = get_object(node._target_)
+    except Exception as error:  # a misspelt or missing class
+        raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported ({error})") from error
     parameters = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return

@@ -75,7 +75,6 @@ class StatisticsStore:
 
 @dataclass
 class AdamState:
-    params: list[torch.nn.Parameter]
     optimizer: torch.optim.Adam
     shuffle_generator: torch.Generator  # the order of the data points in each epoch
     noise_generator: torch.Generator  # the sampled objective's noise
@@ -122,7 +121,6 @@ class AdamTrainer(Trainer):
         params = problem.trainable_parameters(self.train_dictionary)
         device = problem.x.device
         state = AdamState(
-            params,
             torch.optim.Adam(params, lr=self.learning_rate, betas=self.betas),
             torch.Generator(device=device).manual_seed(problem.seed),
             torch.Generator(device=device).manual_seed(problem.seed * 1_000_003 + 1),

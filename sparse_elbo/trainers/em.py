@@ -21,7 +21,9 @@ dictionary, ``μ_n = (WᵀW + εI)⁻¹ Wᵀ x_n`` (ε = 1e-3), so that the firs
 scale (from ``μ = 0`` prior annealing would switch every latent off at once).
 
 Stop rule: the relative change of the ELBO over an epoch below ``relative_tolerance`` (0: never), once
-the annealing weights are 1; or ``max_epochs``.
+the annealing weights are 1; or ``max_epochs``. With ``train_dictionary=false`` the M-step is left out:
+block coordinate ascent on the posteriors (and σ², λ) at a fixed dictionary — with the entropy E-step,
+``max_q L_H`` at that W in O(N·H²) per iteration for diagonal posteriors (``evaluation.score_dictionary``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class EMTrainer(Trainer):
         e_step_tolerance: float = 1e-9,
         m_step_overrelaxation: float = 1.0,
         relative_tolerance: float = 0.0,
+        train_dictionary: bool = True,
     ):
         require_at_least(
             "trainer",
@@ -91,6 +94,7 @@ class EMTrainer(Trainer):
         self.e_step_block_size = None if e_step_block_size is None else int(e_step_block_size)
         self.m_step_overrelaxation = float(m_step_overrelaxation)
         self.stop_rule = StopRule(float(relative_tolerance))
+        self.train_dictionary = bool(train_dictionary)
 
     # ----------------------------------------------------------------------------------- the run
     def start(self, problem: Problem, saved: dict | None) -> NoState:
@@ -132,6 +136,8 @@ class EMTrainer(Trainer):
                 x[index], posterior.gaussian(block), model.prior, x.shape[0], statistics[b].x_energy
             )
             summed = others + statistics[b]
+        if not self.train_dictionary:
+            return statistics
         scale = self.m_step(model, summed)
         posterior.rescale_latents(scale)
         return [s.rescaled(scale, model.prior.statistic_degree) for s in statistics]

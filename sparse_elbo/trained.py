@@ -1,0 +1,187 @@
+"""A trained model, used on new data: encode, reconstruct, score (docs/design.md §12).
+
+    model = sparse_elbo.load("outputs/runs/<date>/<time>/results.h5")
+    codes = model.encode(x)            # the posterior of each row of x: mean (N,H), std (N,H) or scale_tril (N,H,H)
+    x_hat = model.reconstruct(x)       # W E[z] per row (N,D)
+    model.elbo(x)                      # per-row ELBO at the fitted posteriors (N,)
+    model.log_px(x, samples=100)       # importance-sampled log p(x) per row, with its standard error
+
+Everything is fitted with the trained ``W, σ², λ`` fixed: per-data-point posteriors by the E-step of
+docs/design.md §6.2 (L-BFGS on the analytic ELBO, block by block, so memory stays bounded); an amortised
+model's encoder gives its q at once (``refine=True`` then refines it per row, as a full covariance for a
+low-rank encoder). Arrays in, arrays of the same kind out (numpy, or torch on the model's device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from sparse_elbo.errors import ConfigError, MissingFileError
+from sparse_elbo.gaussians import DiagonalGaussian, FullGaussian
+from sparse_elbo.held_out import fit_new_data, importance_sampled_log_px
+from sparse_elbo.inference.statistics import data_blocks
+from sparse_elbo.model import SparseCodingModel
+from sparse_elbo.objectives import AnalyticELBO
+from sparse_elbo.results import Results, read_results
+
+
+@dataclass
+class Codes:
+    """The posteriors of the rows of x: mean (N,H), and std (N,H) for diagonal posteriors or scale_tril
+    (N,H,H) for full covariances (the other is None), and the ELBO of each row at its posterior."""
+
+    mean: np.ndarray | torch.Tensor
+    std: np.ndarray | torch.Tensor | None = None
+    scale_tril: np.ndarray | torch.Tensor | None = None
+    elbo: np.ndarray | torch.Tensor | None = None  # (N,) the ELBO of each row at its posterior, nats
+
+
+@dataclass
+class LogLikelihood:
+    """Importance-sampled ``log p̂(x_n)`` (N,) and the Monte Carlo standard error of each (N,)."""
+
+    per_row: np.ndarray | torch.Tensor
+    stderr: np.ndarray | torch.Tensor
+
+
+def _check_finished(results: Results, path: Path) -> None:
+    if results.status != "finished":
+        reason = f" ({results.attrs.get('reason')})" if results.attrs.get("reason") else ""
+        raise ConfigError(
+            f"{path}: the run is {results.status or 'of unknown status'}{reason}; only a finished run holds a trained model"
+        )
+    for key in ("W", "sigma2", "lambda"):
+        if key not in results.final:
+            raise ConfigError(f"{path}: /final/{key} is missing; not a complete results file")
+
+
+class TrainedModel:
+    """W (D,H), σ², λ (H,) and the prior of a trained run, with its posterior family (``diag``, ``full`` or
+    ``amortized`` with the trained encoder), on ``device`` in ``dtype`` (module docstring)."""
+
+    def __init__(self, model: SparseCodingModel, posterior, source: str = ""):
+        self.model, self.posterior, self.source = model, posterior, source
+        self.family = posterior.family
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> TrainedModel:
+        """The model of the finished run stored in ``path`` (a results.h5)."""
+        path = Path(path)
+        if not path.is_file():
+            raise MissingFileError(f"results={str(path)!r}: no such results file")
+        results = read_results(path)
+        _check_finished(results, path)
+        cfg = OmegaConf.create(results.config)
+        W = torch.as_tensor(np.asarray(results.final["W"]), dtype=torch.float64)
+        D, H = W.shape
+        model = SparseCodingModel(D, H, prior=instantiate(cfg.model.prior), gauge=cfg.model.get("gauge", "unit_norm"))
+        model.set_dictionary(W)
+        model.set_noise_and_prior_scale(
+            torch.as_tensor(float(results.final["sigma2"])), torch.as_tensor(np.asarray(results.final["lambda"]))
+        )
+        posterior = instantiate(cfg.posterior)(n_data=1, n_latents=H, n_observed=D)
+        if posterior.amortized:
+            _load_encoder(posterior, results.final.get("posterior", {}), path)
+        return cls(model.to(device=device, dtype=dtype), posterior.to(device=device, dtype=dtype), str(path))
+
+    @property
+    def n_observed(self) -> int:
+        return self.model.n_observed
+
+    @property
+    def n_latents(self) -> int:
+        return self.model.n_latents
+
+    def _tensor(self, x) -> torch.Tensor:
+        """x as a tensor on the model's device and dtype, checked before any compute."""
+        array = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+        if array.ndim != 2 or array.shape[1] != self.n_observed:
+            raise ConfigError(
+                f"data must have shape (N, {self.n_observed}) for this model (D = {self.n_observed}), got shape {array.shape}"
+            )
+        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+            raise ConfigError(f"data must be real numbers, got dtype {array.dtype}")
+        bad = np.nonzero(~np.isfinite(array).all(1))[0]
+        if bad.size:
+            raise ConfigError(f"data holds NaN/Inf values in {bad.size} rows (first: {bad[:5].tolist()})")
+        W = self.model.W_raw
+        return torch.as_tensor(array, dtype=W.dtype, device=W.device)
+
+    def _fitted(self, x: torch.Tensor, refine: bool, iterations: int, batch_size: int):
+        """(index, q) for each block of rows: the posteriors fitted with W, σ², λ fixed."""
+        for index in data_blocks(x.shape[0], batch_size, x.device):
+            block = x[index]
+            if self.posterior.amortized and not refine:
+                with torch.no_grad():
+                    yield index, self.posterior(block)
+                continue
+            fitted = fit_new_data(block, self.posterior, self.model, iterations, block.shape[0])
+            with torch.no_grad():
+                yield index, fitted()
+
+    def _like(self, reference, value: torch.Tensor):
+        return value if torch.is_tensor(reference) else value.detach().cpu().numpy()
+
+    def encode(self, x, refine: bool = True, iterations: int = 500, batch_size: int = 4096) -> Codes:
+        """The posterior of each row of ``x (N,D)`` (means, and stds or scale_tril per the family) and its ELBO."""
+        rows = self._tensor(x)
+        means, stds, trils, elbos = [], [], [], []
+        for index, q in self._fitted(rows, refine, iterations, batch_size):
+            with torch.no_grad():
+                elbos.append(AnalyticELBO()(rows[index], q, self.model).per_point)
+            means.append(q.mean)
+            if isinstance(q, DiagonalGaussian):
+                stds.append(q.std)
+            elif isinstance(q, FullGaussian):
+                trils.append(q.scale_tril)
+            else:  # a low-rank encoder's q without refinement, as its Cholesky factor
+                trils.append(torch.linalg.cholesky(q.factor @ q.factor.mT + torch.diag_embed(q.diag_std**2)))
+        return Codes(
+            self._like(x, torch.cat(means)),
+            self._like(x, torch.cat(stds)) if stds else None,
+            self._like(x, torch.cat(trils)) if trils else None,
+            self._like(x, torch.cat(elbos)),
+        )
+
+    def reconstruct(self, x, **encode_settings):
+        """``W E_q[z]`` per row of ``x`` (N,D): the posterior-mean reconstruction."""
+        codes = self.encode(x, **encode_settings)
+        mean = torch.as_tensor(codes.mean, device=self.model.W_raw.device)
+        with torch.no_grad():
+            return self._like(x, mean @ self.model.W.T)
+
+    def elbo(self, x, **encode_settings):
+        """The ELBO of each row of ``x`` at its fitted posterior (N,), nats."""
+        return self.encode(x, **encode_settings).elbo
+
+    def log_px(self, x, samples: int = 100, seed: int = 0, iterations: int = 500, batch_size: int = 4096) -> LogLikelihood:
+        """Importance-sampled ``log p(x_n)`` per row with the fitted q as proposal, and its standard error."""
+        rows = self._tensor(x)
+        generator = torch.Generator(device=rows.device).manual_seed(seed)
+        per_row, stderr = [], []
+        for index, q in self._fitted(rows, True, iterations, batch_size):
+            estimate = importance_sampled_log_px(rows[index], q, self.model, samples, generator)
+            per_row.append(estimate.per_point)
+            stderr.append(estimate.stderr_per_point)
+        return LogLikelihood(self._like(x, torch.cat(per_row)), self._like(x, torch.cat(stderr)))
+
+
+def _load_encoder(encoder: torch.nn.Module, arrays: dict, path: Path) -> None:
+    """The trained encoder's weights from ``/final/posterior`` (names with ``.`` stored as ``_``)."""
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            key = name.replace(".", "_")
+            if key not in arrays:
+                raise ConfigError(f"{path}: the encoder's weight {key} is missing from /final/posterior")
+            parameter.copy_(torch.as_tensor(np.asarray(arrays[key])))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> TrainedModel:
+    """The trained model of a finished run's results file (``TrainedModel.load``)."""
+    return TrainedModel.load(path, device, dtype)

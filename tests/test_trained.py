@@ -1,0 +1,237 @@
+"""Using a trained model on new data: encode, reconstruct, score (ELBO, log p(x)), the encode command line,
+and image denoising."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import sparse_elbo
+from sparse_elbo.denoise import average_patches, denoise_image, image_patches, psnr
+from sparse_elbo.model import SparseCodingModel
+from sparse_elbo.posteriors import DiagonalPosterior
+from sparse_elbo.runner import build
+from sparse_elbo.trained import TrainedModel
+
+BARS = ["dataset.grid=3", "dataset.n_data=300", "seed=1", "trainer.max_epochs=40", "evaluation.ground_truth=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3×3 bars run (full covariances, the default profile trainer): its results file and data."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = sparse_elbo.compose(BARS)
+    summary = sparse_elbo.run(cfg, root / "run", progress=False)
+    x = build(cfg).problem.x.numpy()
+    return summary.results_path, x
+
+
+def test_encoding_the_training_data_reproduces_the_stored_posteriors(trained):
+    """At the trained W, σ²* and λ* every stored q_n is the optimum of its own ELBO (envelope theorem), so
+    fitting the training data afresh, with W, σ², λ fixed, lands on the stored posteriors and ELBO."""
+    path, x = trained
+    results = sparse_elbo.read_results(path)
+    model = sparse_elbo.load(path)
+    assert model.family == "full" and (model.n_observed, model.n_latents) == (9, 6)
+    codes = model.encode(x, iterations=3000)
+    np.testing.assert_allclose(codes.mean, results.final["posterior"]["mean"], rtol=0, atol=2e-4)
+    np.testing.assert_allclose(codes.scale_tril, results.final["posterior"]["scale_tril"], rtol=0, atol=2e-4)
+    assert float(np.mean(codes.elbo)) == pytest.approx(float(results.final["elbo"]), abs=1e-6)
+    assert codes.std is None
+
+
+def _generated(n=400, noise=0.1, seed=0):
+    """Data from a known model: a random 9×6 dictionary (full column rank, so every row's posterior has one
+    optimum), Laplace sources of scale 1, Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(9, 6))
+    z = rng.laplace(size=(n, W.shape[1]))
+    clean = z @ W.T
+    return clean + noise * rng.standard_normal(clean.shape), clean, W
+
+
+def _known_model(W, noise, family=DiagonalPosterior):
+    model = SparseCodingModel(*W.shape).double()
+    model.set_dictionary(torch.as_tensor(W))
+    norms = torch.as_tensor(np.linalg.norm(W, axis=0))
+    model.set_noise_and_prior_scale(torch.tensor(noise**2, dtype=torch.float64), norms)  # λ = 1 in the unit-norm gauge
+    return TrainedModel(model, family(n_data=1, n_latents=W.shape[1]).double())
+
+
+def test_reconstruction_of_data_from_the_model_is_closer_to_the_clean_data_than_the_noise():
+    noisy, clean, W = _generated()
+    model = _known_model(W, 0.1)
+    reconstruction = model.reconstruct(noisy)
+    assert isinstance(reconstruction, np.ndarray) and reconstruction.shape == noisy.shape
+    error, noise = np.mean((reconstruction - clean) ** 2), np.mean((noisy - clean) ** 2)
+    # within the noise: the 6 fields span 6 of the 9 dimensions, so the posterior mean keeps at most about
+    # 6/9 of the noise (its projection onto them) and shrinks that a little more
+    rank = np.linalg.matrix_rank(W)
+    assert error < 1.05 * rank / W.shape[0] * noise and error > 0.5 * rank / W.shape[0] * noise
+    as_tensor = model.reconstruct(torch.as_tensor(noisy))
+    assert torch.is_tensor(as_tensor)
+    np.testing.assert_allclose(as_tensor.numpy(), reconstruction, atol=1e-10)
+
+
+def test_log_px_and_elbo_are_exact_where_the_posterior_is_gaussian():
+    """Oracle: under a Gaussian prior the posterior is Gaussian, a fitted full-covariance q is exact, and both
+    the ELBO and importance-sampled log p(x) equal log N(x; 0, W Λ Wᵀ + σ² I) (torch.distributions)."""
+    from sparse_elbo.posteriors import FullCovariancePosterior
+    from sparse_elbo.priors import GaussianPrior
+
+    noisy, _, W = _generated(n=40)
+    model = SparseCodingModel(*W.shape, prior=GaussianPrior()).double()
+    W_unit = W / np.linalg.norm(W, axis=0)
+    model.set_dictionary(torch.as_tensor(W_unit))
+    variances = torch.linspace(0.5, 2.0, W.shape[1], dtype=torch.float64)
+    model.set_noise_and_prior_scale(torch.tensor(0.01, dtype=torch.float64), variances)
+    trained = TrainedModel(model, FullCovariancePosterior(n_data=1, n_latents=W.shape[1]).double())
+    W_t = torch.as_tensor(W_unit)
+    exact = torch.distributions.MultivariateNormal(
+        torch.zeros(9, dtype=torch.float64), W_t @ torch.diag(variances) @ W_t.T + 0.01 * torch.eye(9, dtype=torch.float64)
+    )
+    reference = exact.log_prob(torch.as_tensor(noisy)).numpy()
+    np.testing.assert_allclose(trained.elbo(noisy, iterations=2000), reference, atol=1e-6)
+    log_px = trained.log_px(noisy, samples=50, iterations=2000)
+    np.testing.assert_allclose(log_px.per_row, reference, atol=1e-5)
+    assert np.all(log_px.stderr < 1e-4)  # every importance weight is the same: q is the posterior
+
+
+def test_float32_and_blocks_give_the_same_codes():
+    noisy, _, W = _generated(n=50)
+    model = _known_model(W, 0.1)
+    whole = model.encode(noisy, iterations=1000)
+    blocks = model.encode(noisy, iterations=1000, batch_size=7)
+    np.testing.assert_allclose(blocks.mean, whole.mean, atol=1e-5)
+    model32 = TrainedModel(model.model.float(), model.posterior.float())
+    np.testing.assert_allclose(model32.encode(noisy.astype(np.float32), iterations=1000).mean, whole.mean, atol=2e-3)
+
+
+def test_an_amortised_model_encodes_with_its_trained_encoder(tmp_path):
+    cfg = sparse_elbo.compose(
+        [
+            "experiment=bars_amortized",
+            "dataset.grid=3",
+            "dataset.n_data=200",
+            "trainer.max_epochs=3",
+            "evaluation.held_out_refine_iterations=5",
+            "evaluation.importance_samples=5",
+        ]
+    )
+    summary = sparse_elbo.run(cfg, tmp_path / "run", progress=False)
+    model = sparse_elbo.load(summary.results_path)
+    x = np.random.default_rng(0).normal(size=(20, 9))
+    with torch.no_grad():
+        encoder_q = model.posterior(torch.as_tensor(x))
+    raw = model.encode(x, refine=False)
+    np.testing.assert_allclose(raw.mean, encoder_q.mean.numpy(), atol=1e-12)
+    refined = model.encode(x, iterations=200)
+    assert refined.scale_tril.shape == (20, 6, 6)  # a low-rank encoder refines as a full covariance
+    assert np.mean(refined.elbo) >= np.mean(raw.elbo) - 1e-6
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda x: x[:, :5], r"data must have shape \(N, 9\) for this model \(D = 9\), got shape \(10, 5\)"),
+        (lambda x: np.where(np.arange(10)[:, None] == 3, np.nan, x), r"data holds NaN/Inf values in 1 rows \(first: \[3\]\)"),
+        (lambda x: x[0], r"data must have shape \(N, 9\)"),
+    ],
+)
+def test_bad_data_is_rejected_before_compute(trained, make, message):
+    path, x = trained
+    with pytest.raises(ValueError, match=message):
+        sparse_elbo.load(path).encode(make(x[:10]))
+
+
+def test_results_of_an_unfinished_run_or_a_missing_file_are_rejected(trained, tmp_path):
+    path, _ = trained
+    broken = tmp_path / "results.h5"
+    broken.write_bytes(path.read_bytes())
+    with h5py.File(broken, "a") as f:
+        f.attrs["status"], f.attrs["reason"] = "interrupted", "KeyboardInterrupt()"
+    with pytest.raises(
+        ValueError, match=r"the run is interrupted \(KeyboardInterrupt\(\)\); only a finished run holds a trained model"
+    ):
+        sparse_elbo.load(broken)
+    with pytest.raises(FileNotFoundError, match="no such results file"):
+        sparse_elbo.load(tmp_path / "missing.h5")
+
+
+def _tool(name, *args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run(
+        [sys.executable, "-m", f"sparse_elbo.{name}", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_encode_command_writes_codes_and_elbo_beside_the_data(trained, tmp_path):
+    path, x = trained
+    np.save(tmp_path / "new.npy", x[:25])
+    out = _tool("encode", f"results={path}", f"data={tmp_path / 'new.npy'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    with h5py.File(tmp_path / "new.codes.h5", "r") as f:
+        assert f["codes/mean"].shape == (25, 6) and f["codes/scale_tril"].shape == (25, 6, 6) and f["elbo"].shape == (25,)
+        assert f.attrs["family"] == "full"
+        expected = sparse_elbo.load(path).encode(x[:25])
+        np.testing.assert_allclose(f["codes/mean"][()], expected.mean, atol=1e-10)
+    again = _tool("encode", f"results={path}", f"data={tmp_path / 'new.npy'}", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr  # never overwritten
+    np.save(tmp_path / "wide.npy", np.ones((4, 11)))
+    for arguments, message in (
+        ([f"data={tmp_path / 'wide.npy'}", f"results={path}"], "data must have shape (N, 9)"),
+        ([f"data={tmp_path / 'new.npy'}"], "results is required"),
+        ([f"results={path}", f"data={tmp_path / 'nothing.npy'}"], "no such file"),
+        ([f"results={path}", f"data={tmp_path / 'new.npy'}", "batch_size=zero"], "batch_size"),
+    ):
+        bad = _tool("encode", *arguments, f"out={tmp_path / 'x.h5'}", cwd=tmp_path)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr, bad.stderr
+        assert not (tmp_path / "x.h5").exists()
+
+
+# ------------------------------------------------------------------------------------------------ denoising
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_patches_average_back_into_the_image(stride):
+    image = np.random.default_rng(0).normal(size=(17, 13))
+    patches = image_patches(image, 5, stride)
+    np.testing.assert_allclose(average_patches(patches, image.shape, 5, stride), image, atol=1e-12)
+
+
+def _synthetic_image(size=40, seed=0):
+    """Piecewise-constant rectangles on a smooth ramp, in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size] / size
+    image = 0.3 + 0.2 * rows
+    for _ in range(6):
+        top, left = rng.integers(0, size - 8, 2)
+        image[top : top + rng.integers(5, 15), left : left + rng.integers(5, 15)] = rng.uniform(0, 1)
+    return image
+
+
+def test_blind_denoising_raises_the_psnr_of_a_noisy_synthetic_image():
+    clean = _synthetic_image()
+    noisy = clean + 0.1 * np.random.default_rng(1).standard_normal(clean.shape)
+    denoised = denoise_image(noisy, patch_size=6, overrides=("n_latents=12", "trainer.max_epochs=3", "device=cpu"))
+    assert denoised.shape == clean.shape
+    assert psnr(clean, denoised) > psnr(clean, noisy) + 3.0
+
+
+def test_denoising_rejects_a_model_of_another_patch_size(trained):
+    path, _ = trained
+    with pytest.raises(ValueError, match="is not a 5 patch's pixel count"):
+        denoise_image(np.zeros((20, 20)), sparse_elbo.load(path), patch_size=5)
+    with pytest.raises(ValueError, match="image holds NaN/Inf values"):
+        denoise_image(np.full((20, 20), np.nan), sparse_elbo.load(path))
