@@ -74,17 +74,9 @@ def learn_from_image(
         folder = Path(output_dir) if output_dir is not None else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "image.npy", image)
-        cfg = compose(
-            [
-                "experiment=denoise",
-                f"dataset.path={folder / 'image.npy'}",
-                f"dataset.patch_size={patch_size}",
-                f"seed={seed}",
-                *overrides,
-            ]
-        )
-        if cfg.dataset.n_patches > positions:
-            cfg.dataset.n_patches = positions  # small images: every patch position once
+        cfg = compose(["experiment=denoise", f"dataset.patch_size={patch_size}", f"seed={seed}", *overrides])
+        cfg.dataset.path = str(folder / "image.npy")  # set, not an override: any characters in the path
+        cfg.dataset.n_patches = min(cfg.dataset.n_patches, positions)  # small images: every patch position once
         summary = run(cfg, folder / "model", progress=False)
         return TrainedModel.load(summary.results_path)
 
@@ -92,15 +84,19 @@ def learn_from_image(
 def denoise_image(
     noisy,
     model: TrainedModel | None = None,
+    *,
+    refit_scales: bool = False,
     patch_size: int | None = None,
     stride: int = 1,
     batch_size: int = 8192,
-    iterations: int = 200,
+    iterations: int = 100,
     overrides: tuple[str, ...] = (),
     seed: int = 0,
 ) -> np.ndarray:
     """The denoised image (module docstring); ``model=None`` learns one from ``noisy`` first (blind), with
-    ``overrides`` to ``experiment=denoise`` and patches of ``patch_size`` (8 when not given)."""
+    ``overrides`` to ``experiment=denoise`` and patches of ``patch_size`` (8 when not given). With a model
+    learned elsewhere, ``refit_scales=True`` learns σ², λ afresh from the noisy image's patches (the noise
+    level of the image is then learned, not taken from the data the model was trained on)."""
     if model is None:
         model = learn_from_image(noisy, patch_size or 8, overrides, seed=seed)
     side = int(round(model.n_observed**0.5))
@@ -109,6 +105,8 @@ def denoise_image(
     image = _check_image(noisy, side)
     patches = image_patches(image, side, stride)  # (M, p²)
     dc = patches.mean(1, keepdims=True)
+    if refit_scales:
+        model = model.with_scales_fitted_to(patches - dc)
     estimates = model.reconstruct(patches - dc, iterations=iterations, batch_size=batch_size) + dc
     return average_patches(estimates, image.shape, side, stride)
 
@@ -125,10 +123,11 @@ def psnr(clean: np.ndarray, estimate: np.ndarray, peak: float = 1.0) -> float:
 class DenoiseSettings:
     image: str = "???"  # a grey or colour image file (read as grey, scaled to [0, 1]) or a .npy array
     results: str | None = None  # a trained model's results.h5; none: learn one from the image (blind)
+    refit_scales: bool = True  # with results=: learn sigma^2, lambda afresh from this image's patches
     out: str | None = None  # where to write the denoised image (.png, .npy); default: beside the image
     patch_size: int = 8
     stride: int = 1
-    iterations: int = 200
+    iterations: int = 100
     seed: int = 0
 
 
@@ -162,7 +161,13 @@ def main(arguments: list[str]) -> None:
     noisy = read_image(settings.image)
     model = TrainedModel.load(settings.results) if settings.results else None
     denoised = denoise_image(
-        noisy, model, settings.patch_size, settings.stride, iterations=settings.iterations, seed=settings.seed
+        noisy,
+        model,
+        refit_scales=settings.refit_scales and model is not None,
+        patch_size=settings.patch_size,
+        stride=settings.stride,
+        iterations=settings.iterations,
+        seed=settings.seed,
     )
     write_image(out, denoised)
     print(out)

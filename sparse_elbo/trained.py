@@ -14,6 +14,7 @@ low-rank encoder). Arrays in, arrays of the same kind out (numpy, or torch on th
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,19 @@ class TrainedModel:
         if posterior.amortized:
             _load_encoder(posterior, results.final.get("posterior", {}), path)
         return cls(model.to(device=device, dtype=dtype), posterior.to(device=device, dtype=dtype), str(path))
+
+    def with_scales_fitted_to(self, x, max_iterations: int = 50) -> TrainedModel:
+        """The same dictionary with σ², λ refitted to the data ``x`` (``max_{q, σ², λ} L_H`` at this W,
+        ``evaluation.score_dictionary``): e.g. a dictionary learned from clean data used on noisy data, whose
+        noise level is then learned, not given."""
+        from sparse_elbo.evaluation import score_dictionary
+
+        rows = self._tensor(x)
+        score = score_dictionary(rows, self.model.W.detach(), self.model.prior, max_iterations=max_iterations)
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            model.set_noise_and_prior_scale(torch.as_tensor(score.sigma2, dtype=rows.dtype), score.lam.to(rows))
+        return TrainedModel(model, self.posterior, self.source)
 
     @property
     def n_observed(self) -> int:

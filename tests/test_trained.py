@@ -103,6 +103,20 @@ def test_log_px_and_elbo_are_exact_where_the_posterior_is_gaussian():
     assert np.all(log_px.stderr < 1e-4)  # every importance weight is the same: q is the posterior
 
 
+def test_a_dictionary_learned_elsewhere_learns_the_noise_level_of_new_data():
+    """``with_scales_fitted_to``: W kept, σ², λ refitted to the data (max_q L_H at that W); on data from the
+    model the noise level comes out as the generating one, and the original model is left as it was."""
+    noisy, _, W = _generated(n=2000)
+    wrong = _known_model(W, 1.0)  # σ = 1, ten times the noise
+    fitted = wrong.with_scales_fitted_to(noisy)
+    assert float(fitted.model.sigma2.detach().sqrt()) == pytest.approx(0.1, rel=0.03)
+    np.testing.assert_allclose(
+        fitted.model.lam.detach().numpy(), np.linalg.norm(W, axis=0), rtol=0.1
+    )  # λ = 1 per unit of ||W_h||
+    assert float(wrong.model.sigma2.detach()) == pytest.approx(1.0)
+    torch.testing.assert_close(fitted.model.W, wrong.model.W)
+
+
 def test_float32_and_blocks_give_the_same_codes():
     noisy, _, W = _generated(n=50)
     model = _known_model(W, 0.1)
@@ -224,9 +238,21 @@ def _synthetic_image(size=40, seed=0):
 def test_blind_denoising_raises_the_psnr_of_a_noisy_synthetic_image():
     clean = _synthetic_image()
     noisy = clean + 0.1 * np.random.default_rng(1).standard_normal(clean.shape)
-    denoised = denoise_image(noisy, patch_size=6, overrides=("n_latents=12", "trainer.max_epochs=3", "device=cpu"))
+    overrides = ("n_latents=12", "trainer.max_epochs=5", "annealing.start=3", "annealing.step=1", "device=cpu")
+    denoised = denoise_image(noisy, patch_size=6, overrides=overrides)
     assert denoised.shape == clean.shape
     assert psnr(clean, denoised) > psnr(clean, noisy) + 3.0
+
+
+def test_the_denoise_command_writes_the_denoised_image(tmp_path):
+    clean = _synthetic_image()
+    np.save(tmp_path / "noisy.npy", clean + 0.1 * np.random.default_rng(1).standard_normal(clean.shape))
+    out = _tool("denoise", f"image={tmp_path / 'noisy.npy'}", f"out={tmp_path / 'clean.npy'}", "patch_size=6", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    denoised = np.load(tmp_path / "clean.npy")
+    assert psnr(clean, denoised) > psnr(clean, np.load(tmp_path / "noisy.npy")) + 3.0
+    missing = _tool("denoise", f"image={tmp_path / 'nothing.png'}", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: image={str(tmp_path / 'nothing.png')!r}: no such file"
 
 
 def test_denoising_rejects_a_model_of_another_patch_size(trained):
