@@ -24,6 +24,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sparse_elbo.cli import run_tool, settings_from_arguments
 from sparse_elbo.config import compose
 from sparse_elbo.errors import ConfigError, ExistingFileError, MissingFileError
+from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
 from sparse_elbo.trained import TrainedModel
 
@@ -78,7 +79,8 @@ def learn_from_image(
         cfg.dataset.path = str(folder / "image.npy")  # set, not an override: any characters in the path
         cfg.dataset.n_patches = min(cfg.dataset.n_patches, positions)  # small images: every patch position once
         summary = run(cfg, folder / "model", progress=False)
-        return TrainedModel.load(summary.results_path)
+        device = read_results(summary.results_path).attrs["device"]  # where it learned (device=auto: CUDA when there is one)
+        return TrainedModel.load(summary.results_path, device=device)
 
 
 def denoise_image(

@@ -81,15 +81,15 @@ class TrainedModel:
         cfg = OmegaConf.create(results.config)
         W = torch.as_tensor(np.asarray(results.final["W"]), dtype=torch.float64)
         D, H = W.shape
-        model = SparseCodingModel(D, H, prior=instantiate(cfg.model.prior), gauge=cfg.model.get("gauge", "unit_norm"))
-        model.set_dictionary(W)
-        model.set_noise_and_prior_scale(
-            torch.as_tensor(float(results.final["sigma2"])), torch.as_tensor(np.asarray(results.final["lambda"]))
-        )
+        prior, gauge = instantiate(cfg.model.prior), cfg.model.get("gauge", "unit_norm")
+        model = SparseCodingModel(D, H, prior=prior, gauge=gauge).to(device=device, dtype=dtype)  # then the values, unrounded
+        model.set_dictionary(W.to(device=device, dtype=dtype))
+        sigma2 = torch.as_tensor(float(results.final["sigma2"]), device=device, dtype=dtype)
+        model.set_noise_and_prior_scale(sigma2, torch.as_tensor(np.asarray(results.final["lambda"]), device=device, dtype=dtype))
         posterior = instantiate(cfg.posterior)(n_data=1, n_latents=H, n_observed=D)
         if posterior.amortized:
             _load_encoder(posterior, results.final.get("posterior", {}), path)
-        return cls(model.to(device=device, dtype=dtype), posterior.to(device=device, dtype=dtype), str(path))
+        return cls(model, posterior.to(device=device, dtype=dtype), str(path))
 
     def with_scales_fitted_to(self, x, max_iterations: int = 50) -> TrainedModel:
         """The same dictionary with σ², λ refitted to the data ``x`` (``max_{q, σ², λ} L_H`` at this W,
@@ -113,19 +113,24 @@ class TrainedModel:
         return self.model.n_latents
 
     def _tensor(self, x) -> torch.Tensor:
-        """x as a tensor on the model's device and dtype, checked before any compute."""
-        array = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-        if array.ndim != 2 or array.shape[1] != self.n_observed:
+        """x as a tensor on the model's device and dtype, checked before any compute (a tensor is checked
+        where it is, without a copy to the host)."""
+        if not torch.is_tensor(x):
+            x = np.asarray(x)
+            if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+                raise ConfigError(f"data must be real numbers, got dtype {x.dtype}")
+            x = torch.as_tensor(x)
+        elif x.is_complex() or x.dtype == torch.bool:
+            raise ConfigError(f"data must be real numbers, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.n_observed:
             raise ConfigError(
-                f"data must have shape (N, {self.n_observed}) for this model (D = {self.n_observed}), got shape {array.shape}"
+                f"data must have shape (N, {self.n_observed}) for this model (D = {self.n_observed}), got shape {tuple(x.shape)}"
             )
-        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-            raise ConfigError(f"data must be real numbers, got dtype {array.dtype}")
-        bad = np.nonzero(~np.isfinite(array).all(1))[0]
-        if bad.size:
-            raise ConfigError(f"data holds NaN/Inf values in {bad.size} rows (first: {bad[:5].tolist()})")
+        bad = torch.nonzero(~torch.isfinite(x).all(1)).flatten()
+        if bad.numel():
+            raise ConfigError(f"data holds NaN/Inf values in {bad.numel()} rows (first: {bad[:5].tolist()})")
         W = self.model.W_raw
-        return torch.as_tensor(array, dtype=W.dtype, device=W.device)
+        return x.detach().to(dtype=W.dtype, device=W.device)
 
     def _fitted(self, x: torch.Tensor, refine: bool, iterations: int, batch_size: int):
         """(index, q) for each block of rows: the posteriors fitted with W, σ², λ fixed."""
