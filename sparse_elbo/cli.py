@@ -19,13 +19,13 @@ def one_line(text: str) -> str:
     parts = [p.strip() for p in text.splitlines()]
     parts = [p for p in parts if p and not p.startswith(("full_key:", "object_type=", "reference_type="))]
     out: list[str] = []
+    listing = False  # after a line ending in ':', one-word lines are the items of a list
     for part in parts:
-        if out and out[-1].endswith(":"):
-            out[-1] = f"{out[-1]} {part}"
-        elif out and out[-1].endswith(("_", ",")) or (out and ":" in out[-1] and len(part.split()) == 1):
-            out[-1] = f"{out[-1]}, {part}"
-        else:
-            out.append(part)
+        if listing and len(part.split()) == 1:
+            out[-1] += (" " if out[-1].endswith(":") else ", ") + part
+            continue
+        listing = part.endswith(":")
+        out.append(part)
     return ". ".join(p.rstrip(".") for p in out)
 
 

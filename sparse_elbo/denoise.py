@@ -24,8 +24,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sparse_elbo.cli import run_tool, settings_from_arguments
 from sparse_elbo.config import compose
 from sparse_elbo.errors import ConfigError, ExistingFileError, MissingFileError
-from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
+from sparse_elbo.runner.build import resolve_device
 from sparse_elbo.trained import TrainedModel
 
 
@@ -79,8 +79,7 @@ def learn_from_image(
         cfg.dataset.path = str(folder / "image.npy")  # set, not an override: any characters in the path
         cfg.dataset.n_patches = min(cfg.dataset.n_patches, positions)  # small images: every patch position once
         summary = run(cfg, folder / "model", progress=False)
-        device = read_results(summary.results_path).attrs["device"]  # where it learned (device=auto: CUDA when there is one)
-        return TrainedModel.load(summary.results_path, device=device)
+        return TrainedModel.load(summary.results_path, device=resolve_device(cfg.device))  # where it learned
 
 
 def denoise_image(
@@ -141,9 +140,9 @@ def read_image(path: str) -> np.ndarray:
         return np.load(file, allow_pickle=False).astype(np.float64)
     import skimage.io
 
-    from sparse_elbo.images import _to_grey_float
+    from sparse_elbo.images import to_grey_float
 
-    return _to_grey_float(skimage.io.imread(file), f"image={path!r}")
+    return to_grey_float(skimage.io.imread(file), f"image={path!r}")
 
 
 def write_image(path: Path, image: np.ndarray) -> None:

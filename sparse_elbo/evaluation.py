@@ -4,16 +4,22 @@ and the ground-truth ELBO."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from sparse_elbo import metrics
 from sparse_elbo.annealing import NoAnnealing
+from sparse_elbo.inference.e_step import EntropyEStep
 from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO, DataStatistics, EntropyELBO, ObjectiveValue
+from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
+from sparse_elbo.priors import LaplacePrior
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import Trainer, fit
+from sparse_elbo.trainers.em import EMTrainer
+from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer
 
 
 def exact_objective(objective):
@@ -111,14 +117,6 @@ def score_dictionary(
     q; EM without its M-step), O(N·H²) per iteration and memory bounded by the blocks, until L_H changes by
     less than ``tolerance`` (relative) per iteration. Full covariances: the fixed-point fit (docs/design.md §6.3).
     x, W: tensors (their device and dtype are used) or arrays (float64 on the CPU)."""
-    from functools import partial
-
-    from sparse_elbo.inference.e_step import EntropyEStep
-    from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
-    from sparse_elbo.priors import LaplacePrior
-    from sparse_elbo.trainers.em import EMTrainer
-    from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer
-
     x = torch.as_tensor(x, dtype=torch.float64) if not torch.is_tensor(x) else x
     W = torch.as_tensor(W, dtype=x.dtype, device=x.device)
     if family == "diag":

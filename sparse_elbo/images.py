@@ -87,7 +87,7 @@ def whiten(image: np.ndarray, f0_fraction: float = 0.4, target_variance: float =
 # ------------------------------------------------------------------------------------------------ loaders
 
 
-def _to_grey_float(image: np.ndarray, origin: str) -> np.ndarray:
+def to_grey_float(image: np.ndarray, origin: str) -> np.ndarray:
     """Grey float64 (R, C) from a grey, grey+alpha, RGB or RGBA array; integer pixels are scaled to [0, 1]."""
     from skimage.color import rgb2gray, rgba2rgb
     from skimage.util import img_as_float64
@@ -119,7 +119,7 @@ def _builtin_raw() -> tuple[np.ndarray, ...]:
     loaders["motorcycle_left"] = lambda: skimage.data.stereo_motorcycle()[0]
     images = []
     for name in BUILTIN_IMAGES:
-        image = _to_grey_float(loaders[name](), f"skimage.data.{name}")
+        image = to_grey_float(loaders[name](), f"skimage.data.{name}")
         image.setflags(write=False)  # shared by the cache
         images.append(image)
     return tuple(images)
@@ -224,7 +224,7 @@ def load_folder_images(path, pattern: str = "*") -> list[np.ndarray]:
             raw = skimage.io.imread(file)
         except Exception as error:
             raise ConfigError(f"dataset.path: could not read image {file} ({error})") from error
-        images.append(_to_grey_float(raw, f"dataset.path: image {file}"))
+        images.append(to_grey_float(raw, f"dataset.path: image {file}"))
     return images
 
 
