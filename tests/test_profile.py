@@ -150,7 +150,7 @@ def test_profile_trainer_learns_the_bars_and_converges(family):
 
     def evaluate(epoch, weights, train_time):
         value = EntropyELBO()(x, posterior(), model)
-        values.append(float(value.elbo))
+        values.append(float(value.elbo.detach()))
         return value
 
     outcome = fit(ProfileLBFGSTrainer(max_epochs=60, initialisation=SparseCodingDictionary()), problem, evaluate)
