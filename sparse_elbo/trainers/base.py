@@ -166,7 +166,8 @@ def fit(
             report = trainer.train_epoch(problem, state, epoch, weights) or EpochReport()
             if problem.x.is_cuda:
                 torch.cuda.synchronize()
-        current = float(evaluate(epoch, weights, stopwatch.total).elbo)
+        elbo = evaluate(epoch, weights, stopwatch.total).elbo
+        current = float(elbo.detach() if torch.is_tensor(elbo) else elbo)
         if report.stop_reason is not None:
             loop.outcome = FitOutcome(epoch + 1, report.converged, report.stop_reason, stopwatch.total)
         elif trainer.stop_rule is not None and epoch >= final_annealed_epoch and loop.previous is not None:
