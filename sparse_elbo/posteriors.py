@@ -5,7 +5,9 @@ Standard deviations and the diagonal of ``L`` are stored as logs so that they st
 Every parameter has the data index as its first axis, so that a trainer can optimise a block of
 data points on its own: ``block = posterior.block_parameters(index)`` gives detached leaf copies,
 ``posterior.gaussian(block)`` the Gaussians they define, ``posterior.write_block(index, block)``
-stores them back.
+stores them back. The authors' E-step instead optimises the scale itself as a free signed number
+(``fresh_signed_block``, ``signed_gaussian``, ``write_signed_block``; docs/design.md §7.4): the same
+Gaussians, another path for L-BFGS.
 
 ``moments_with_pullback(gram)`` gives what the entropy ELBO needs from every q_n — marginal variances,
 ``tr(G Σ_n)`` and entropies — together with their hand-written chain rule (the objective's closed-form
@@ -138,6 +140,18 @@ class DiagonalPosterior(_PerDataPointPosterior):
     def gaussian(self, params: dict[str, torch.Tensor]) -> DiagonalGaussian:
         return DiagonalGaussian(params["mean"], params["log_std"].exp(), params["log_std"])
 
+    def fresh_signed_block(self, n: int, std: float) -> dict[str, torch.Tensor]:
+        """Leaves of a fresh q for ``n`` points with the std as a free signed number: ``μ = 0``, ``s = std``."""
+        return {"mean": self.mean.new_zeros(n, self.n_latents), "std": self.mean.new_full((n, self.n_latents), std)}
+
+    def signed_gaussian(self, block: dict[str, torch.Tensor]) -> DiagonalGaussian:
+        """``N(μ, diag(s²))`` for signed ``s`` (N,H): ``|s|`` is the std, ``log|s|`` its log."""
+        std = block["std"].abs()
+        return DiagonalGaussian(block["mean"], std, torch.log(std))
+
+    def write_signed_block(self, index: torch.Tensor, block: dict[str, torch.Tensor]) -> None:
+        self.write_block(index, {"mean": block["mean"], "log_std": torch.log(block["std"].abs())})
+
     @torch.no_grad()
     def rescale_latents(self, scale: torch.Tensor) -> None:
         """``z_h → c_h z_h`` (the gauge change that accompanies ``W_h → W_h / c_h``); scale (H,) > 0."""
@@ -195,6 +209,7 @@ class FullCovariancePosterior(_PerDataPointPosterior):
         # positions in the flattened (H*H) matrix of [packed strict-lower entries, diagonal entries]
         self.register_buffer("flat_index", torch.cat([rows * n_latents + cols, diag * n_latents + diag]), persistent=False)
         self.register_buffer("lower_rows", rows, persistent=False)
+        self.register_buffer("lower_cols", cols, persistent=False)
         # the same values' positions in the flattened transpose U = Lᵀ (rows of U are columns of L)
         self.register_buffer(
             "flat_index_transposed", torch.cat([cols * n_latents + rows, diag * n_latents + diag]), persistent=False
@@ -207,10 +222,10 @@ class FullCovariancePosterior(_PerDataPointPosterior):
             return torch.zeros(n, self.n_lower)
         return torch.full((n, self.n_latents), math.log(std or self.init_std))
 
-    def _scale_tril(self, lower: torch.Tensor, log_diag: torch.Tensor) -> torch.Tensor:
-        """lower (N,P), log_diag (N,H)  ->  L (N,H,H)"""
+    def _scale_tril(self, lower: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+        """lower (N,P), diag (N,H)  ->  L (N,H,H)"""
         H = self.n_latents
-        values = torch.cat([lower, log_diag.exp()], dim=-1)  # (N,P+H)
+        values = torch.cat([lower, diag], dim=-1)  # (N,P+H)
         flat = values.new_zeros(values.shape[0], H * H).index_copy(1, self.flat_index, values)
         return flat.view(-1, H, H)
 
@@ -249,7 +264,27 @@ class FullCovariancePosterior(_PerDataPointPosterior):
         return self(index).scale_tril
 
     def gaussian(self, params: dict[str, torch.Tensor]) -> FullGaussian:
-        return FullGaussian(params["mean"], self._scale_tril(params["lower"], params["log_diag"]), params["log_diag"])
+        return FullGaussian(params["mean"], self._scale_tril(params["lower"], params["log_diag"].exp()), params["log_diag"])
+
+    def fresh_signed_block(self, n: int, std: float) -> dict[str, torch.Tensor]:
+        """Leaves of a fresh q for ``n`` points with L's diagonal as free signed numbers: ``μ = 0``, ``L = std·I``."""
+        new = self.mean.new_zeros
+        return {
+            "mean": new(n, self.n_latents),
+            "lower": new(n, self.n_lower),
+            "diag": self.mean.new_full((n, self.n_latents), std),
+        }
+
+    def signed_gaussian(self, block: dict[str, torch.Tensor]) -> FullGaussian:
+        """``N(μ, L Lᵀ)`` for L with a signed diagonal: ``H[q] = (H/2) log(2πe) + Σ_h log|L_hh|``."""
+        log_diag = torch.log(block["diag"].abs())
+        return FullGaussian(block["mean"], self._scale_tril(block["lower"], block["diag"]), log_diag)
+
+    def write_signed_block(self, index: torch.Tensor, block: dict[str, torch.Tensor]) -> None:
+        """Store ``L diag(sign L_hh)`` (the same ``L Lᵀ``, a positive diagonal)."""
+        sign = torch.where(block["diag"] < 0, -1.0, 1.0).to(block["diag"])  # (N,H)
+        lower = block["lower"] * sign[:, self.lower_cols]  # column j of L flips with L_jj
+        self.write_block(index, {"mean": block["mean"], "lower": lower, "log_diag": torch.log(block["diag"].abs())})
 
     @torch.no_grad()
     def rescale_latents(self, scale: torch.Tensor) -> None:

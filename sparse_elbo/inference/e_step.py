@@ -52,13 +52,14 @@ class EStepObjective(Protocol):
         """The loss of the block of data ``x (B,D)`` (posterior parameters passed at each call)."""
 
 
-def _autograd_loss(value_of: Callable, posterior) -> BlockLoss:
-    """``value_of(q) -> loss`` differentiated by autograd with respect to the block's parameters."""
+def _autograd_loss(value_of: Callable, gaussian_of: Callable) -> BlockLoss:
+    """``value_of(q) -> loss`` differentiated by autograd with respect to the block's parameters, with
+    ``q = gaussian_of(block)``."""
 
     def loss(block):
         for value in block.values():
             value.grad = None
-        result = value_of(posterior.gaussian(block))
+        result = value_of(gaussian_of(block))
         result.backward()
         return result.detach()
 
@@ -83,7 +84,7 @@ class AnalyticEStep:
         if self.fused and DiagonalLaplaceEStep.applies_to(posterior, model):
             return _fused_loss(DiagonalLaplaceEStep(x, model, weights))
         size = x.shape[0]
-        return _autograd_loss(lambda q: -size * AnalyticELBO()(x, q, model, weights).weighted, posterior)
+        return _autograd_loss(lambda q: -size * AnalyticELBO()(x, q, model, weights).weighted, posterior.gaussian)
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,19 @@ class EntropyEStep:
             value = EntropyELBO.from_statistics(q.entropy().sum() / others.count, statistics, x.shape[1], model.prior, weights)
             return -others.count * value.weighted
 
-        return _autograd_loss(negative_total, posterior)
+        return _autograd_loss(negative_total, posterior.gaussian)
 
 
 @dataclass(frozen=True)
 class BatchEntropyEStep:
-    """``-L_H,β`` of the block alone (``σ²*, λ*`` from the block, averaged over it): the authors' E-step."""
+    """``-L_H,β`` of the block alone (``σ²*, λ*`` from the block, averaged over it): the authors' E-step.
+    ``signed_scale``: the block holds the scale as a signed number (``posterior.signed_gaussian``), as theirs."""
+
+    signed_scale: bool = False
 
     def block_loss(self, x, posterior, model, weights, context=None) -> BlockLoss:
-        return _autograd_loss(lambda q: -EntropyELBO()(x, q, model, weights).weighted, posterior)
+        gaussian_of = posterior.signed_gaussian if self.signed_scale else posterior.gaussian
+        return _autograd_loss(lambda q: -EntropyELBO()(x, q, model, weights).weighted, gaussian_of)
 
 
 @contextlib.contextmanager
@@ -155,7 +160,14 @@ class BlockLBFGS:
     def optimise(self, posterior, index: torch.Tensor, model, block_loss: BlockLoss) -> dict[str, torch.Tensor]:
         """Maximise the block's objective over the posteriors of data points ``index``; returns (and
         stores) their new parameters."""
-        block = posterior.block_parameters(index)
+        block = self.minimise(posterior.block_parameters(index), model, block_loss)
+        posterior.write_block(index, block)
+        return block
+
+    def minimise(self, block: dict[str, torch.Tensor], model, block_loss: BlockLoss) -> dict[str, torch.Tensor]:
+        """Run L-BFGS on the leaves ``block`` ({name: tensor}) from their values, ``model`` frozen; returns
+        them detached."""
+        block = {name: value.detach().requires_grad_(True) for name, value in block.items()}
         optimizer = torch.optim.LBFGS(
             list(block.values()),
             lr=1.0,
@@ -168,6 +180,4 @@ class BlockLBFGS:
         )
         with _frozen(model):
             optimizer.step(lambda: block_loss(block))
-        block = {name: value.detach() for name, value in block.items()}
-        posterior.write_block(index, block)
-        return block
+        return {name: value.detach() for name, value in block.items()}

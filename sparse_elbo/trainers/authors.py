@@ -3,7 +3,11 @@ same tool.
 
 One epoch is one pass over batches of ``batch_size`` points in fixed order. For each batch:
 
-1. a fresh q: zero means, standard deviations ``fresh_std`` (1 in their code);
+1. a fresh q: zero means, standard deviations ``fresh_std`` (1 in their code). With
+   ``scale_parameterisation=std`` (theirs) L-BFGS moves the standard deviation ``s`` itself, a signed number
+   (``|s|`` is the std; ``s`` may pass through 0); with ``log_std`` it moves ``log s``. The Gaussians are the
+   same, but L-BFGS stops after at most ``e_step_iterations`` from the same start, so the parameterisation
+   decides where the partial E-step ends, and with it the dictionary;
 2. the E-step: L-BFGS (strong Wolfe, ``e_step_iterations`` iterations, memory ``history_size``) on the
    batch's own entropy objective ``L_H,β`` — ``σ²*, λ*`` from the batch alone, a biased estimate of the
    full-data values — averaged over the batch (``inference.e_step.BatchEntropyEStep``);
@@ -26,7 +30,9 @@ from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.objectives import EntropyELBO
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import Capabilities, NoState, Sizes, Trainer
-from sparse_elbo.validation import require_at_least, require_positive
+from sparse_elbo.validation import require_at_least, require_one_of, require_positive
+
+SCALE_PARAMETERISATIONS = ("std", "log_std")
 
 
 class AuthorsEMTrainer(Trainer):
@@ -42,9 +48,11 @@ class AuthorsEMTrainer(Trainer):
         e_step_tolerance: float = 1e-9,
         fresh_std: float = 1.0,
         learning_rate: float = 0.5,
+        scale_parameterisation: str = "std",
     ):
         require_at_least("trainer", 1, max_epochs=max_epochs, batch_size=batch_size)
         require_positive("trainer", fresh_std=fresh_std, learning_rate=learning_rate)
+        require_one_of("trainer.scale_parameterisation", scale_parameterisation, SCALE_PARAMETERISATIONS)
         self.max_epochs = int(max_epochs)
         self.batch_size = int(batch_size)
         self.driver = BlockLBFGS(
@@ -55,16 +63,22 @@ class AuthorsEMTrainer(Trainer):
         )
         self.fresh_std = float(fresh_std)
         self.learning_rate = float(learning_rate)
+        self.signed_scale = scale_parameterisation == "std"
 
     def start(self, problem: Problem, saved: dict | None) -> NoState:
         return NoState()
 
     def train_epoch(self, problem: Problem, state: NoState, epoch: int, weights: AnnealingWeights) -> None:
         x, model, posterior = problem.x, problem.model, problem.posterior
-        e_step = BatchEntropyEStep()
+        loss_of = BatchEntropyEStep(self.signed_scale).block_loss
         for index in data_blocks(x.shape[0], self.batch_size, x.device):
-            posterior.reset_block(index, self.fresh_std)
-            self.driver.optimise(posterior, index, model, e_step.block_loss(x[index], posterior, model, weights))
+            if self.signed_scale:
+                block = posterior.fresh_signed_block(len(index), self.fresh_std)
+                block = self.driver.minimise(block, model, loss_of(x[index], posterior, model, weights))
+                posterior.write_signed_block(index, block)
+            else:
+                posterior.reset_block(index, self.fresh_std)
+                self.driver.optimise(posterior, index, model, loss_of(x[index], posterior, model, weights))
             self.gradient_m_step(problem, index, weights)
 
     def gradient_m_step(self, problem: Problem, index: torch.Tensor, weights: AnnealingWeights) -> None:
