@@ -36,8 +36,14 @@ class Schedule(Protocol):
     def final_epoch(self) -> int: ...
 
 
-def _check_term(term: str) -> None:
-    require_one_of("annealing.term", term, TERMS)
+def _terms(term) -> tuple[str, ...]:
+    """``term``: one term's name, or a list of them (weighted alike)."""
+    terms = (term,) if isinstance(term, str) else tuple(term)
+    if not terms:
+        raise ConfigError(f"annealing.term must name at least one of {list(TERMS)}")
+    for name in terms:
+        require_one_of("annealing.term", name, TERMS)
+    return terms
 
 
 class NoAnnealing:
@@ -59,17 +65,17 @@ class StepAnnealing:
     The authors' amortised schedule ``max(1, 2 - 0.1 epoch)`` is ``start=2, step=0.1``.
     """
 
-    def __init__(self, term: str = "prior", start: float = 10.0, step: float = 2.0):
-        _check_term(term)
+    def __init__(self, term: str | list[str] = "prior", start: float = 10.0, step: float = 2.0):
+        terms = _terms(term)
         if start < 1:
             raise ConfigError(f"annealing.start must be >= 1, got {start}")
         if step <= 0:
             raise ConfigError(f"annealing.step must be > 0, got {step}")
-        self.term, self.start, self.step = term, float(start), float(step)
+        self.terms, self.start, self.step = terms, float(start), float(step)
 
     def __call__(self, epoch: int) -> AnnealingWeights:
         weight = 1.0 if epoch >= self.final_epoch() else max(1.0, self.start - self.step * epoch)
-        return AnnealingWeights(**{self.term: weight})
+        return AnnealingWeights(**dict.fromkeys(self.terms, weight))
 
     def final_epoch(self) -> int:
         """First epoch ``e`` with ``start - step·e ≤ 1`` (checked exactly, not through a rounded ratio)."""
@@ -82,22 +88,22 @@ class StepAnnealing:
 class ExponentialAnnealing:
     """``β_term = 1 + (start - 1) · decay^epoch``, set to exactly 1 once within ``tolerance`` of 1."""
 
-    def __init__(self, term: str = "prior", start: float = 10.0, decay: float = 0.5, tolerance: float = 1e-3):
-        _check_term(term)
+    def __init__(self, term: str | list[str] = "prior", start: float = 10.0, decay: float = 0.5, tolerance: float = 1e-3):
+        terms = _terms(term)
         if start < 1:
             raise ConfigError(f"annealing.start must be >= 1, got {start}")
         if not 0 < decay < 1:
             raise ConfigError(f"annealing.decay must be in (0, 1), got {decay}")
         if not tolerance > 0:
             raise ConfigError(f"annealing.tolerance must be > 0, got {tolerance}")
-        self.term, self.start, self.decay, self.tolerance = term, float(start), float(decay), float(tolerance)
+        self.terms, self.start, self.decay, self.tolerance = terms, float(start), float(decay), float(tolerance)
 
     def _excess(self, epoch: int) -> float:
         return (self.start - 1.0) * self.decay**epoch
 
     def __call__(self, epoch: int) -> AnnealingWeights:
         weight = 1.0 if epoch >= self.final_epoch() else 1.0 + self._excess(epoch)
-        return AnnealingWeights(**{self.term: weight})
+        return AnnealingWeights(**dict.fromkeys(self.terms, weight))
 
     def final_epoch(self) -> int:
         """First epoch whose excess weight ``(start - 1)·decay^e`` is below ``tolerance``."""

@@ -21,6 +21,10 @@ step estimates them:
   reproduction).
 
 Whatever the estimator, the values reported after each epoch are the exact full-data ones.
+
+The dictionary starts from ``initialisation`` (``sparse_elbo/initialisation.py``): the model's own random
+start by default, or the MAP sparse-coding dictionary (``trainer/initialisation=sparse_coding``), which on
+the bars is what lets an amortised posterior keep every bar (docs/design.md §7.5).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.inference.statistics import data_blocks
+from sparse_elbo.initialisation import RandomDictionary
 from sparse_elbo.objectives import DataStatistics
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import FAMILIES, OBJECTIVES, Capabilities, Sizes, Trainer
@@ -101,6 +106,7 @@ class AdamTrainer(Trainer):
         statistics: str = "full",
         statistics_block_size: int = 16384,
         train_dictionary: bool = True,
+        initialisation=None,
     ):
         require_at_least("trainer", 1, max_epochs=max_epochs, batch_size=batch_size, statistics_block_size=statistics_block_size)
         require_one_of("trainer.statistics", statistics, STATISTICS)
@@ -116,10 +122,18 @@ class AdamTrainer(Trainer):
         self.statistics = statistics
         self.statistics_block_size = int(statistics_block_size)
         self.train_dictionary = bool(train_dictionary)
+        self.initialisation = initialisation if initialisation is not None else RandomDictionary()
 
     def start(self, problem: Problem, saved: dict | None) -> AdamState:
-        params = problem.trainable_parameters(self.train_dictionary)
         device = problem.x.device
+        if saved is None and self.train_dictionary:
+            with torch.no_grad():
+                generator = torch.Generator(device=device).manual_seed(problem.seed)
+                own = problem.model.W
+                start = self.initialisation(problem.x, own, generator)
+                if start is not own:  # the model's own start is kept bit for bit
+                    problem.model.set_dictionary(start)
+        params = problem.trainable_parameters(self.train_dictionary)
         state = AdamState(
             torch.optim.Adam(params, lr=self.learning_rate, betas=self.betas),
             torch.Generator(device=device).manual_seed(problem.seed),

@@ -20,6 +20,15 @@ never decreases while the weights are 1. A new run starts from the least-squares
 dictionary, ``μ_n = (WᵀW + εI)⁻¹ Wᵀ x_n`` (ε = 1e-3), so that the first ``σ²*, λ*`` reflect the data's
 scale (from ``μ = 0`` prior annealing would switch every latent off at once).
 
+Annealed epochs (prior weight ``β_prior > 1``): with ``λ = λ*`` the weighted objective has no maximum — a
+latent switched off (``μ_·h = 0``, ``s_·h = s``, so ``λ*_h ∝ s``) adds ``(1 - β_prior) log s → +∞`` as
+``s → 0`` — so E-steps that converge switch latents off one after another (docs/design.md §8).
+``annealed_prior_scale=fixed`` holds ``λ`` at one shared value ``λ_0`` (the mean ``λ*`` of the start's codes)
+while ``β_prior > 1`` and uses the analytic E-step there: ``β_prior log p(z; λ_0)`` is, up to a constant, the
+log density of a Laplace prior of scale ``λ_0/β_prior``, so an annealed epoch is EM on a sparser model — bounded,
+with every latent in use — and the true objective takes over once ``β_prior = 1``. ``optimal`` (the default)
+keeps ``λ = λ*`` throughout, the literal weighted objective.
+
 Stop rule: the relative change of the ELBO over an epoch below ``relative_tolerance`` (0: never), once
 the annealing weights are 1; or ``max_epochs``. With ``train_dictionary=false`` the M-step is left out:
 block coordinate ascent on the posteriors (and σ², λ) at a fixed dictionary — with the entropy E-step,
@@ -27,6 +36,9 @@ block coordinate ascent on the posteriors (and σ², λ) at a fixed dictionary �
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,9 +48,11 @@ from sparse_elbo.errors import ConfigError
 from sparse_elbo.inference.e_step import AnalyticEStep, BlockContext, BlockLBFGS, EStepObjective
 from sparse_elbo.inference.statistics import SufficientStatistics, data_blocks, total
 from sparse_elbo.problem import Problem
-from sparse_elbo.trainers.base import Capabilities, NoState, Sizes, Trainer
+from sparse_elbo.trainers.base import Capabilities, Sizes, Trainer
 from sparse_elbo.trainers.convergence import StopRule
-from sparse_elbo.validation import require_at_least
+from sparse_elbo.validation import require_at_least, require_one_of
+
+ANNEALED_PRIOR_SCALES = ("optimal", "fixed")
 
 # On a CPU, blocks of 16,384 points keep every (block, H) temporary of the E-step below glibc's 32 MiB
 # mmap threshold, so freed buffers are reused instead of being returned to the kernel and page-faulted
@@ -51,6 +65,14 @@ def block_size(x: torch.Tensor, requested: int | None) -> int:
     if requested is not None:
         return requested
     return x.shape[0] if x.is_cuda else CPU_BLOCK_SIZE
+
+
+@dataclass
+class EMState:
+    annealing_scale: float | None = None  # λ_0 of the annealed epochs (annealed_prior_scale=fixed)
+
+    def state_dict(self) -> dict:
+        return {"annealing_scale": self.annealing_scale}
 
 
 class EMTrainer(Trainer):
@@ -69,6 +91,7 @@ class EMTrainer(Trainer):
         m_step_overrelaxation: float = 1.0,
         relative_tolerance: float = 0.0,
         train_dictionary: bool = True,
+        annealed_prior_scale: str = "optimal",
     ):
         require_at_least(
             "trainer",
@@ -95,21 +118,33 @@ class EMTrainer(Trainer):
         self.m_step_overrelaxation = float(m_step_overrelaxation)
         self.stop_rule = StopRule(float(relative_tolerance))
         self.train_dictionary = bool(train_dictionary)
+        require_one_of("trainer.annealed_prior_scale", annealed_prior_scale, ANNEALED_PRIOR_SCALES)
+        self.fixed_annealing_scale = annealed_prior_scale == "fixed"
 
     # ----------------------------------------------------------------------------------- the run
-    def start(self, problem: Problem, saved: dict | None) -> NoState:
+    def start(self, problem: Problem, saved: dict | None) -> EMState:
+        if saved is not None and saved.get("annealing_scale") is not None:
+            return EMState(saved["annealing_scale"])
         if saved is None:
             self.initialise_means(problem)
-        return NoState()
-
-    def train_epoch(self, problem: Problem, state: NoState, epoch: int, weights: AnnealingWeights) -> None:
+        if not self.fixed_annealing_scale:
+            return EMState()
+        # λ_0: the mean λ* of the start's codes (or, resuming a run saved without it, of the current ones)
         blocks = data_blocks(problem.x.shape[0], block_size(problem.x, self.e_step_block_size), problem.x.device)
-        statistics = [
-            SufficientStatistics.of(problem.x[index], problem.q(index), problem.model.prior, problem.x.shape[0])
-            for index in blocks
-        ]
+        summed = total([self._statistics(problem, index) for index in blocks])
+        _, lam = summed.noise_and_prior_scale(problem.model.W.detach(), problem.x.shape[1])
+        return EMState(float(lam.mean()))
+
+    @staticmethod
+    def _statistics(problem: Problem, index: torch.Tensor) -> SufficientStatistics:
+        return SufficientStatistics.of(problem.x[index], problem.q(index), problem.model.prior, problem.x.shape[0])
+
+    def train_epoch(self, problem: Problem, state: EMState, epoch: int, weights: AnnealingWeights) -> None:
+        blocks = data_blocks(problem.x.shape[0], block_size(problem.x, self.e_step_block_size), problem.x.device)
+        statistics = [self._statistics(problem, index) for index in blocks]
+        fixed_scale = state.annealing_scale if self.fixed_annealing_scale and weights.prior != 1.0 else None
         for _ in range(self.em_iterations_per_epoch):
-            statistics = self.em_iteration(problem, blocks, statistics, weights)
+            statistics = self.em_iteration(problem, blocks, statistics, weights, fixed_scale)
         self._set_noise_and_prior_scale(problem, total(statistics))
 
     def working_memory(self, sizes: Sizes) -> int:
@@ -120,17 +155,28 @@ class EMTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------- one iteration
     def em_iteration(
-        self, problem: Problem, blocks: list[torch.Tensor], statistics: list[SufficientStatistics], weights: AnnealingWeights
+        self,
+        problem: Problem,
+        blocks: list[torch.Tensor],
+        statistics: list[SufficientStatistics],
+        weights: AnnealingWeights,
+        fixed_scale: float | None = None,
     ) -> list[SufficientStatistics]:
-        """One EM iteration (module docstring) from the blocks' sums; returns their new sums."""
+        """One EM iteration (module docstring) from the blocks' sums; returns their new sums. ``fixed_scale``:
+        ``λ`` held at this value and the analytic E-step (an annealed epoch under ``annealed_prior_scale=fixed``)."""
         x, model, posterior = problem.x, problem.model, problem.posterior
         summed = total(statistics)
         self._set_noise_and_prior_scale(problem, summed)
+        e_step = self.e_step
+        if fixed_scale is not None:
+            with torch.no_grad():
+                model.log_lambda.fill_(math.log(fixed_scale))
+            e_step = AnalyticEStep()
         statistics = list(statistics)
         for b, index in enumerate(blocks):
             others = summed - statistics[b]
             context = BlockContext(others, statistics[b].x_energy)
-            block_loss = self.e_step.block_loss(x[index], posterior, model, weights, context)
+            block_loss = e_step.block_loss(x[index], posterior, model, weights, context)
             block = self.driver.optimise(posterior, index, model, block_loss)
             statistics[b] = SufficientStatistics.of(
                 x[index], posterior.gaussian(block), model.prior, x.shape[0], statistics[b].x_energy

@@ -1,0 +1,103 @@
+"""Annealing in the full-data EM (docs/design.md §8): a prior weight above 1 makes the weighted entropy
+objective unbounded (an oracle on the claim), and ``annealed_prior_scale=fixed`` keeps every latent in use
+while the annealed epochs shape the dictionary."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_em import small_problem
+
+from sparse_elbo.annealing import AnnealingWeights, StepAnnealing
+from sparse_elbo.errors import ConfigError
+from sparse_elbo.evaluation import evaluate_problem
+from sparse_elbo.images import make_image_patches
+from sparse_elbo.inference.e_step import EntropyEStep
+from sparse_elbo.model import SparseCodingModel
+from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
+from sparse_elbo.posteriors import DiagonalPosterior
+from sparse_elbo.problem import Problem
+from sparse_elbo.trainers.base import fit
+from sparse_elbo.trainers.em import EMTrainer
+
+
+@pytest.mark.parametrize("prior_weight", [2.0, 4.0, 10.0])
+def test_a_prior_weight_above_one_rewards_shrinking_a_switched_off_latent_without_bound(prior_weight):
+    """Latent 0 switched off (μ_·0 = 0, s_·0 = s, so λ*_0 = s √(2/π)): dividing s by 10 changes the weighted
+    L_H by (β - 1) log 10 (less a vanishing change of σ²*), for every s: no maximum. With λ held fixed
+    (the analytic ELBO) the same move costs about log 10: bounded."""
+    problem = small_problem("diag", n_data=30, seed=2)
+    weights = AnnealingWeights(prior=prior_weight)
+    values, fixed_values = [], []
+    for s in (1e-3, 1e-4, 1e-5):
+        with torch.no_grad():
+            problem.posterior.mean[:, 0] = 0.0
+            problem.posterior.log_std[:, 0] = math.log(s)
+        with torch.no_grad():
+            q = problem.posterior()
+            values.append(float(EntropyELBO()(problem.x, q, problem.model, weights).weighted))
+            fixed_values.append(float(AnalyticELBO()(problem.x, q, problem.model, weights).weighted))
+    gains = [b - a for a, b in zip(values, values[1:])]
+    for gain in gains:
+        assert gain == pytest.approx((prior_weight - 1.0) * math.log(10.0), abs=1e-4)
+    for a, b in zip(fixed_values, fixed_values[1:]):
+        assert b - a == pytest.approx(-math.log(10.0), abs=1e-2)
+
+
+def patch_problem(seed=0):
+    dataset = make_image_patches(patch_size=8, n_patches=2000, seed=seed)
+    x = torch.as_tensor(dataset.x, dtype=torch.float64)
+    model = SparseCodingModel(64, 16, generator=torch.Generator().manual_seed(seed)).double()
+    posterior = DiagonalPosterior(x.shape[0], 16).double()
+    return Problem(x=x, model=model, posterior=posterior, objective=EntropyELBO(), annealing=StepAnnealing(), seed=seed)
+
+
+def annealed_epochs(annealed_prior_scale):
+    """Three annealed epochs (β_prior = 10, 8, 6) of the fast EM on 2,000 8x8 patches, H = 16: per epoch
+    the unweighted ELBO and λ* (H,)."""
+    problem = patch_problem()
+    trainer = EMTrainer(
+        max_epochs=3,
+        em_iterations_per_epoch=5,
+        e_step=EntropyEStep(),
+        e_step_iterations=7,
+        annealed_prior_scale=annealed_prior_scale,
+    )
+    record = []
+
+    def evaluate(epoch, weights, train_time):
+        value = evaluate_problem(problem, weights)
+        record.append((float(value.elbo), value.lam.detach().clone()))
+        return value
+
+    fit(trainer, problem, evaluate)
+    return record
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fixed_prior_scale_keeps_every_latent_in_use_and_learns_in_annealed_epochs():
+    optimal, fixed = annealed_epochs("optimal"), annealed_epochs("fixed")
+    # λ = λ*: latents switch off (λ*_h below 1 % of the largest) and the ELBO does not move
+    assert min(float(lam.min() / lam.max()) for _, lam in optimal[1:]) < 0.01
+    assert abs(optimal[-1][0] - optimal[0][0]) < 0.1
+    # λ held at λ_0: every latent stays in use and the annealed epochs raise the (unweighted) ELBO
+    assert min(float(lam.min() / lam.max()) for _, lam in fixed) > 0.25
+    assert fixed[-1][0] > fixed[0][0] + 3.0
+
+
+def test_the_fixed_scale_is_the_mean_lambda_of_the_start_and_is_kept_on_resume():
+    problem = patch_problem()
+    trainer = EMTrainer(e_step=EntropyEStep(), annealed_prior_scale="fixed")
+    state = trainer.start(problem, None)
+    with torch.no_grad():
+        q = problem.posterior()
+        expected = float(problem.model.prior.statistic(q.mean, q.variance).mean())  # mean over points and latents of E|z|
+    assert state.annealing_scale == pytest.approx(expected, rel=1e-9)
+    assert trainer.start(problem, state.state_dict()).annealing_scale == state.annealing_scale
+
+
+def test_an_unknown_annealed_prior_scale_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"trainer.annealed_prior_scale must be one of \['optimal', 'fixed'\], got 'free'"):
+        EMTrainer(annealed_prior_scale="free")
