@@ -269,3 +269,20 @@ def test_gaussian_prior_baseline_runs_with_an_amortised_posterior(tmp_path):
     assert type(build(cfg).problem.model.prior).__name__ == "GaussianPrior"
     summary = run(cfg, tmp_path, progress=False)
     assert np.isfinite(summary.elbo) and np.isfinite(summary.held_out["held_out_log_px"])
+
+
+@pytest.mark.parametrize("initialisation", ["random", "sparse_coding"])
+def test_adam_starts_from_its_initialisation(initialisation):
+    from sparse_elbo.initialisation import SparseCodingDictionary
+    from sparse_elbo.runner.build import build
+
+    components = build(sparse_elbo.compose([*TINY, f"trainer/initialisation={initialisation}"]))
+    problem, trainer = components.problem, components.trainer
+    own = problem.model.W_raw.detach().clone()
+    trainer.start(problem, None)
+    if initialisation == "random":
+        assert torch.equal(problem.model.W_raw, own)  # the model's own start, bit for bit
+    else:
+        generator = torch.Generator().manual_seed(problem.seed)
+        expected = SparseCodingDictionary()(problem.x, own / own.norm(dim=0), generator)
+        torch.testing.assert_close(problem.model.W.detach(), expected / expected.norm(dim=0))

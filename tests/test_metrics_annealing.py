@@ -228,3 +228,16 @@ def test_exponential_schedule_values():
 def test_invalid_annealing_arguments_raise_value_error_naming_the_key(build, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build()
+
+
+@pytest.mark.parametrize("schedule", [StepAnnealing(["prior", "entropy"]), ExponentialAnnealing(("prior", "entropy"))])
+def test_a_schedule_may_weight_several_terms_alike(schedule):
+    weights = schedule(1)
+    assert weights.prior == weights.entropy > 1.0 and weights.likelihood == 1.0
+    assert schedule(schedule.final_epoch()).is_identity
+
+
+@pytest.mark.parametrize("term", [[], ["prior", "posterior"]])
+def test_a_list_of_terms_must_name_known_terms(term):
+    with pytest.raises(ValueError, match=r"annealing\.term"):
+        StepAnnealing(term)
