@@ -6,7 +6,8 @@ Measures, in float32 on the chosen device:
 2. one evaluation of the fused E-step objective and its gradient (``DiagonalLaplaceEntropyEStep``) over the
    whole data in blocks, against its floor: ``max(2NH² / matmul rate, 5·4NH bytes / bandwidth)`` — the
    product ``μ G`` and, for a perfectly fused kernel, reading μ, log s, ``Wᵀx`` and writing two gradients;
-3. one epoch of ``experiment=patches_em`` on the same data (overrides after ``--``): its time, how many
+3. ``sparse_elbo.score_dictionary`` (``max_q L_H`` at a fixed W, O(N·H²) per iteration) at the initial W;
+4. one epoch of ``experiment=patches_em`` on the same data (overrides after ``--``): its time, how many
    objective evaluations it made, and how that time splits between the evaluations and everything else
    (L-BFGS's own vector work, the sufficient statistics, the M-step).
 
@@ -112,6 +113,9 @@ def main() -> None:
         f"(matmul {2 * n * h * h / flops * 1e3:.1f} ms, 5 arrays of N×H {5 * 4 * n * h / bandwidth * 1e3:.1f} ms);  "
         f"ratio {evaluation / floor:.1f}"
     )
+    start = time.perf_counter()
+    score = sparse_elbo.score_dictionary(components.problem.x, components.problem.model.W.detach())
+    print(f"score_dictionary at the initial W: max_q L_H = {score.elbo:.4f} in {time.perf_counter() - start:.1f} s")
     if not args.skip_epoch:
         epoch, calls, inside = one_epoch(components)
         per_point = calls * block / n

@@ -7,6 +7,7 @@ process) and the final unweighted full-data ELBO of each.
     python scripts/bench_patches.py                                    # full patches_em + reference on 1/40 of the data
     python scripts/bench_patches.py --full-epochs 2                    # time per epoch of the full run only
     python scripts/bench_patches.py --reference-fraction 0.05 -- dataset.n_patches=20000
+    python scripts/bench_patches.py --device cuda --reference-fraction 0              # peak CUDA memory too
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ def main() -> None:
         default=None,
         help="cap the epochs of the full-size run (its time per epoch is still measured); default: all",
     )
+    parser.add_argument("--device", default=None, help="cpu | cuda | auto (default: the experiment's own, auto)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for both runs")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
+    if args.device is not None:
+        args.overrides = [f"device={args.device}", *args.overrides]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         base = [f"experiment={args.experiment}", *args.overrides]
