@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--n-patches", type=int, default=40960)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-epoch", action="store_true")
+    parser.add_argument("--skip-score", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = sparse_elbo.compose(
@@ -113,9 +114,10 @@ def main() -> None:
         f"(matmul {2 * n * h * h / flops * 1e3:.1f} ms, 5 arrays of N×H {5 * 4 * n * h / bandwidth * 1e3:.1f} ms);  "
         f"ratio {evaluation / floor:.1f}"
     )
-    start = time.perf_counter()
-    score = sparse_elbo.score_dictionary(components.problem.x, components.problem.model.W.detach())
-    print(f"score_dictionary at the initial W: max_q L_H = {score.elbo:.4f} in {time.perf_counter() - start:.1f} s")
+    if not args.skip_score:
+        start = time.perf_counter()
+        score = sparse_elbo.score_dictionary(components.problem.x, components.problem.model.W.detach())
+        print(f"score_dictionary at the initial W: max_q L_H = {score.elbo:.4f} in {time.perf_counter() - start:.1f} s")
     if not args.skip_epoch:
         epoch, calls, inside = one_epoch(components)
         per_point = calls * block / n
