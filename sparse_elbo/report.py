@@ -22,7 +22,7 @@ FIGURES = {
     ),
     "objectives": ("ELBO against time: sampled K=1/10, analytic, entropy (elbo, entropies)", ("elbo", "recovered", "train_time")),
     "patches_annealing": (
-        "natural-image fields: prior annealing vs none (annealing, dictionary_k, gini)",
+        "natural-image fields: prior annealing at λ*, at a fixed λ, none (annealing, dictionary_k, gini)",
         ("elbo", "gini", "localisation_median"),
     ),
     "amortized_vs_not": ("amortised vs per-data-point posteriors (elbo, recovery)", ("elbo", "held_out_log_px", "recovered")),
