@@ -62,6 +62,24 @@ def test_every_option_composes_and_instantiates(group, option):
         assert type(component).__name__ == node._target_.rsplit(".", 1)[1]
 
 
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
+def test_every_shipped_experiment_builds_at_a_small_size(experiment, tmp_path):
+    """Every experiment composes and validates (keys against their targets, capabilities, memory) with its
+    data cut down; one whose data are a user's file gets a small one."""
+    cfg = sparse_elbo.compose([f"experiment={experiment}"])
+    small = [f"experiment={experiment}", "device=cpu"]
+    if "n_patches" in cfg.dataset:
+        small += ["dataset.n_patches=300", "dataset.held_out=0"]
+        if cfg.dataset.source == "npy":
+            image = tmp_path / "image.npy"
+            np.save(image, np.random.default_rng(0).random((40, 40)))
+            small += [f"dataset.path={image}"]
+    else:
+        small += ["dataset.n_data=60"]
+    components = build(sparse_elbo.compose(small))
+    assert components.problem.model.W.shape[1] == cfg.n_latents or cfg.n_latents is None
+
+
 @pytest.mark.parametrize("experiment", ["patches_em", "patches_em_small"])
 def test_the_authors_procedure_on_an_experiments_data_is_its_sibling_experiment(experiment):
     """``experiment=<name>_authors`` runs the authors' procedure as configured (100 E-step iterations per
