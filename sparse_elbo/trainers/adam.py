@@ -23,8 +23,8 @@ step estimates them:
 Whatever the estimator, the values reported after each epoch are the exact full-data ones.
 
 The dictionary starts from ``initialisation`` (``sparse_elbo/initialisation.py``): the model's own random
-start by default, or the MAP sparse-coding dictionary (``trainer/initialisation=sparse_coding``), which on
-the bars is what lets an amortised posterior keep every bar (docs/design.md §7.5).
+start by default, or the MAP sparse-coding dictionary (``trainer/initialisation=sparse_coding``, the amortised
+experiments' choice: on natural-image patches the fields are localised from the first epoch; docs/design.md §7.5).
 """
 
 from __future__ import annotations
