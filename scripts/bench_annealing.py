@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 
 import sparse_elbo
 from sparse_elbo.metrics import localisation_index
@@ -64,8 +65,6 @@ def train(name: str, overrides: list[str], out: Path) -> tuple[np.ndarray, dict]
 
 def patches(n_patches: int, seed: int, extra: list[str]) -> tuple[torch.Tensor, int]:
     cfg = sparse_elbo.compose(["experiment=patches_em", f"dataset.n_patches={n_patches}", f"seed={seed}", *extra])
-    from hydra.utils import instantiate
-
     dataset = instantiate(cfg.dataset)
     return torch.as_tensor(dataset.x, dtype=torch.float32), int(cfg.dataset.patch_size)
 

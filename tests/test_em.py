@@ -18,8 +18,8 @@ from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.authors import AuthorsEMTrainer
-from sparse_elbo.trainers.base import NoState, fit
-from sparse_elbo.trainers.em import EMTrainer
+from sparse_elbo.trainers.base import fit
+from sparse_elbo.trainers.em import EMState, EMTrainer
 
 POSTERIORS = {"diag": DiagonalPosterior, "full": FullCovariancePosterior}
 
@@ -362,7 +362,7 @@ def test_entropy_em_iteration_raises_the_full_data_elbo_and_ends_at_exact_sigma2
     trainer = EMTrainer(e_step=EntropyEStep(fused=fused_e_step), e_step_iterations=15, e_step_block_size=20)
     trainer.initialise_means(problem)
     before = float(evaluate_problem(problem, AnnealingWeights()).elbo)
-    trainer.train_epoch(problem, NoState(), 0, AnnealingWeights())  # one EM iteration
+    trainer.train_epoch(problem, EMState(), 0, AnnealingWeights())  # one EM iteration
     after = float(evaluate_problem(problem, AnnealingWeights()).elbo)
     assert after > before + 0.1
     statistics, _ = full_data_statistics(problem, block_size=16)
@@ -463,7 +463,7 @@ def test_entropy_em_iteration_ends_at_the_closed_form_dictionary_of_its_final_po
     trainer = EMTrainer(e_step=EntropyEStep(), em_iterations_per_epoch=2, e_step_iterations=10, e_step_block_size=16)
     trainer.initialise_means(problem)
     W_start = problem.model.W.detach().clone()
-    trainer.train_epoch(problem, NoState(), 0, AnnealingWeights())  # two EM iterations
+    trainer.train_epoch(problem, EMState(), 0, AnnealingWeights())  # two EM iterations
     W, mean = problem.model.W.detach().clone(), problem.posterior().mean.detach().clone()
     assert float((W - W_start).abs().max()) > 1e-2  # it did learn
     closed_form_m_step(trainer, problem)

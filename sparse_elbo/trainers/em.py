@@ -130,17 +130,19 @@ class EMTrainer(Trainer):
         if not self.fixed_annealing_scale:
             return EMState()
         # λ_0: the mean λ* of the start's codes (or, resuming a run saved without it, of the current ones)
-        blocks = data_blocks(problem.x.shape[0], block_size(problem.x, self.e_step_block_size), problem.x.device)
-        summed = total([self._statistics(problem, index) for index in blocks])
+        summed = total([self._statistics(problem, index) for index in self._blocks(problem)])
         _, lam = summed.noise_and_prior_scale(problem.model.W.detach(), problem.x.shape[1])
         return EMState(float(lam.mean()))
+
+    def _blocks(self, problem: Problem) -> list[torch.Tensor]:
+        return data_blocks(problem.x.shape[0], block_size(problem.x, self.e_step_block_size), problem.x.device)
 
     @staticmethod
     def _statistics(problem: Problem, index: torch.Tensor) -> SufficientStatistics:
         return SufficientStatistics.of(problem.x[index], problem.q(index), problem.model.prior, problem.x.shape[0])
 
     def train_epoch(self, problem: Problem, state: EMState, epoch: int, weights: AnnealingWeights) -> None:
-        blocks = data_blocks(problem.x.shape[0], block_size(problem.x, self.e_step_block_size), problem.x.device)
+        blocks = self._blocks(problem)
         statistics = [self._statistics(problem, index) for index in blocks]
         fixed_scale = state.annealing_scale if self.fixed_annealing_scale and weights.prior != 1.0 else None
         for _ in range(self.em_iterations_per_epoch):
