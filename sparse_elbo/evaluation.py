@@ -10,7 +10,6 @@ import torch
 
 from sparse_elbo import metrics
 from sparse_elbo.annealing import NoAnnealing
-from sparse_elbo.inference.e_step import EntropyEStep
 from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO, DataStatistics, EntropyELBO, ObjectiveValue
@@ -18,8 +17,8 @@ from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.priors import LaplacePrior
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import Trainer, fit
-from sparse_elbo.trainers.em import EMTrainer
 from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer
+from sparse_elbo.validation import require_one_of
 
 
 def exact_objective(objective):
@@ -109,28 +108,20 @@ class DictionaryScore:
 
 
 def score_dictionary(
-    x, W, prior=None, family: str = "diag", max_iterations: int = 100, tolerance: float = 1e-7, block_size: int | None = None
+    x, W, prior=None, family: str = "diag", max_iterations: int = 1000, tolerance: float = 1e-9, block_size: int | None = None
 ) -> DictionaryScore:
     """How well a dictionary ``W (D,H)`` explains the data ``x (N,D)``: ``max_{q, σ², λ} L_H`` with W fixed.
 
-    Diagonal posteriors (``family="diag"``): block coordinate ascent with the entropy E-step (σ²*, λ* follow
-    q; EM without its M-step), O(N·H²) per iteration and memory bounded by the blocks, until L_H changes by
-    less than ``tolerance`` (relative) per iteration. Full covariances: the fixed-point fit (docs/design.md §6.3).
+    Diagonal posteriors (``family="diag"``) under the Laplace prior: coordinate ascent with Newton steps,
+    O(N·H²) per iteration, in blocks of ``block_size`` points (None: all on CUDA, 16,384 on a CPU)
+    (docs/design.md §6.4); full covariances: the fixed-point fit (§6.3). Either stops once L_H changes by
+    less than ``tolerance`` (relative, floored at a hundred rounding units of x's dtype) per iteration.
     x, W: tensors (their device and dtype are used) or arrays (float64 on the CPU)."""
+    require_one_of("family", family, ("diag", "full"))
     x = torch.as_tensor(x, dtype=torch.float64) if not torch.is_tensor(x) else x
     W = torch.as_tensor(W, dtype=x.dtype, device=x.device)
-    if family == "diag":
-        trainer = EMTrainer(
-            max_epochs=max_iterations,
-            e_step=EntropyEStep(),
-            e_step_iterations=10,
-            e_step_block_size=block_size,
-            relative_tolerance=tolerance,
-            train_dictionary=False,
-        )
-        factory = partial(DiagonalPosterior)
-    else:
-        trainer, factory = FixedPointPosteriorTrainer(tolerance=tolerance), partial(FullCovariancePosterior)
+    factory = partial(DiagonalPosterior) if family == "diag" else partial(FullCovariancePosterior)
+    trainer = FixedPointPosteriorTrainer(max_iterations, tolerance, block_size=block_size)
     problem = fit_at_dictionary(x, W, factory, prior or LaplacePrior(), trainer)
     value = evaluate_problem(problem, problem.annealing(0))
     return DictionaryScore(float(value.elbo), float(value.sigma2), value.lam.detach())

@@ -7,5 +7,6 @@ refining held-out posteriors) and by anything that encodes new data with a learn
   dictionary follow;
 - ``kernels``: the fused value-and-gradient of the diagonal-Laplace E-step (the hot path of EM);
 - ``e_step``: E-step objectives (strategies chosen with ``_target_``) and the block E-step driver (L-BFGS);
-- ``fixed_point``: the batched fixed-point (natural-gradient) fit of every ``q_n`` at once.
+- ``fixed_point``: the batched fixed-point (natural-gradient) fit of every ``q_n`` at once;
+- ``diagonal_newton``: the O(N·H²) fit of diagonal ``q_n`` under the Laplace prior (``score_dictionary``).
 """

@@ -5,8 +5,9 @@ The entropy objective's profile in ``W``,
     P(W) = max_q L_H(W, q),
 
 is maximised with ``torch.optim.LBFGS`` (strong Wolfe) on ``W`` alone (its raw parameters under the
-unit-norm gauge). Every evaluation of ``P`` solves for all posteriors at that ``W`` with the batched
-fixed-point iteration (``inference/fixed_point.py``), warm-started from the previous evaluation's ``q``,
+unit-norm gauge). Every evaluation of ``P`` solves for all posteriors at that ``W`` with the batched fit
+(``trainers.fixed_point.posterior_fit``: the O(N·H²) diagonal Newton fit for diagonal posteriors under the
+Laplace prior, the fixed-point iteration otherwise), warm-started from the previous evaluation's ``q``,
 until ``L_H`` changes by less than ``inner_tolerance`` (relative) per iteration. By the envelope theorem
 ``∇P(W) = ∂L_H/∂W`` at that ``q``, which is in closed form (only σ²* depends on W at fixed q).
 
@@ -23,7 +24,7 @@ One *epoch* is ``iterations_per_epoch`` L-BFGS iterations, then ``q`` is refitte
 ``∇(N P)`` in the raw dictionary, or ``max_epochs``.
 
 Supports the entropy objective with per-data-point diagonal or full-covariance posteriors and no
-annealing (the fixed-point iteration maximises the unweighted ``L_H``). With diagonal posteriors at a
+annealing (both fits maximise the unweighted ``L_H``). With diagonal posteriors at a
 rank-deficient dictionary ``max_q L_H`` has several nearby stationary points in q, and the warm-started
 fits follow one of them.
 """
@@ -35,17 +36,19 @@ from dataclasses import dataclass
 import torch
 
 from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.inference.diagonal_newton import DiagonalNewtonFit
 from sparse_elbo.inference.fixed_point import FixedPointFit
 from sparse_elbo.initialisation import SparseCodingDictionary
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import Capabilities, Sizes, Trainer
 from sparse_elbo.trainers.convergence import StopRule, full_batch_lbfgs
+from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer, posterior_fit
 from sparse_elbo.validation import require_at_least
 
 
 @dataclass
 class ProfileState:
-    fit: FixedPointFit  # q at the current W, and the warm start of the next fit
+    fit: DiagonalNewtonFit | FixedPointFit  # q at the current W, and the warm start of the next fit
     optimizer: torch.optim.LBFGS
     largest_gradient: float = float("nan")  # of ∇(N P) at the end of the last epoch
 
@@ -93,7 +96,7 @@ class ProfileLBFGSTrainer(Trainer):
             if saved is None:
                 generator = torch.Generator(device=x.device).manual_seed(problem.seed)
                 model.set_dictionary(self.initialisation(x, model.W, generator))
-            fit = FixedPointFit(x, model.W, model.prior, full=problem.posterior.family == "full")
+            fit = posterior_fit(problem, model.W)
             if saved is not None:
                 fit.load_state(saved["fixed_point"])
         optimizer = full_batch_lbfgs([model.W_raw], self.iterations_per_epoch, self.history_size)
@@ -130,5 +133,5 @@ class ProfileLBFGSTrainer(Trainer):
         )
 
     def working_memory(self, sizes: Sizes) -> int:
-        """The posteriors and the fixed-point fit's N × H × H precisions, factors and inverses."""
-        return sizes.posterior_numbers + 5 * sizes.n_data * sizes.n_latents**2
+        """The posteriors and the fit's temporaries (``FixedPointPosteriorTrainer.working_memory``)."""
+        return FixedPointPosteriorTrainer().working_memory(sizes)
