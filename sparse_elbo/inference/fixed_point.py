@@ -29,6 +29,9 @@ One iteration, for all data points at once:
    are capped at ~10⁴ σ);
 4. ``σ²*`` and ``λ*`` from the current ``q``.
 
+With ``learn_scales=False`` (``FixedPointFit.at_scales``) step 4 leaves σ², λ as given: each q_n then
+maximises its own ``F_n`` at those values (the semi-amortised dictionary step of ``trainers/adam.py``).
+
 ``run`` stops once ``L_H`` changes by less than ``tolerance · max(1, |L_H|)`` (floored at a hundred
 rounding units of the dtype) or after ``max_iterations``. Start: the least-squares codes
 ``μ = x W⁺ᵀ``, ``σ²`` their residual (plus 10⁻³ of the data's mean square), ``λ`` their statistic,
@@ -55,8 +58,8 @@ class FixedPointFit:
     diagonal curvature d (N,H), σ² (), λ (H,), and after each iteration the covariance (N,H,H) and
     ``value``, the ``L_H`` of that q."""
 
-    def __init__(self, x: torch.Tensor, W: torch.Tensor, prior, full: bool):
-        self.x, self.prior, self.full = x, prior, full
+    def __init__(self, x: torch.Tensor, W: torch.Tensor, prior, full: bool, learn_scales: bool = True):
+        self.x, self.prior, self.full, self.learn_scales = x, prior, full, learn_scales
         n = x.shape[0]
         self.set_dictionary(W)
         self.x_energy = x.pow(2).sum()
@@ -67,6 +70,16 @@ class FixedPointFit:
         self.curvature = (1.0 / self.lam**2).expand(n, -1).clone()  # d (N,H)
         self.covariance = None
         self.value = None
+
+    @classmethod
+    def at_scales(cls, x, W, prior, sigma2, lam, mean, std) -> FixedPointFit:
+        """The fit of q alone at the given ``σ² ()`` and ``λ (H,)`` (step 4 leaves them), started from
+        means (N,H) and marginal stds (N,H), e.g. an encoder's output; full covariances."""
+        fit = cls(x, W, prior, full=True, learn_scales=False)
+        fit.sigma2, fit.lam, fit.mean = sigma2, lam, mean.clone()
+        _, _, curvature = prior.statistic_and_derivatives(mean, std)
+        fit.curvature = (curvature / lam).clamp_min(torch.finfo(x.dtype).tiny)  # d (N,H)
+        return fit
 
     def state(self) -> tuple[torch.Tensor, ...]:
         """What a warm start needs: mean, curvature, σ², λ."""
@@ -155,7 +168,8 @@ class FixedPointFit:
         statistics = DataStatistics(residual / n, statistic.mean(0))
         posterior_entropy = closed_forms.gaussian_entropy_from_logdet(log_det, H).mean()
         value = EntropyELBO.from_statistics(posterior_entropy, statistics, self.x.shape[1], self.prior)
-        self.sigma2, self.lam = value.sigma2, value.lam  # σ²*, λ*
+        if self.learn_scales:
+            self.sigma2, self.lam = value.sigma2, value.lam  # σ²*, λ*
         self.value = value.elbo
         return value.elbo
 

@@ -22,6 +22,13 @@ step estimates them:
 
 Whatever the estimator, the values reported after each epoch are the exact full-data ones.
 
+``dictionary_posterior``: which q gives W's gradient. ``encoder`` (default): the encoder's output, as in the
+authors' code. ``refined`` (semi-amortised; amortised posteriors, the entropy objective, no annealing): each
+batch's output refined per data point — full covariances, ``refine_iterations`` fixed-point iterations
+(``inference/fixed_point.py``) at the refined posteriors' own full-data ``σ²*, λ*`` — so that W follows the
+per-point optimum instead of the encoder's errors; the encoder is still trained on its own ELBO, and it
+alone is the model's posterior (docs/design.md §7.5).
+
 The dictionary starts from ``initialisation`` (``sparse_elbo/initialisation.py``): the model's own random
 start by default, or the MAP sparse-coding dictionary (``trainer/initialisation=sparse_coding``, the amortised
 experiments' choice: on natural-image patches the fields are localised from the first epoch; docs/design.md §7.5).
@@ -33,8 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_elbo import closed_forms
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.errors import ConfigError
+from sparse_elbo.inference.fixed_point import FixedPointFit
 from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.initialisation import RandomDictionary
 from sparse_elbo.objectives import DataStatistics
@@ -43,6 +52,7 @@ from sparse_elbo.trainers.base import FAMILIES, OBJECTIVES, Capabilities, Sizes,
 from sparse_elbo.validation import require_at_least, require_one_of, require_positive
 
 STATISTICS = ("full", "batch")
+DICTIONARY_POSTERIORS = ("encoder", "refined")
 
 
 class StatisticsStore:
@@ -62,6 +72,17 @@ class StatisticsStore:
             r, t = problem.objective.batch_statistics(problem.x[index], problem.q(index), problem.model)
             self.residual[index], self.prior_statistic[index] = r, t
         self.residual_sum, self.prior_sum = self.residual.sum(), self.prior_statistic.sum(0)
+
+    def load(self, residual: torch.Tensor, prior_statistic: torch.Tensor) -> None:
+        """Rows saved by a checkpoint."""
+        self.residual.copy_(residual)
+        self.prior_statistic.copy_(prior_statistic)
+        self.residual_sum, self.prior_sum = self.residual.sum(), self.prior_statistic.sum(0)
+
+    def means(self) -> DataStatistics:
+        """The full-data means of the stored rows (no gradient)."""
+        n = self.residual.shape[0]
+        return DataStatistics(residual=self.residual_sum / n, prior_statistic=self.prior_sum / n)
 
     def statistics(self, index: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> DataStatistics:
         """Full-data means with the batch's rows replaced by ``r (B,), t (B,H)`` (which carry gradients):
@@ -84,13 +105,17 @@ class AdamState:
     shuffle_generator: torch.Generator  # the order of the data points in each epoch
     noise_generator: torch.Generator  # the sampled objective's noise
     store: StatisticsStore | None  # full-data σ²*, λ* statistics (entropy objective, statistics=full)
+    refined: StatisticsStore | None = None  # the same for the refined q (dictionary_posterior=refined)
 
     def state_dict(self) -> dict:
-        return {
+        saved = {
             "optimizer": self.optimizer.state_dict(),
             "shuffle_generator": self.shuffle_generator.get_state(),
             "noise_generator": self.noise_generator.get_state(),
         }
+        if self.refined is not None:
+            saved["refined_statistics"] = (self.refined.residual, self.refined.prior_statistic)
+        return saved
 
 
 class AdamTrainer(Trainer):
@@ -107,6 +132,8 @@ class AdamTrainer(Trainer):
         statistics_block_size: int = 16384,
         train_dictionary: bool = True,
         initialisation=None,
+        dictionary_posterior: str = "encoder",
+        refine_iterations: int = 10,
     ):
         require_at_least("trainer", 1, max_epochs=max_epochs, batch_size=batch_size, statistics_block_size=statistics_block_size)
         require_one_of("trainer.statistics", statistics, STATISTICS)
@@ -123,6 +150,15 @@ class AdamTrainer(Trainer):
         self.statistics_block_size = int(statistics_block_size)
         self.train_dictionary = bool(train_dictionary)
         self.initialisation = initialisation if initialisation is not None else RandomDictionary()
+        require_one_of("trainer.dictionary_posterior", dictionary_posterior, DICTIONARY_POSTERIORS)
+        require_at_least("trainer", 1, refine_iterations=refine_iterations)
+        self.refine_iterations = int(refine_iterations)
+        self.refined = dictionary_posterior == "refined"
+        if self.refined:
+            if statistics != "full":
+                raise ConfigError(f"trainer.dictionary_posterior=refined needs trainer.statistics=full, got {statistics!r}")
+            # the refined q maximise the unweighted entropy objective, starting from an encoder's output
+            self.capabilities = Capabilities(families=("amortized",), objectives=("entropy",), annealing=False)
 
     def start(self, problem: Problem, saved: dict | None) -> AdamState:
         device = problem.x.device
@@ -143,6 +179,12 @@ class AdamTrainer(Trainer):
             if self.statistics == "full" and not problem.objective.learns_noise_and_prior_scale
             else None,
         )
+        if self.refined:
+            state.refined = StatisticsStore(problem, self.statistics_block_size)
+            if saved is None:
+                state.refined.refresh()  # the encoder's statistics until each point is first refined
+            else:
+                state.refined.load(*saved["refined_statistics"])
         if saved is not None:
             state.optimizer.load_state_dict(saved["optimizer"])
             state.shuffle_generator.set_state(saved["shuffle_generator"].cpu())  # generator states live on the host
@@ -166,7 +208,29 @@ class AdamTrainer(Trainer):
             value = objective(x_batch, q, model, weights, generator=state.noise_generator, statistics=statistics)
             state.optimizer.zero_grad(set_to_none=True)
             (-value.weighted).backward()
+            if state.refined is not None:
+                self._refined_dictionary_gradient(x_batch, q, model, state.refined, index)
             state.optimizer.step()
+
+    @torch.no_grad()
+    def _refined_dictionary_gradient(self, x: torch.Tensor, q, model, refined: StatisticsStore, index: torch.Tensor) -> None:
+        """Replace W's gradient by the one at the batch's q refined per data point (semi-amortised): the
+        encoder's output, refined by ``refine_iterations`` fixed-point iterations at the refined posteriors'
+        own full-data ``σ²*, λ*`` (``refined``), gives ``∂F/∂W = (C - W S)/(B σ²)`` with ``C = Σ_n x_n μ_nᵀ``
+        (D,H), ``S = Σ_n (μ_n μ_nᵀ + Σ_n)`` (H,H) over the batch; the batch's rows of ``refined`` follow."""
+        W = model.W.detach()  # (D,H)
+        means = refined.means()
+        sigma2 = closed_forms.optimal_sigma2(means.residual, x.shape[1])
+        lam = closed_forms.optimal_lambda(means.prior_statistic)
+        fit = FixedPointFit.at_scales(x, W, model.prior, sigma2, lam, q.mean.detach(), q.variance.detach().sqrt())
+        for _ in range(self.refine_iterations):
+            fit.step(line_search_steps=30)
+        mean, covariance = fit.mean, fit.covariance  # (B,H), (B,H,H)
+        second_moment = mean.T @ mean + covariance.sum(0)
+        gradient = closed_forms.dictionary_gradient(x.T @ mean, second_moment, W, sigma2) / x.shape[0]
+        model.W_raw.grad = -model.raw_gradient(gradient)
+        residual = (x - mean @ W.T).pow(2).sum(-1) + (covariance * (W.T @ W)).sum((-2, -1))  # (B,)
+        refined.statistics(index, residual, model.prior.statistic(mean, torch.diagonal(covariance, dim1=-2, dim2=-1)))
 
     def working_memory(self, sizes: Sizes) -> int:
         """Parameters, gradients and Adam's two moments of every parameter."""
