@@ -208,7 +208,7 @@ class AdamTrainer(Trainer):
             value = objective(x_batch, q, model, weights, generator=state.noise_generator, statistics=statistics)
             state.optimizer.zero_grad(set_to_none=True)
             (-value.weighted).backward()
-            if state.refined is not None:
+            if state.refined is not None and self.train_dictionary:
                 self._refined_dictionary_gradient(x_batch, q, model, state.refined, index)
             state.optimizer.step()
 
