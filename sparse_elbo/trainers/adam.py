@@ -229,7 +229,7 @@ class AdamTrainer(Trainer):
         second_moment = mean.T @ mean + covariance.sum(0)
         gradient = closed_forms.dictionary_gradient(x.T @ mean, second_moment, W, sigma2) / x.shape[0]
         model.W_raw.grad = -model.raw_gradient(gradient)
-        residual = (x - mean @ W.T).pow(2).sum(-1) + (covariance * (W.T @ W)).sum((-2, -1))  # (B,)
+        residual = closed_forms.residual_energy(x, W, mean, (covariance * (W.T @ W)).sum((-2, -1)))  # (B,)
         refined.statistics(index, residual, model.prior.statistic(mean, torch.diagonal(covariance, dim1=-2, dim2=-1)))
 
     def working_memory(self, sizes: Sizes) -> int:
