@@ -20,8 +20,10 @@ is jointly concave in ``(μ_n, s_n)`` (``E|μ + sε|`` is convex, the quadratic 
    old scale;
 2. **means**: a Newton step ``μ ← μ + t δ`` at fixed ``s``: ``δ ≈ A⁻¹ g`` with ``g = (b - Gμ)/σ² - erf(r/√2)/λ``
    the gradient and ``A = G/σ² + diag(e/(s λ))`` the negated Hessian of ``F_n`` in ``μ`` (Price's theorem),
-   from ``cg_iterations`` of conjugate gradients preconditioned by ``A``'s diagonal — one (N,H)@(H,H)
-   product each, never an (N,H,H) array — and ``t`` halved per point until ``F_n`` rises (Armijo);
+   by conjugate gradients preconditioned by ``A``'s diagonal — one (N,H)@(H,H) product per iteration, never
+   an (N,H,H) array — run until every row's preconditioned residual is below ``cg_tolerance`` of its
+   gradient's (at most ``cg_iterations``; a fixed handful is too few where W's columns are correlated and
+   ``A`` ill-conditioned), and ``t`` halved per point until ``F_n`` rises (Armijo);
 3. ``σ², λ ← σ²*, λ*`` of the new ``q``.
 
 Truncated CG gives an ascent direction (``gᵀδ > 0``) for any number of iterations, so every step raises
@@ -62,7 +64,8 @@ class DiagonalNewtonFit:
         x: torch.Tensor,
         W: torch.Tensor,
         block_size: int = 16384,
-        cg_iterations: int = 4,
+        cg_iterations: int = 50,
+        cg_tolerance: float = 0.1,
         scale_steps: int = 3,
         line_search_steps: int = 30,
         mean: torch.Tensor | None = None,
@@ -70,6 +73,7 @@ class DiagonalNewtonFit:
     ):
         self.x, self.n_observed = x, x.shape[1]
         self.cg_iterations, self.scale_steps, self.line_search_steps = cg_iterations, scale_steps, line_search_steps
+        self.cg_tolerance = cg_tolerance
         self.set_dictionary(W)
         self.row_energy = x.pow(2).sum(-1)  # ||x_n||² (N,)
         self.blocks = [slice(start, start + block_size) for start in range(0, x.shape[0], block_size)]
@@ -132,7 +136,10 @@ class DiagonalNewtonFit:
         residual = gradient.clone()
         search = residual / diagonal
         rz = (residual * search).sum(-1, keepdim=True)  # (N,1)
-        for _ in range(self.cg_iterations):
+        target = self.cg_tolerance**2 * rz  # stop once every row's rᵀM⁻¹r is below η² gᵀM⁻¹g
+        for iteration in range(self.cg_iterations):
+            if iteration % 4 == 0 and not bool((rz > target).any()):
+                break
             gram_search = search @ self.gram
             product = gram_search / self.sigma2 + prior_curvature * search  # A p (N,H)
             curvature = (search * product).sum(-1, keepdim=True)
