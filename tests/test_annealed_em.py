@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_em import small_problem
 
-from sparse_elbo.annealing import AnnealingWeights, StepAnnealing
+from sparse_elbo.annealing import AnnealingWeights, NoAnnealing, StepAnnealing
+from sparse_elbo.data import make_bars
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.evaluation import evaluate_problem
 from sparse_elbo.images import make_image_patches
@@ -20,7 +21,7 @@ from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import fit
-from sparse_elbo.trainers.em import EMTrainer
+from sparse_elbo.trainers.em import POSTERIOR_RESTARTS, EMTrainer
 
 
 @pytest.mark.parametrize("prior_weight", [2.0, 4.0, 10.0])
@@ -101,3 +102,52 @@ def test_the_fixed_scale_is_the_mean_lambda_of_the_start_and_is_kept_on_resume()
 def test_an_unknown_annealed_prior_scale_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"trainer.annealed_prior_scale must be one of \['optimal', 'fixed'\], got 'free'"):
         EMTrainer(annealed_prior_scale="free")
+
+
+def problem_with_a_switched_off_bar():
+    """3x3 bars at the true dictionary with bar 0 switched off in every q (μ_·0 = 0, s_·0 = 10⁻⁶), as a
+    latent ends when λ*_0 has collapsed; the schedule's annealed epochs are over from epoch 5."""
+    problem = small_problem("diag", n_data=60, seed=1)
+    problem.annealing = StepAnnealing()
+    W_true = torch.as_tensor(make_bars(grid=3, n_data=60, noise=0.2, seed=1).W_true)
+    with torch.no_grad():
+        problem.model.set_dictionary(W_true / W_true.norm(dim=0))
+        problem.posterior.mean.copy_(torch.linalg.lstsq(problem.model.W, problem.x.T).solution.T)
+        problem.posterior.mean[:, 0] = 0.0
+        problem.posterior.log_std[:, 0] = math.log(1e-6)
+    return problem
+
+
+@pytest.mark.parametrize("restarts", ["never", "end_of_annealing"])
+def test_a_restart_after_annealing_brings_a_switched_off_latent_back(restarts):
+    problem = problem_with_a_switched_off_bar()
+    trainer = EMTrainer(em_iterations_per_epoch=5, e_step=EntropyEStep(), e_step_iterations=20, posterior_restarts=restarts)
+    trainer.train_epoch(problem, trainer.start(problem, {}), 5, problem.annealing(5))
+    lam = problem.model.lam.detach()
+    if restarts == "never":  # EM cannot revive it: its q is the prior, so λ*_0 = E|z_0| stays tiny
+        assert float(lam[0] / lam.max()) < 1e-3
+    else:
+        assert float(lam[0] / lam.max()) > 0.3
+
+
+def test_restarts_happen_from_the_end_of_annealing_on():
+    problem = problem_with_a_switched_off_bar()  # StepAnnealing: β_prior = 1 from epoch 5
+    epochs = {
+        restarts: [e for e in range(9) if EMTrainer(posterior_restarts=restarts).restarts_posteriors(problem, e)]
+        for restarts in POSTERIOR_RESTARTS
+    }
+    assert epochs == {"never": [], "end_of_annealing": [5], "every_epoch": [5, 6, 7, 8]}
+    problem.annealing = NoAnnealing()
+    epochs = {
+        restarts: [e for e in range(4) if EMTrainer(posterior_restarts=restarts).restarts_posteriors(problem, e)]
+        for restarts in POSTERIOR_RESTARTS
+    }
+    assert epochs == {"never": [], "end_of_annealing": [], "every_epoch": [1, 2, 3]}
+
+
+def test_an_unknown_posterior_restart_is_refused_by_name():
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.posterior_restarts must be one of \['never', 'end_of_annealing', 'every_epoch'\], got 'always'",
+    ):
+        EMTrainer(posterior_restarts="always")

@@ -42,7 +42,6 @@ def test_newton_fit_reaches_the_optimum_of_the_fixed_point_fit(seed):
     assert float(newton.value) == pytest.approx(float(reference.value), abs=1e-8)
 
 
-
 def test_an_ill_conditioned_dictionary_converges_in_few_iterations():
     """Correlated columns (cond(G) ≈ 800): CG must run to its tolerance, not a fixed handful of iterations
     (with 4 per iteration the fit is still 0.03 nats short after 30 iterations)."""
@@ -55,6 +54,7 @@ def test_an_ill_conditioned_dictionary_converges_in_few_iterations():
     for _ in range(30):
         fit.step()
     assert float(fit.value) == pytest.approx(float(reference.value), abs=1e-4)
+
 
 def test_every_iteration_raises_l_h_and_the_end_is_stationary():
     x, W = _sparse_data()

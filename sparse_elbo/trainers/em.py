@@ -29,6 +29,13 @@ log density of a Laplace prior of scale ``λ_0/β_prior``, so an annealed epoch 
 with every latent in use — and the true objective takes over once ``β_prior = 1``. ``optimal`` (the default)
 keeps ``λ = λ*`` throughout, the literal weighted objective.
 
+Restarts (``posterior_restarts``): ``end_of_annealing`` starts the first epoch with ``β_prior = 1`` from fresh
+posteriors, as a run starts (least-squares means of the current W, the posterior's initial scales);
+``every_epoch`` does so at every epoch from then on (without annealing: from epoch 1). The annealed epochs leave q fitted to a sparser model,
+and a latent whose λ*_h has shrunk towards 0 cannot come back in EM (its q is then the prior, so
+``λ*_h = E|z_h|`` stays small): the E-steps are partial, so where they start decides where they end. A restart
+lowers the ELBO for the first E-steps of its epoch; the epoch's EM iterations then refit q (docs/design.md §8).
+
 Stop rule: the relative change of the ELBO over an epoch below ``relative_tolerance`` (0: never), once
 the annealing weights are 1; or ``max_epochs``. With ``train_dictionary=false`` the M-step is left out:
 block coordinate ascent on the posteriors (and σ², λ) at a fixed dictionary — with the entropy E-step,
@@ -53,6 +60,7 @@ from sparse_elbo.trainers.convergence import StopRule
 from sparse_elbo.validation import require_at_least, require_one_of
 
 ANNEALED_PRIOR_SCALES = ("optimal", "fixed")
+POSTERIOR_RESTARTS = ("never", "end_of_annealing", "every_epoch")
 
 # On a CPU, blocks of 16,384 points keep every (block, H) temporary of the E-step below glibc's 32 MiB
 # mmap threshold, so freed buffers are reused instead of being returned to the kernel and page-faulted
@@ -92,6 +100,7 @@ class EMTrainer(Trainer):
         relative_tolerance: float = 0.0,
         train_dictionary: bool = True,
         annealed_prior_scale: str = "optimal",
+        posterior_restarts: str = "never",
     ):
         require_at_least(
             "trainer",
@@ -120,6 +129,8 @@ class EMTrainer(Trainer):
         self.train_dictionary = bool(train_dictionary)
         require_one_of("trainer.annealed_prior_scale", annealed_prior_scale, ANNEALED_PRIOR_SCALES)
         self.fixed_annealing_scale = annealed_prior_scale == "fixed"
+        require_one_of("trainer.posterior_restarts", posterior_restarts, POSTERIOR_RESTARTS)
+        self.posterior_restarts = posterior_restarts
 
     # ----------------------------------------------------------------------------------- the run
     def start(self, problem: Problem, saved: dict | None) -> EMState:
@@ -142,6 +153,8 @@ class EMTrainer(Trainer):
         return SufficientStatistics.of(problem.x[index], problem.q(index), problem.model.prior, problem.x.shape[0])
 
     def train_epoch(self, problem: Problem, state: EMState, epoch: int, weights: AnnealingWeights) -> None:
+        if self.restarts_posteriors(problem, epoch):
+            self.initialise_posteriors(problem)
         blocks = self._blocks(problem)
         statistics = [self._statistics(problem, index) for index in blocks]
         fixed_scale = state.annealing_scale if self.fixed_annealing_scale and weights.prior != 1.0 else None
@@ -212,6 +225,22 @@ class EMTrainer(Trainer):
         """The model's σ², λ ← the full-data optima σ²*, λ* of the current W and q."""
         sigma2, lam = statistics.noise_and_prior_scale(problem.model.W.detach(), problem.x.shape[1])
         problem.model.set_noise_and_prior_scale(sigma2.to(problem.x.dtype), lam.to(problem.x.dtype))
+
+    def restarts_posteriors(self, problem: Problem, epoch: int) -> bool:
+        """Whether ``epoch`` starts from fresh posteriors (``posterior_restarts``; module docstring): the first
+        epoch after annealing, or every epoch from then on (without annealing: every epoch after the first;
+        epoch 0 starts fresh anyway)."""
+        first_unannealed = problem.annealing.final_epoch()
+        if self.posterior_restarts == "never" or epoch == 0:
+            return False
+        return epoch == first_unannealed or (self.posterior_restarts == "every_epoch" and epoch > first_unannealed)
+
+    @torch.no_grad()
+    def initialise_posteriors(self, problem: Problem) -> None:
+        """Every q as at a run's start: the posterior's initial scales and the least-squares means."""
+        index = torch.arange(problem.x.shape[0], device=problem.x.device)
+        problem.posterior.reset_block(index)
+        self.initialise_means(problem)
 
     @torch.no_grad()
     def initialise_means(self, problem: Problem) -> None:
