@@ -29,12 +29,13 @@ log density of a Laplace prior of scale ``λ_0/β_prior``, so an annealed epoch 
 with every latent in use — and the true objective takes over once ``β_prior = 1``. ``optimal`` (the default)
 keeps ``λ = λ*`` throughout, the literal weighted objective.
 
-Restarts (``posterior_restarts``): ``end_of_annealing`` starts the first epoch with ``β_prior = 1`` from fresh
-posteriors, as a run starts (least-squares means of the current W, the posterior's initial scales);
-``every_epoch`` does so at every epoch from then on (without annealing: from epoch 1). The annealed epochs leave q fitted to a sparser model,
-and a latent whose λ*_h has shrunk towards 0 cannot come back in EM (its q is then the prior, so
-``λ*_h = E|z_h|`` stays small): the E-steps are partial, so where they start decides where they end. A restart
-lowers the ELBO for the first E-steps of its epoch; the epoch's EM iterations then refit q (docs/design.md §8).
+Restarts (``posterior_restarts``): ``end_of_annealing`` starts the first epoch with ``β_prior = 1`` from
+fresh posteriors, as a run starts (least-squares means of the current W, the posterior's initial scales);
+``every_epoch`` does so at every epoch from then on (without annealing: from epoch 1). The annealed epochs
+leave q fitted to a sparser model, and a latent whose λ*_h has shrunk towards 0 cannot come back in EM (its
+q is then the prior, so ``λ*_h = E|z_h|`` stays small): the E-steps are partial, so where they start decides
+where they end. A restart lowers the ELBO for the first E-steps of its epoch; the epoch's EM iterations then
+refit q (docs/design.md §8).
 
 Stop rule: the relative change of the ELBO over an epoch below ``relative_tolerance`` (0: never), once
 the annealing weights are 1; or ``max_epochs``. With ``train_dictionary=false`` the M-step is left out:
