@@ -138,7 +138,7 @@ class DiagonalNewtonFit:
         rz = (residual * search).sum(-1, keepdim=True)  # (N,1)
         target = self.cg_tolerance**2 * rz  # stop once every row's rᵀM⁻¹r is below η² gᵀM⁻¹g
         for iteration in range(self.cg_iterations):
-            if iteration % 4 == 0 and not bool((rz > target).any()):
+            if iteration > 0 and iteration % 4 == 0 and not bool((rz > target).any()):  # a host sync every 4
                 break
             gram_search = search @ self.gram
             product = gram_search / self.sigma2 + prior_curvature * search  # A p (N,H)
