@@ -6,7 +6,12 @@ The default trunk is the authors' ResNet-style MLP:
     h_{b+1} = h_b + Linear(B → Hid)(a(Linear(Hid → B)(a(h_b))))      B = block_width (default 3D)
     μ = Linear(Hid → H)(a(h)),   s = softplus(Linear(Hid → H)(a(h))) + std_floor
 
-with ``n_blocks`` residual blocks and activation ``a``. The covariance head is
+with ``n_blocks`` residual blocks and activation ``a``. With ``compute_dtype="bfloat16"`` the trunk and the
+mean and std heads run under ``torch.autocast`` (bfloat16 matrix products, float32 accumulation; the weights,
+their gradients and the optimiser's state stay in the data's dtype) and their outputs are cast back before
+the softplus, so every closed form of the objective sees the data's dtype. Where the hardware multiplies
+bfloat16 natively (CPUs with AVX512-BF16 or AMX, recent GPUs) this roughly triples the encoder's matrix
+rate; elsewhere it is slower than float32 (docs/design.md §5). The covariance head is
 
 - ``diag``:    ``Σ = diag(s²)``                                  -> ``DiagonalGaussian``
 - ``lowrank``: ``Σ = V Vᵀ + diag(s²)``, ``V = Linear(Hid → H·R)`` -> ``LowRankGaussian`` (entropy by the
@@ -31,6 +36,8 @@ from sparse_elbo.errors import ConfigError
 from sparse_elbo.gaussians import DiagonalGaussian, LowRankGaussian
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.validation import require_at_least, require_one_of
+
+COMPUTE_DTYPES = {None: None, "bfloat16": torch.bfloat16}
 
 
 class ResidualBlock(nn.Module):
@@ -127,9 +134,11 @@ class AmortizedPosterior(nn.Module):
         std_floor: float = 1e-3,
         init_std: float = 0.1,
         activation: nn.Module | None = None,
+        compute_dtype: str | None = None,
     ):
         super().__init__()
         require_one_of("posterior.covariance", covariance, tuple(COVARIANCES))
+        require_one_of("posterior.compute_dtype", compute_dtype, tuple(COMPUTE_DTYPES))
         hidden_width = 2 * n_observed if hidden_width is None else int(hidden_width)
         block_width = 3 * n_observed if block_width is None else int(block_width)
         require_at_least(
@@ -146,6 +155,7 @@ class AmortizedPosterior(nn.Module):
             raise ConfigError(f"posterior.init_std must be > posterior.std_floor={std_floor}, got {init_std}")
         self.n_observed, self.n_latents = int(n_observed), int(n_latents)
         self.covariance, self.rank, self.std_floor = covariance, int(rank), float(std_floor)
+        self.compute_dtype = COMPUTE_DTYPES[compute_dtype]
         self.activation = activation if activation is not None else nn.ReLU()
         self.input = nn.Linear(self.n_observed, hidden_width)
         self.blocks = nn.Sequential(*[ResidualBlock(hidden_width, block_width, self.activation) for _ in range(int(n_blocks))])
@@ -158,9 +168,11 @@ class AmortizedPosterior(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x (N,D)  ->  a Gaussian batch of N posteriors."""
-        h = self.activation(self.blocks(self.input(x)))  # (N,Hid)
-        mean = self.mean_head(h)  # (N,H)
-        std = F.softplus(self.std_head(h)) + self.std_floor  # (N,H)
+        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
+            h = self.activation(self.blocks(self.input(x)))  # (N,Hid)
+            mean, std_input = self.mean_head(h), self.std_head(h)  # (N,H), (N,H)
+        h, mean, std_input = h.to(x.dtype), mean.to(x.dtype), std_input.to(x.dtype)
+        std = F.softplus(std_input) + self.std_floor  # (N,H)
         return self.head.gaussian(mean, std, h)
 
     def q(self, x: torch.Tensor, index: torch.Tensor | None = None):

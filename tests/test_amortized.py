@@ -15,6 +15,7 @@ import sparse_elbo
 from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.data import make_bars, split_held_out
 from sparse_elbo.encoders import AmortizedPosterior
+from sparse_elbo.errors import ConfigError
 from sparse_elbo.evaluation import evaluate_problem
 from sparse_elbo.gaussians import LowRankGaussian
 from sparse_elbo.gradients import gradient_variance
@@ -123,6 +124,29 @@ def test_encoder_std_respects_the_floor_and_starts_near_init_std():
     assert encoder.input.out_features == 16 and encoder.blocks[0].expand.out_features == 24  # 2D, 3D
 
 
+@pytest.mark.parametrize("covariance", ["diag", "lowrank"])
+def test_bfloat16_encoder_keeps_the_data_dtype_and_stays_near_the_float32_encoder(covariance):
+    """Autocast changes the precision of the matrix products only: the same weights give the float32
+    posterior to bfloat16's relative precision (2⁻⁸ per product), in float32, with float32 gradients."""
+    torch.manual_seed(0)
+    exact = AmortizedPosterior(32, 5, covariance=covariance)
+    mixed = AmortizedPosterior(32, 5, covariance=covariance, compute_dtype="bfloat16")
+    mixed.load_state_dict(exact.state_dict())
+    x = torch.randn(64, 32)
+    q_exact, q_mixed = exact(x), mixed(x)
+    assert q_mixed.mean.dtype == q_mixed.variance.dtype == torch.float32
+    for a, b in [(q_mixed.mean, q_exact.mean), (q_mixed.variance, q_exact.variance)]:
+        error = float((a - b).detach().abs().max() / b.detach().abs().max())
+        assert 1e-5 < error < 3e-2  # bfloat16 rounding is there, and no larger than a few of its units
+    q_mixed.mean.sum().backward()
+    assert mixed.input.weight.grad.dtype == torch.float32 and mixed.input.weight.grad.abs().sum() > 0
+
+
+def test_unknown_compute_dtype_is_a_config_error():
+    with pytest.raises(ConfigError, match="posterior.compute_dtype"):
+        AmortizedPosterior(8, 3, compute_dtype="float8")
+
+
 # ------------------------------------------------------------------------------------- minibatch statistics
 
 
@@ -168,6 +192,24 @@ def test_gradient_variance_is_zero_for_the_analytic_objectives_and_falls_with_sa
     assert ten.total < one.total / 3  # ~1/K
 
 
+@pytest.mark.parametrize("every, refreshed", [(1, [0, 1, 2, 3]), (2, [0, 2]), (0, [0])])
+def test_statistics_are_refreshed_every_k_epochs_and_otherwise_carried_by_the_batches(monkeypatch, every, refreshed):
+    """Refreshes happen at epochs 0, k, 2k, … (only the first for k = 0); in between the batches replace their
+    rows, and the running sums stay the sums of the stored rows."""
+    cfg = sparse_elbo.compose([*TINY, f"trainer.statistics_refresh_every={every}"])
+    components = build(cfg)
+    problem, trainer = components.problem, components.trainer
+    state = trainer.start(problem, None)
+    calls, original = [], StatisticsStore.refresh
+    monkeypatch.setattr(StatisticsStore, "refresh", lambda store: (calls.append(epoch), original(store)))
+    for epoch in range(4):
+        trainer.train_epoch(problem, state, epoch, NoAnnealing()(epoch))
+    assert calls == refreshed
+    store = state.store
+    torch.testing.assert_close(store.residual_sum, store.residual.sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(store.prior_sum, store.prior_statistic.sum(0), rtol=1e-5, atol=0)
+
+
 # ------------------------------------------------------------------------------------- end to end
 
 
@@ -196,8 +238,13 @@ def test_adam_on_tiny_bars_raises_the_held_out_elbo_and_stores_held_out_metrics(
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["objective=sampled", "posterior=diag"], ["trainer.dictionary_posterior=refined"]],
-    ids=["amortized-entropy", "diag-sampled", "semi-amortized"],
+    [
+        [],
+        ["objective=sampled", "posterior=diag"],
+        ["trainer.dictionary_posterior=refined"],
+        ["trainer.statistics_refresh_every=2"],
+    ],
+    ids=["amortized-entropy", "diag-sampled", "semi-amortized", "refresh-every-2"],
 )
 def test_adam_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, extra):
     import sparse_elbo.runner.record as record

@@ -11,12 +11,15 @@ The entropy objective's ``σ²*, λ*`` are data-set averages (docs/design.md §3
 step estimates them:
 
 - ``full`` (default): the per-data-point statistics ``r_n = ||x_n - Wμ_n||² + tr(WᵀWΣ_n)`` and
-  ``t_nh = E|z_h|`` are stored for every data point (recomputed exactly at the start of each epoch, and
-  each batch's rows replaced by their new values as the epoch goes), so that ``σ²* = mean_n r_n / D`` and
+  ``t_nh = E|z_h|`` are stored for every data point (recomputed exactly at the start of every
+  ``statistics_refresh_every``-th epoch, and each batch's rows replaced by their new values as it
+  passes), so that ``σ²* = mean_n r_n / D`` and
   ``λ* = mean_n t_n`` are full-data values. The batch enters as
   ``S = S_full + (mean_B s - stopgrad(mean_B s))``: the value is the full-data statistic and the
   gradient the batch estimate of its gradient, so the step is the minibatch estimate of the gradient of
-  the full-data ``L_H`` (unbiased up to the staleness of other rows within the epoch).
+  the full-data ``L_H`` (unbiased up to the staleness of the other rows: at most one epoch when every
+  epoch starts with a refresh, at most one epoch plus the batches since the last pass without it —
+  the refresh is an encoder pass over all data, about a third of an epoch's matrix products).
 - ``batch``: ``σ²*, λ*`` from the minibatch alone — what the authors' code does (biased; kept for
   reproduction).
 
@@ -63,6 +66,7 @@ class StatisticsStore:
         n, H = problem.x.shape[0], problem.model.n_latents
         self.residual = problem.x.new_zeros(n)  # r (N,)
         self.prior_statistic = problem.x.new_zeros(n, H)  # t (N,H)
+        self.filled = False  # rows hold values (after a refresh or a load)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -72,12 +76,14 @@ class StatisticsStore:
             r, t = problem.objective.batch_statistics(problem.x[index], problem.q(index), problem.model)
             self.residual[index], self.prior_statistic[index] = r, t
         self.residual_sum, self.prior_sum = self.residual.sum(), self.prior_statistic.sum(0)
+        self.filled = True
 
     def load(self, residual: torch.Tensor, prior_statistic: torch.Tensor) -> None:
         """Rows saved by a checkpoint."""
         self.residual.copy_(residual)
         self.prior_statistic.copy_(prior_statistic)
         self.residual_sum, self.prior_sum = self.residual.sum(), self.prior_statistic.sum(0)
+        self.filled = True
 
     def means(self) -> DataStatistics:
         """The full-data means of the stored rows (no gradient)."""
@@ -106,6 +112,7 @@ class AdamState:
     noise_generator: torch.Generator  # the sampled objective's noise
     store: StatisticsStore | None  # full-data σ²*, λ* statistics (entropy objective, statistics=full)
     refined: StatisticsStore | None = None  # the same for the refined q (dictionary_posterior=refined)
+    save_statistics: bool = False  # checkpoints keep store's rows (when not every epoch refreshes them)
 
     def state_dict(self) -> dict:
         saved = {
@@ -113,6 +120,8 @@ class AdamState:
             "shuffle_generator": self.shuffle_generator.get_state(),
             "noise_generator": self.noise_generator.get_state(),
         }
+        if self.store is not None and self.save_statistics:
+            saved["statistics"] = (self.store.residual, self.store.prior_statistic)
         if self.refined is not None:
             saved["refined_statistics"] = (self.refined.residual, self.refined.prior_statistic)
         return saved
@@ -130,6 +139,7 @@ class AdamTrainer(Trainer):
         shuffle: bool = True,
         statistics: str = "full",
         statistics_block_size: int = 16384,
+        statistics_refresh_every: int = 1,
         train_dictionary: bool = True,
         initialisation=None,
         dictionary_posterior: str = "encoder",
@@ -137,6 +147,7 @@ class AdamTrainer(Trainer):
     ):
         require_at_least("trainer", 1, max_epochs=max_epochs, batch_size=batch_size, statistics_block_size=statistics_block_size)
         require_one_of("trainer.statistics", statistics, STATISTICS)
+        require_at_least("trainer", 0, statistics_refresh_every=statistics_refresh_every)
         require_positive("trainer", learning_rate=learning_rate)
         betas = tuple(float(b) for b in betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
@@ -148,6 +159,7 @@ class AdamTrainer(Trainer):
         self.shuffle = bool(shuffle)
         self.statistics = statistics
         self.statistics_block_size = int(statistics_block_size)
+        self.statistics_refresh_every = int(statistics_refresh_every)
         self.train_dictionary = bool(train_dictionary)
         self.initialisation = initialisation if initialisation is not None else RandomDictionary()
         require_one_of("trainer.dictionary_posterior", dictionary_posterior, DICTIONARY_POSTERIORS)
@@ -171,13 +183,15 @@ class AdamTrainer(Trainer):
                     problem.model.set_dictionary(start)
         params = problem.trainable_parameters(self.train_dictionary)
         state = AdamState(
-            torch.optim.Adam(params, lr=self.learning_rate, betas=self.betas),
+            # fused: one pass over each parameter array per step instead of one per arithmetic operation
+            torch.optim.Adam(params, lr=self.learning_rate, betas=self.betas, fused=True),
             torch.Generator(device=device).manual_seed(problem.seed),
             torch.Generator(device=device).manual_seed(problem.seed * 1_000_003 + 1),
             # the full-data store is only needed where the objective uses σ²*, λ* (the entropy objective)
             StatisticsStore(problem, self.statistics_block_size)
             if self.statistics == "full" and not problem.objective.learns_noise_and_prior_scale
             else None,
+            save_statistics=self.statistics_refresh_every != 1,
         )
         if self.refined:
             state.refined = StatisticsStore(problem, self.statistics_block_size)
@@ -186,6 +200,8 @@ class AdamTrainer(Trainer):
             else:
                 state.refined.load(*saved["refined_statistics"])
         if saved is not None:
+            if state.store is not None and "statistics" in saved:
+                state.store.load(*saved["statistics"])
             state.optimizer.load_state_dict(saved["optimizer"])
             state.shuffle_generator.set_state(saved["shuffle_generator"].cpu())  # generator states live on the host
             state.noise_generator.set_state(saved["noise_generator"].cpu())
@@ -198,7 +214,8 @@ class AdamTrainer(Trainer):
     def train_epoch(self, problem: Problem, state: AdamState, epoch: int, weights: AnnealingWeights) -> None:
         """One shuffled pass in minibatches; nothing in the loop reads a value back to the host."""
         x, model, objective, store = problem.x, problem.model, problem.objective, state.store
-        if store is not None:
+        every = self.statistics_refresh_every
+        if store is not None and (not store.filled or (every > 0 and epoch % every == 0)):
             store.refresh()
         for index in self._batches(x.shape[0], state.shuffle_generator, x.device):
             x_batch, q = x[index], problem.q(index)
