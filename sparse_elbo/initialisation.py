@@ -54,7 +54,7 @@ class SparseCodingDictionary:
         codes = x.new_zeros(n, H)  # S (N,H)
         for _ in range(self.iterations):
             codes = self._codes(x, W, codes, penalty)
-            usage = codes.abs().sum(0)  # (H,)
+            usage = torch.linalg.vector_norm(codes, 1, dim=0)  # Σ_n |s_nh| (H,)
             second_moment = codes.T @ codes  # Σ_n s_n s_nᵀ (H,H)
             ridge = 1e-10 * second_moment.diagonal().max().clamp_min(1.0)
             W = torch.linalg.solve(second_moment + ridge * torch.eye(H, dtype=x.dtype, device=x.device), codes.T @ x).T
@@ -66,19 +66,29 @@ class SparseCodingDictionary:
                 norms = W.norm(dim=0)
                 codes[:, unused] = 0.0
             W = W / norms
-            codes = codes * norms  # the same product W S at the new column scale
+            codes.mul_(norms)  # the same product W S at the new column scale (codes is this loop's own array)
         return W
 
     def _codes(self, x: torch.Tensor, W: torch.Tensor, codes: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-        """FISTA on ½||x_n - W s_n||² + α||s_n||₁ for every n, warm-started at ``codes`` (N,H)."""
-        gram = W.T @ W  # (H,H)
-        lipschitz = torch.linalg.eigvalsh(gram)[-1]
-        projection = x @ W  # (N,H)
-        momentum_point, previous, t = codes, codes, 1.0
+        """FISTA on ½||x_n - W s_n||² + α||s_n||₁ for every n, warm-started at ``codes`` (N,H).
+
+        A step from the momentum point m: ``z = m - (m G - Wᵀx)/L``, ``s = z - clamp(z, -α/L, α/L)`` (the
+        soft threshold), ``m = s + c (s - s_previous)``. Every (N,H) array is written in place into one of
+        four buffers: a step allocates nothing, where fresh arrays of this size cost the kernel a page
+        fault per page on every allocation."""
+        gram = W.T @ W  # G (H,H)
+        lipschitz = float(torch.linalg.eigvalsh(gram)[-1])  # L, read once per call (addmm takes a number)
+        threshold = penalty / lipschitz  # α/L ()
+        scaled_projection = (x @ W).div_(lipschitz)  # Wᵀx_n / L (N,H)
+        momentum_point, previous = codes.clone(), codes  # m, s_previous (N,H)
+        current, clamped = torch.empty_like(codes), torch.empty_like(codes)  # s, clamp(z) (N,H)
+        t = 1.0
         for _ in range(self.code_iterations):
-            z = momentum_point - (momentum_point @ gram - projection) / lipschitz
-            current = torch.sign(z) * (z.abs() - penalty / lipschitz).clamp_min(0.0)
+            torch.addmm(scaled_projection, momentum_point, gram, alpha=-1.0 / lipschitz, out=current).add_(momentum_point)
+            current.sub_(torch.clamp(current, -threshold, threshold, out=clamped))
             t_next = 0.5 * (1.0 + (1.0 + 4.0 * t * t) ** 0.5)
-            momentum_point = current + ((t - 1.0) / t_next) * (current - previous)
-            previous, t = current, t_next
+            torch.sub(current, previous, out=momentum_point).mul_((t - 1.0) / t_next).add_(current)
+            if previous is codes:  # the warm start is the caller's; from here on the buffers rotate
+                previous = torch.empty_like(codes)
+            previous, current, t = current, previous, t_next
         return previous
