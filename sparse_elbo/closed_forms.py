@@ -174,6 +174,12 @@ def expected_residual_from_projections(
     return x_energy - 2.0 * (projection * mean).sum() + ((mean @ gram) * mean).sum() + (covariance * gram).sum()
 
 
+def least_squares_codes(x: torch.Tensor, W: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """``μ_n = (WᵀW + εI)⁻¹ Wᵀ x_n``.  x (N,D), W (D,H)  ->  (N,H)"""
+    gram = W.T @ W + ridge * torch.eye(W.shape[1], dtype=W.dtype, device=W.device)  # (H,H)
+    return torch.linalg.solve(gram, W.T @ x.T).T
+
+
 def dictionary_gradient(cross: torch.Tensor, second_moment: torch.Tensor, W: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
     """``∂/∂W Σ_n E_qn[log p(x_n|z)] = (C - W S) / σ²`` with ``C = Σ_n x_n μ_nᵀ``, ``S = Σ_n (μ_n μ_nᵀ + Σ_n)``;
     at ``σ² = σ²*`` also ``∂(N L_H)/∂W`` for fixed q (only σ²* depends on W). Zero at ``W* = C S⁻¹``.

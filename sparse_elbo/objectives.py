@@ -188,17 +188,26 @@ class EntropyELBO:
         gradients.update({named[name]: grad for name, grad in grads.items()})
         return value, gradients
 
-    def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
+    def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None, prior_scale=None):
         if statistics is None:
             residual, prior_stat = self.batch_statistics(x, q, model)
             statistics = DataStatistics(residual.mean(), prior_stat.mean(0))
-        return self.from_statistics(q.entropy().mean(), statistics, x.shape[-1], model.prior, weights)
+        return self.from_statistics(q.entropy().mean(), statistics, x.shape[-1], model.prior, weights, prior_scale)
 
     @staticmethod
     def from_statistics(
-        posterior_entropy: torch.Tensor, statistics: DataStatistics, n_observed: int, prior, weights=UNIT_WEIGHTS
+        posterior_entropy: torch.Tensor,
+        statistics: DataStatistics,
+        n_observed: int,
+        prior,
+        weights=UNIT_WEIGHTS,
+        prior_scale: torch.Tensor | None = None,
     ) -> ObjectiveValue:
-        """``L_H`` from the mean posterior entropy and the data means behind ``σ²*`` and ``λ*``."""
+        """``L_H`` from the mean posterior entropy and the data means behind ``σ²*`` and ``λ*``.
+
+        ``prior_scale`` (fixed-scale annealing, docs/design.md §8): the weighted value's prior term is the
+        cross-entropy ``-mean_n E_qn[log p(z; λ_0)]`` at that fixed scale instead of ``H[p(z; λ*)]`` (the two
+        agree at ``λ_0 = λ*``), so that ``β_prior > 1`` weights a bounded term; ``elbo`` stays ``L_H``."""
         sigma2 = closed_forms.optimal_sigma2(statistics.residual, n_observed)  # σ²*
         lam = closed_forms.optimal_lambda(statistics.prior_statistic)  # λ*
         terms = {
@@ -207,9 +216,12 @@ class EntropyELBO:
             "likelihood_entropy": closed_forms.gaussian_noise_entropy(sigma2, n_observed),
         }
         entropies = tuple(terms.values())
+        weighted_terms = entropies
+        if prior_scale is not None:
+            weighted_terms = (posterior_entropy, prior.cross_entropy(statistics.prior_statistic, prior_scale), entropies[2])
         return ObjectiveValue(
             elbo=closed_forms.entropy_elbo(*entropies),
-            weighted=closed_forms.entropy_elbo(*entropies, (weights.entropy, weights.prior, weights.likelihood)),
+            weighted=closed_forms.entropy_elbo(*weighted_terms, (weights.entropy, weights.prior, weights.likelihood)),
             terms=terms,
             sigma2=sigma2,
             lam=lam,

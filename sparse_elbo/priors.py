@@ -2,7 +2,8 @@
 
 Each prior gives, for a Gaussian ``q``: the per-latent sufficient statistic ``t_nh`` whose data
 mean is the optimal scale (``λ_h* = (1/N) Σ_n t_nh``), ``E_q[log p(z)]`` at a scale, the prior's
-entropy at a scale, and ``log p(z)`` for Monte Carlo; and, for the closed-form gradient of the entropy
+entropy at a scale, the cross-entropy ``-mean_n E_qn[log p(z; λ)]`` at a scale from the mean statistic,
+and ``log p(z)`` for Monte Carlo; and, for the closed-form gradient of the entropy
 ELBO and the fixed-point posterior fit, ``statistic_and_derivatives(μ, s) = (t, g, c)``: the statistic
 together with the expected gradient ``E_q[∂ log p/∂z_h] = g_h / λ_h`` and the expected curvature
 ``E_q[-∂² log p/∂z_h²] = c_h / λ_h`` (both priors' derivatives scale as 1/λ), computed from shared
@@ -32,6 +33,11 @@ class LaplacePrior:
 
     def entropy(self, scale: torch.Tensor) -> torch.Tensor:
         return closed_forms.laplace_entropy(scale)
+
+    def cross_entropy(self, statistic: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``-mean_n E_qn[log p(z; λ)] = Σ_h [log(2λ_h) + t̄_h/λ_h]`` from the mean statistic ``t̄ (...,H)``
+        (linear in it); at ``λ = t̄ = λ*`` it is the entropy."""
+        return -closed_forms.expected_log_laplace_prior(statistic, scale)
 
     def statistic_and_derivatives(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``t = E|z_h|``, ``g = λ E_q[-sign(z_h)/λ] = -erf(μ_h / (√2 s_h))``,
@@ -65,6 +71,10 @@ class GaussianPrior:
 
     def entropy(self, scale: torch.Tensor) -> torch.Tensor:
         return 0.5 * (math.log(2.0 * math.pi * math.e) + torch.log(scale)).sum(-1)
+
+    def cross_entropy(self, statistic: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``-mean_n E_qn[log p(z; λ)] = ½ Σ_h [log(2πλ_h) + t̄_h/λ_h]`` from the mean statistic ``t̄ (...,H)``."""
+        return 0.5 * (math.log(2.0 * math.pi) + torch.log(scale) + statistic / scale).sum(-1)
 
     def statistic_and_derivatives(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``t = μ_h² + s_h²``, ``g = λ E_q[-z_h/λ] = -μ_h``, ``c = λ · (1/λ) = 1`` whatever q  (N,H) each"""

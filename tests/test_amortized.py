@@ -210,6 +210,36 @@ def test_statistics_are_refreshed_every_k_epochs_and_otherwise_carried_by_the_ba
     torch.testing.assert_close(store.prior_sum, store.prior_statistic.sum(0), rtol=1e-5, atol=0)
 
 
+def test_fixed_scale_annealing_holds_the_mean_least_squares_statistic_while_the_prior_weight_is_above_one(monkeypatch):
+    """λ_0 is the mean |μ| of the least-squares codes of the start, and the entropy objective gets it (H,) in
+    the annealed epochs only."""
+    cfg = sparse_elbo.compose(
+        [*TINY, "annealing=prior", "annealing.start=2", "annealing.step=1", "trainer.annealed_prior_scale=fixed"]
+    )
+    components = build(cfg)
+    problem, trainer = components.problem, components.trainer
+    state = trainer.start(problem, None)
+    W = problem.model.W.detach()
+    codes = torch.linalg.solve(W.T @ W + 1e-3 * torch.eye(W.shape[1], dtype=W.dtype), W.T @ problem.x.T)
+    assert state.annealing_scale == pytest.approx(float(codes.abs().mean()), rel=1e-5)
+    seen, original = [], EntropyELBO.__call__
+    monkeypatch.setattr(
+        EntropyELBO, "__call__", lambda self, *a, **k: (seen.append(k.get("prior_scale")), original(self, *a, **k))[1]
+    )
+    for epoch in range(2):  # β_prior = 2, then 1
+        trainer.train_epoch(problem, state, epoch, problem.annealing(epoch))
+    batches = len(seen) // 2
+    assert all(torch.equal(scale, torch.full_like(scale, state.annealing_scale)) for scale in seen[:batches])
+    assert all(scale is None for scale in seen[batches:])
+
+
+def test_fixed_scale_annealing_needs_the_entropy_objective():
+    cfg = sparse_elbo.compose([*TINY, "objective=analytic", "trainer.annealed_prior_scale=fixed"])
+    components = build(cfg)
+    with pytest.raises(ConfigError, match="trainer.annealed_prior_scale=fixed needs objective=entropy"):
+        components.trainer.start(components.problem, None)
+
+
 # ------------------------------------------------------------------------------------- end to end
 
 
@@ -243,8 +273,9 @@ def test_adam_on_tiny_bars_raises_the_held_out_elbo_and_stores_held_out_metrics(
         ["objective=sampled", "posterior=diag"],
         ["trainer.dictionary_posterior=refined"],
         ["trainer.statistics_refresh_every=2"],
+        ["annealing=prior", "annealing.start=2", "annealing.step=0.25", "trainer.annealed_prior_scale=fixed"],
     ],
-    ids=["amortized-entropy", "diag-sampled", "semi-amortized", "refresh-every-2"],
+    ids=["amortized-entropy", "diag-sampled", "semi-amortized", "refresh-every-2", "fixed-scale-annealing"],
 )
 def test_adam_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, extra):
     import sparse_elbo.runner.record as record

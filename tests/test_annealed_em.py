@@ -47,6 +47,31 @@ def test_a_prior_weight_above_one_rewards_shrinking_a_switched_off_latent_withou
         assert b - a == pytest.approx(-math.log(10.0), abs=1e-2)
 
 
+@pytest.mark.parametrize("prior_weight", [2.0, 10.0])
+def test_the_entropy_objective_at_a_fixed_prior_scale_is_bounded_and_agrees_at_the_optimal_scale(prior_weight):
+    """``prior_scale`` (the Adam trainer's fixed-scale annealing): shrinking a switched-off latent's s by 10 now
+    costs log 10 less the prior's small gain, as under the analytic ELBO; at ``λ_0 = λ*`` the weighted value is the literal one, and
+    the unweighted ``elbo`` is ``L_H`` whatever the scale."""
+    problem = small_problem("diag", n_data=30, seed=2)
+    weights, objective = AnnealingWeights(prior=prior_weight), EntropyELBO()
+    lam_0 = torch.full((problem.model.n_latents,), 0.5, dtype=torch.float64)
+    values, scales = [], (1e-3, 1e-4, 1e-5)
+    for s in scales:
+        with torch.no_grad():
+            problem.posterior.mean[:, 0] = 0.0
+            problem.posterior.log_std[:, 0] = math.log(s)
+            q = problem.posterior()
+            value = objective(problem.x, q, problem.model, weights, prior_scale=lam_0)
+            literal = objective(problem.x, q, problem.model, weights)
+            at_optimum = objective(problem.x, q, problem.model, weights, prior_scale=literal.lam)
+        values.append(float(value.weighted))
+        assert float(value.elbo) == float(literal.elbo)
+        assert float(at_optimum.weighted) == pytest.approx(float(literal.weighted), rel=1e-12)
+    for (s_a, a), (s_b, b) in zip(zip(scales, values), zip(scales[1:], values[1:])):
+        # the entropy's -log 10, and the prior's β E|z_0|/λ_0 = β s √(2/π)/0.5 falling with s (σ²*'s share ~s²)
+        assert b - a == pytest.approx(-math.log(10.0) + prior_weight * math.sqrt(2 / math.pi) * (s_a - s_b) / 0.5, abs=1e-5)
+
+
 def patch_problem(seed=0):
     dataset = make_image_patches(patch_size=8, n_patches=2000, seed=seed)
     x = torch.as_tensor(dataset.x, dtype=torch.float64)

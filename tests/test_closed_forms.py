@@ -324,6 +324,22 @@ def test_expected_log_laplace_prior_matches_quadrature(prior_problem):
     torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["laplace", "gaussian"])
+def test_prior_cross_entropy_matches_monte_carlo_and_is_the_entropy_at_the_optimal_scale(prior_problem, name):
+    """``-mean_n E_qn[log p(z; λ)]`` from the mean statistic alone, against samples of every q_n scored by
+    torch.distributions; at λ = t̄ (= λ*) it equals the prior's entropy."""
+    from sparse_elbo.priors import GaussianPrior, LaplacePrior
+
+    prior = {"laplace": LaplacePrior(), "gaussian": GaussianPrior()}[name]
+    mean, std, lam = prior_problem
+    z = Normal(mean, std).sample((100_000,))  # (K,N,H)
+    reference = Laplace(torch.zeros_like(lam), lam) if name == "laplace" else Normal(torch.zeros_like(lam), lam.sqrt())
+    estimate, se = _mc_mean_and_se(-reference.log_prob(z).sum(-1).mean(-1))  # (K,) -> mean over n, then samples
+    statistic = prior.statistic(mean, std**2).mean(0)  # t̄ (H,)
+    _assert_within_standard_errors(estimate, se, prior.cross_entropy(statistic, lam))
+    torch.testing.assert_close(prior.cross_entropy(statistic, statistic), prior.entropy(statistic), rtol=1e-12, atol=1e-12)
+
+
 def test_expected_log_gaussian_prior_matches_monte_carlo(prior_problem):
     mean, std, lam = prior_problem  # lam is the prior variance here
     K = 100_000

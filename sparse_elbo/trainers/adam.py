@@ -25,6 +25,12 @@ step estimates them:
 
 Whatever the estimator, the values reported after each epoch are the exact full-data ones.
 
+``annealed_prior_scale`` (entropy objective): ``optimal`` (default) weights ``H[p(z; λ*)]`` by ``β_prior``, an
+objective without a maximum while ``β_prior > 1`` (docs/design.md §8: every latent switches off); ``fixed``
+weights instead the cross-entropy ``-mean_n E_qn[log p(z; λ_0)]`` at one shared scale ``λ_0`` — the mean
+statistic of the least-squares codes of the starting dictionary — while ``β_prior > 1``, as the EM's
+fixed-scale annealing does: a sparser prior of scale ``λ_0/β_prior``, bounded, with every latent in use.
+
 ``dictionary_posterior``: which q gives W's gradient. ``encoder`` (default): the encoder's output, as in the
 authors' code. ``refined`` (semi-amortised; amortised posteriors, the entropy objective, no annealing): each
 batch's output refined per data point — full covariances, ``refine_iterations`` fixed-point iterations
@@ -52,6 +58,7 @@ from sparse_elbo.initialisation import RandomDictionary
 from sparse_elbo.objectives import DataStatistics
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import FAMILIES, OBJECTIVES, Capabilities, Sizes, Trainer
+from sparse_elbo.trainers.em import ANNEALED_PRIOR_SCALES
 from sparse_elbo.validation import require_at_least, require_one_of, require_positive
 
 STATISTICS = ("full", "batch")
@@ -113,12 +120,14 @@ class AdamState:
     store: StatisticsStore | None  # full-data σ²*, λ* statistics (entropy objective, statistics=full)
     refined: StatisticsStore | None = None  # the same for the refined q (dictionary_posterior=refined)
     save_statistics: bool = False  # checkpoints keep store's rows (when not every epoch refreshes them)
+    annealing_scale: float | None = None  # λ_0 of the annealed epochs (annealed_prior_scale=fixed)
 
     def state_dict(self) -> dict:
         saved = {
             "optimizer": self.optimizer.state_dict(),
             "shuffle_generator": self.shuffle_generator.get_state(),
             "noise_generator": self.noise_generator.get_state(),
+            "annealing_scale": self.annealing_scale,
         }
         if self.store is not None and self.save_statistics:
             saved["statistics"] = (self.store.residual, self.store.prior_statistic)
@@ -144,6 +153,7 @@ class AdamTrainer(Trainer):
         initialisation=None,
         dictionary_posterior: str = "encoder",
         refine_iterations: int = 10,
+        annealed_prior_scale: str = "optimal",
     ):
         require_at_least("trainer", 1, max_epochs=max_epochs, batch_size=batch_size, statistics_block_size=statistics_block_size)
         require_one_of("trainer.statistics", statistics, STATISTICS)
@@ -165,6 +175,8 @@ class AdamTrainer(Trainer):
         require_one_of("trainer.dictionary_posterior", dictionary_posterior, DICTIONARY_POSTERIORS)
         require_at_least("trainer", 1, refine_iterations=refine_iterations)
         self.refine_iterations = int(refine_iterations)
+        require_one_of("trainer.annealed_prior_scale", annealed_prior_scale, ANNEALED_PRIOR_SCALES)
+        self.fixed_annealing_scale = annealed_prior_scale == "fixed"
         self.refined = dictionary_posterior == "refined"
         if self.refined:
             if statistics != "full":
@@ -199,6 +211,8 @@ class AdamTrainer(Trainer):
                 state.refined.refresh()  # the encoder's statistics until each point is first refined
             else:
                 state.refined.load(*saved["refined_statistics"])
+        if self.fixed_annealing_scale:
+            state.annealing_scale = saved["annealing_scale"] if saved is not None else self._annealing_scale(problem)
         if saved is not None:
             if state.store is not None and "statistics" in saved:
                 state.store.load(*saved["statistics"])
@@ -206,6 +220,17 @@ class AdamTrainer(Trainer):
             state.shuffle_generator.set_state(saved["shuffle_generator"].cpu())  # generator states live on the host
             state.noise_generator.set_state(saved["noise_generator"].cpu())
         return state
+
+    def _annealing_scale(self, problem: Problem) -> float:
+        """λ_0: the mean prior statistic of the least-squares codes ``(WᵀW + εI)⁻¹Wᵀx_n`` of the starting W
+        (the statistic of a point mass at μ, ``|μ|^degree``)."""
+        if problem.objective.name != "entropy":
+            raise ConfigError(f"trainer.annealed_prior_scale=fixed needs objective=entropy, got {problem.objective.name!r}")
+        W, total = problem.model.W.detach(), 0.0
+        for index in data_blocks(problem.x.shape[0], self.statistics_block_size, problem.x.device):
+            codes = closed_forms.least_squares_codes(problem.x[index], W)  # (B,H)
+            total += float(codes.abs().pow(problem.model.prior.statistic_degree).sum())
+        return total / (problem.x.shape[0] * problem.model.n_latents)
 
     def _batches(self, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, ...]:
         order = torch.randperm(n, generator=generator, device=device) if self.shuffle else torch.arange(n, device=device)
@@ -217,12 +242,15 @@ class AdamTrainer(Trainer):
         every = self.statistics_refresh_every
         if store is not None and (not store.filled or (every > 0 and epoch % every == 0)):
             store.refresh()
+        fixed = {}  # the entropy objective's prior term at λ_0 while β_prior > 1 (annealed_prior_scale=fixed)
+        if state.annealing_scale is not None and weights.prior != 1.0:
+            fixed["prior_scale"] = x.new_full((model.n_latents,), state.annealing_scale)
         for index in self._batches(x.shape[0], state.shuffle_generator, x.device):
             x_batch, q = x[index], problem.q(index)
             statistics = None
             if store is not None:
                 statistics = store.statistics(index, *objective.batch_statistics(x_batch, q, model))
-            value = objective(x_batch, q, model, weights, generator=state.noise_generator, statistics=statistics)
+            value = objective(x_batch, q, model, weights, generator=state.noise_generator, statistics=statistics, **fixed)
             state.optimizer.zero_grad(set_to_none=True)
             (-value.weighted).backward()
             if state.refined is not None and self.train_dictionary:

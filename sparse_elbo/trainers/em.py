@@ -247,8 +247,7 @@ class EMTrainer(Trainer):
     def initialise_means(self, problem: Problem) -> None:
         """``μ_n = (WᵀW + εI)⁻¹ Wᵀ x_n`` (ε = 1e-3) for the initial W (module docstring)."""
         W = problem.model.W  # (D,H)
-        gram = W.T @ W + 1e-3 * torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
         for index in data_blocks(problem.x.shape[0], block_size(problem.x, self.e_step_block_size), problem.x.device):
             block = problem.posterior.block_parameters(index)
-            block["mean"] = torch.linalg.solve(gram, W.T @ problem.x[index].T).T
+            block["mean"] = closed_forms.least_squares_codes(problem.x[index], W)
             problem.posterior.write_block(index, block)
