@@ -177,6 +177,8 @@ class AdamTrainer(Trainer):
         self.refine_iterations = int(refine_iterations)
         require_one_of("trainer.annealed_prior_scale", annealed_prior_scale, ANNEALED_PRIOR_SCALES)
         self.fixed_annealing_scale = annealed_prior_scale == "fixed"
+        if self.fixed_annealing_scale:  # the fixed scale replaces the entropy objective's H[p(z; λ*)]
+            self.capabilities = Capabilities(families=FAMILIES, objectives=("entropy",), annealing=True)
         self.refined = dictionary_posterior == "refined"
         if self.refined:
             if statistics != "full":
@@ -211,8 +213,9 @@ class AdamTrainer(Trainer):
                 state.refined.refresh()  # the encoder's statistics until each point is first refined
             else:
                 state.refined.load(*saved["refined_statistics"])
-        if self.fixed_annealing_scale:
-            state.annealing_scale = saved["annealing_scale"] if saved is not None else self._annealing_scale(problem)
+        if self.fixed_annealing_scale:  # λ_0 of the run (or, resuming a run saved without it, of the current W)
+            kept = None if saved is None else saved.get("annealing_scale")
+            state.annealing_scale = kept if kept is not None else self._annealing_scale(problem)
         if saved is not None:
             if state.store is not None and "statistics" in saved:
                 state.store.load(*saved["statistics"])
@@ -224,8 +227,6 @@ class AdamTrainer(Trainer):
     def _annealing_scale(self, problem: Problem) -> float:
         """λ_0: the mean prior statistic of the least-squares codes ``(WᵀW + εI)⁻¹Wᵀx_n`` of the starting W
         (the statistic of a point mass at μ, ``|μ|^degree``)."""
-        if problem.objective.name != "entropy":
-            raise ConfigError(f"trainer.annealed_prior_scale=fixed needs objective=entropy, got {problem.objective.name!r}")
         W, total = problem.model.W.detach(), 0.0
         for index in data_blocks(problem.x.shape[0], self.statistics_block_size, problem.x.device):
             codes = closed_forms.least_squares_codes(problem.x[index], W)  # (B,H)
