@@ -27,10 +27,11 @@ import sparse_elbo
 from sparse_elbo.evaluation import evaluate_problem, fit_at_dictionary
 from sparse_elbo.inference.diagonal_newton import DiagonalNewtonFit
 from sparse_elbo.inference.e_step import EntropyEStep
+from sparse_elbo.inference.statistics import block_size
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.priors import LaplacePrior
 from sparse_elbo.runner.build import build
-from sparse_elbo.trainers.em import EMTrainer, block_size
+from sparse_elbo.trainers.em import EMTrainer
 
 
 def dictionary(path: str | None, initial: torch.Tensor) -> torch.Tensor:

@@ -27,14 +27,25 @@ def exact_objective(objective):
     return AnalyticELBO() if objective.learns_noise_and_prior_scale else EntropyELBO()
 
 
+def _blocks(problem: Problem, points: torch.Tensor | None, block_size: int) -> list[torch.Tensor]:
+    """``points`` (all data points when None) in blocks of ``block_size``."""
+    if points is None:
+        return data_blocks(problem.x.shape[0], block_size, problem.x.device)
+    return list(torch.split(points, block_size))
+
+
 @torch.no_grad()
-def full_data_statistics(problem: Problem, block_size: int = 16384) -> tuple[DataStatistics, torch.Tensor]:
-    """The full-data means behind ``σ²* = residual / D`` and ``λ* = prior_statistic``, and the mean
-    posterior entropy, accumulated over blocks of data points so that memory stays bounded."""
-    x, model, n = problem.x, problem.model, problem.x.shape[0]
+def full_data_statistics(
+    problem: Problem, block_size: int = 16384, points: torch.Tensor | None = None
+) -> tuple[DataStatistics, torch.Tensor]:
+    """The means over the data points ``points`` (all when None) behind ``σ²* = residual / D`` and
+    ``λ* = prior_statistic``, and the mean posterior entropy, accumulated over blocks of data points so that
+    memory stays bounded."""
+    x, model = problem.x, problem.model
+    n = x.shape[0] if points is None else len(points)
     entropy_objective = EntropyELBO()
     residual, prior_stat, entropy = x.new_zeros(()), x.new_zeros(model.n_latents), x.new_zeros(())
-    for index in data_blocks(n, block_size, x.device):
+    for index in _blocks(problem, points, block_size):
         q = problem.q(index)
         r, t = entropy_objective.batch_statistics(x[index], q, model)  # (B,), (B,H)
         residual, prior_stat, entropy = residual + r.sum(), prior_stat + t.sum(0), entropy + q.entropy().sum()
@@ -42,18 +53,20 @@ def full_data_statistics(problem: Problem, block_size: int = 16384) -> tuple[Dat
 
 
 @torch.no_grad()
-def evaluate_problem(problem: Problem, weights, block_size: int = 16384) -> ObjectiveValue:
-    """Exact full-data objective, accumulated over blocks of data points so that memory stays bounded;
-    ``weighted`` uses ``weights``, ``elbo`` never does."""
+def evaluate_problem(problem: Problem, weights, block_size: int = 16384, points: torch.Tensor | None = None) -> ObjectiveValue:
+    """Exact objective over the data points ``points`` (all when None: the full-data objective), accumulated
+    over blocks of data points so that memory stays bounded; ``weighted`` uses ``weights``, ``elbo`` never
+    does."""
     objective = exact_objective(problem.objective)
-    x, model, n = problem.x, problem.model, problem.x.shape[0]
+    x, model = problem.x, problem.model
+    n = x.shape[0] if points is None else len(points)
     if n <= block_size:
-        return objective(x, problem.q(), model, weights)
+        return objective(x if points is None else x[points], problem.q(points), model, weights)
     if isinstance(objective, EntropyELBO):
-        statistics, mean_entropy = full_data_statistics(problem, block_size)
+        statistics, mean_entropy = full_data_statistics(problem, block_size, points)
         return EntropyELBO.from_statistics(mean_entropy, statistics, x.shape[1], model.prior, weights)
     values = [
-        (len(index), objective(x[index], problem.q(index), model, weights)) for index in data_blocks(n, block_size, x.device)
+        (len(index), objective(x[index], problem.q(index), model, weights)) for index in _blocks(problem, points, block_size)
     ]
     terms = {name: sum(m * v.terms[name] for m, v in values) / n for name in values[0][1].terms}
     return ObjectiveValue(
@@ -66,10 +79,16 @@ def evaluate_problem(problem: Problem, weights, block_size: int = 16384) -> Obje
 
 
 @torch.no_grad()
-def sparseness(problem: Problem, n_samples: int = 10, max_data_points: int = 10000) -> tuple[float, float]:
-    """Gini of |z| over ``n_samples`` posterior samples of (at most) the first ``max_data_points`` points."""
+def sparseness(
+    problem: Problem, n_samples: int = 10, max_data_points: int = 10000, points: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """Gini of |z| over ``n_samples`` posterior samples of (at most) the first ``max_data_points`` points (of
+    ``points``, when given)."""
     generator = torch.Generator(device=problem.x.device).manual_seed(problem.seed + 7)
-    index = torch.arange(min(problem.x.shape[0], max_data_points), device=problem.x.device)
+    if points is None:
+        index = torch.arange(min(problem.x.shape[0], max_data_points), device=problem.x.device)
+    else:
+        index = points[:max_data_points]
     return metrics.posterior_sample_gini(problem.q(index), n_samples, generator)
 
 

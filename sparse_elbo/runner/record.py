@@ -19,10 +19,12 @@ from sparse_elbo.runner.build import Components
 def metric_row(cfg: DictConfig, components: Components, epoch: int, weights, train_time: float) -> tuple[dict, ObjectiveValue]:
     """The evaluation of one epoch: the exact unweighted objective and its terms, σ², λ, the weights,
     Gini, wall time; where they apply the held-out encoder ELBO, the gradient variance, field recovery
-    (data with a generating dictionary) and localisation (image patches)."""
+    (data with a generating dictionary) and localisation (image patches). Over all data points, or over the
+    points whose posteriors the epoch fitted when the trainer works on a subset per epoch."""
     problem, dataset, evaluation = components.problem, components.dataset, cfg.evaluation
-    value = evaluate_problem(problem, weights)
-    gini_mean, gini_std = sparseness(problem, evaluation.gini_samples, evaluation.gini_data_points)
+    points = components.trainer.evaluated_points(problem, epoch)
+    value = evaluate_problem(problem, weights, points=points)
+    gini_mean, gini_std = sparseness(problem, evaluation.gini_samples, evaluation.gini_data_points, points)
     row = {
         "epoch": epoch,
         "elbo": value.elbo,

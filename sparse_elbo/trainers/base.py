@@ -110,6 +110,11 @@ class Trainer(ABC):
     def restart(self, state: TrainerState) -> None:
         """Empty the optimiser's memory after an epoch without progress (stop rule)."""
 
+    def evaluated_points(self, problem: Problem, epoch: int) -> torch.Tensor | None:
+        """The data points (indices) whose posteriors ``epoch`` fitted, when it fitted only some (a trainer
+        that works on a subset per epoch): that epoch's record covers these. None: all of them."""
+        return None
+
 
 @dataclass
 class Stopwatch:

@@ -46,7 +46,7 @@ block coordinate ascent on the posteriors (and σ², λ) at a fixed dictionary �
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,34 +54,24 @@ from sparse_elbo import closed_forms
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.inference.e_step import AnalyticEStep, BlockContext, BlockLBFGS, EStepObjective
-from sparse_elbo.inference.statistics import SufficientStatistics, data_blocks, total
+from sparse_elbo.inference.statistics import CPU_BLOCK_SIZE, SufficientStatistics, block_size, total
 from sparse_elbo.problem import Problem
-from sparse_elbo.trainers.base import Capabilities, Sizes, Trainer
+from sparse_elbo.trainers.base import Capabilities, NoState, Sizes, Trainer
 from sparse_elbo.trainers.convergence import StopRule
+from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer
 from sparse_elbo.validation import require_at_least, require_one_of
 
 ANNEALED_PRIOR_SCALES = ("optimal", "fixed")
 POSTERIOR_RESTARTS = ("never", "end_of_annealing", "every_epoch")
 
-# On a CPU, blocks of 16,384 points keep every (block, H) temporary of the E-step below glibc's 32 MiB
-# mmap threshold, so freed buffers are reused instead of being returned to the kernel and page-faulted
-# back in at every L-BFGS evaluation. CUDA's caching allocator has no such cost.
-CPU_BLOCK_SIZE = 16384
-
-
-def block_size(x: torch.Tensor, requested: int | None) -> int:
-    """``requested``, or when it is None the whole data set on CUDA and 16,384 points on a CPU."""
-    if requested is not None:
-        return requested
-    return x.shape[0] if x.is_cuda else CPU_BLOCK_SIZE
-
 
 @dataclass
 class EMState:
     annealing_scale: float | None = None  # λ_0 of the annealed epochs (annealed_prior_scale=fixed)
+    recent_dictionaries: list[torch.Tensor] = field(default_factory=list)  # W (D,H) after each of the last epochs
 
     def state_dict(self) -> dict:
-        return {"annealing_scale": self.annealing_scale}
+        return {"annealing_scale": self.annealing_scale, "recent_dictionaries": [W.cpu() for W in self.recent_dictionaries]}
 
 
 class EMTrainer(Trainer):
@@ -102,6 +92,8 @@ class EMTrainer(Trainer):
         train_dictionary: bool = True,
         annealed_prior_scale: str = "optimal",
         posterior_restarts: str = "never",
+        epoch_subset_size: int | None = None,
+        average_last_epochs: int = 1,
     ):
         require_at_least(
             "trainer",
@@ -132,42 +124,109 @@ class EMTrainer(Trainer):
         self.fixed_annealing_scale = annealed_prior_scale == "fixed"
         require_one_of("trainer.posterior_restarts", posterior_restarts, POSTERIOR_RESTARTS)
         self.posterior_restarts = posterior_restarts
+        self.epoch_subset_size = None if epoch_subset_size is None else int(epoch_subset_size)
+        self.average_last_epochs = int(average_last_epochs)
+        self._check_subsets(float(relative_tolerance))
+
+    def _check_subsets(self, relative_tolerance: float) -> None:
+        """Epoch subsets need what their finish relies on: a run of exactly ``max_epochs`` epochs that trains W,
+        with the posteriors of each new subset fresh (module docstring)."""
+        require_at_least("trainer", 1, average_last_epochs=self.average_last_epochs)
+        if self.epoch_subset_size is None:
+            if self.average_last_epochs > 1:
+                raise ConfigError("trainer.average_last_epochs > 1 needs trainer.epoch_subset_size (a number of points)")
+            return
+        require_at_least("trainer", 1, epoch_subset_size=self.epoch_subset_size)
+        if self.average_last_epochs > self.max_epochs:
+            raise ConfigError(
+                f"trainer.average_last_epochs must be at most trainer.max_epochs ({self.max_epochs}), got {self.average_last_epochs}"
+            )
+        needs = {
+            "posterior_restarts": (self.posterior_restarts, "every_epoch"),
+            "relative_tolerance": (relative_tolerance, 0.0),
+            "train_dictionary": (self.train_dictionary, True),
+        }
+        for key, (value, required) in needs.items():
+            if value != required:
+                raise ConfigError(f"trainer.epoch_subset_size needs trainer.{key}={required}, got {value}")
 
     # ----------------------------------------------------------------------------------- the run
     def start(self, problem: Problem, saved: dict | None) -> EMState:
-        if saved is not None and saved.get("annealing_scale") is not None:
-            return EMState(saved["annealing_scale"])
-        if saved is None:
+        if saved is not None:
+            recent = [W.to(problem.model.W.device) for W in saved.get("recent_dictionaries", [])]
+            if saved.get("annealing_scale") is not None or not self.fixed_annealing_scale:
+                return EMState(saved.get("annealing_scale"), recent)
+        else:
             self.initialise_means(problem)
+            recent = []
         if not self.fixed_annealing_scale:
             return EMState()
         # λ_0: the mean λ* of the start's codes (or, resuming a run saved without it, of the current ones)
-        summed = total([self._statistics(problem, index) for index in self._blocks(problem)])
+        points = torch.arange(problem.x.shape[0], device=problem.x.device)
+        summed = total([self._statistics(problem, index, len(points)) for index in self._blocks(problem, points)])
         _, lam = summed.noise_and_prior_scale(problem.model.W.detach(), problem.x.shape[1])
-        return EMState(float(lam.mean()))
+        return EMState(float(lam.mean()), recent)
 
-    def _blocks(self, problem: Problem) -> list[torch.Tensor]:
-        return data_blocks(problem.x.shape[0], block_size(problem.x, self.e_step_block_size), problem.x.device)
+    def _blocks(self, problem: Problem, points: torch.Tensor) -> list[torch.Tensor]:
+        """``points`` (indices) in blocks of ``e_step_block_size``."""
+        return list(torch.split(points, block_size(problem.x, self.e_step_block_size)))
 
     @staticmethod
-    def _statistics(problem: Problem, index: torch.Tensor) -> SufficientStatistics:
-        return SufficientStatistics.of(problem.x[index], problem.q(index), problem.model.prior, problem.x.shape[0])
+    def _statistics(problem: Problem, index: torch.Tensor, count: int) -> SufficientStatistics:
+        return SufficientStatistics.of(problem.x[index], problem.q(index), problem.model.prior, count)
+
+    def epoch_points(self, problem: Problem, epoch: int) -> torch.Tensor:
+        """The data points (sorted indices) of ``epoch``'s EM: all, or a random ``epoch_subset_size`` of them —
+        one subset for all annealed epochs, a fresh one at every later epoch (drawn from the run's seed and
+        the epoch, so a resumed run draws the same)."""
+        n, device = problem.x.shape[0], problem.x.device
+        if self.epoch_subset_size is None or self.epoch_subset_size >= n:
+            return torch.arange(n, device=device)
+        draw = epoch if epoch >= problem.annealing.final_epoch() else 0
+        generator = torch.Generator().manual_seed(int(problem.seed) * 1_000_003 + draw)
+        return torch.randperm(n, generator=generator)[: self.epoch_subset_size].sort().values.to(device)
 
     def train_epoch(self, problem: Problem, state: EMState, epoch: int, weights: AnnealingWeights) -> None:
+        points = self.epoch_points(problem, epoch)
         if self.restarts_posteriors(problem, epoch):
-            self.initialise_posteriors(problem)
-        blocks = self._blocks(problem)
-        statistics = [self._statistics(problem, index) for index in blocks]
+            self.initialise_posteriors(problem, points)
+        blocks = self._blocks(problem, points)
+        statistics = [self._statistics(problem, index, len(points)) for index in blocks]
         fixed_scale = state.annealing_scale if self.fixed_annealing_scale and weights.prior != 1.0 else None
         for _ in range(self.em_iterations_per_epoch):
             statistics = self.em_iteration(problem, blocks, statistics, weights, fixed_scale)
         self._set_noise_and_prior_scale(problem, total(statistics))
+        if self.epoch_subset_size is not None and epoch >= self.max_epochs - self.average_last_epochs:
+            state.recent_dictionaries.append(problem.model.W.detach().clone())
+            if epoch == self.max_epochs - 1:
+                self.finish(problem, state, weights)
+
+    def evaluated_points(self, problem: Problem, epoch: int) -> torch.Tensor | None:
+        """With epoch subsets, the epoch's subset (every epoch but the last, which fits every posterior)."""
+        if self.epoch_subset_size is None or epoch == self.max_epochs - 1:
+            return None
+        points = self.epoch_points(problem, epoch)
+        return None if len(points) == problem.x.shape[0] else points
+
+    @torch.no_grad()
+    def finish(self, problem: Problem, state: EMState, weights: AnnealingWeights) -> None:
+        """The end of a run on epoch subsets: ``W`` ← the mean of the last ``average_last_epochs`` epochs'
+        dictionaries, columns normalised (tail averaging of a stochastic iteration), then every data point's
+        posterior — and σ², λ — fitted at that W (``FixedPointPosteriorTrainer``: the O(N·H²) Newton fit for
+        diagonal q), so that the run ends at ``max_q L_H(W)`` over all the data."""
+        W = torch.stack(state.recent_dictionaries).mean(0)  # (D,H)
+        problem.model.set_dictionary(W / W.norm(dim=0).clamp_min(torch.finfo(W.dtype).tiny))
+        FixedPointPosteriorTrainer(block_size=self.e_step_block_size).train_epoch(problem, NoState(), 0, weights)
 
     def working_memory(self, sizes: Sizes) -> int:
-        """The posteriors, and one block's L-BFGS memory and (block, H, H) covariance temporaries."""
+        """The posteriors, and one block's L-BFGS memory and (block, H, H) covariance temporaries (with epoch
+        subsets, at least the final fit's)."""
         block = min(sizes.n_data, self.e_step_block_size or CPU_BLOCK_SIZE)
         per_point = sizes.posterior_numbers // max(sizes.n_data, 1)
-        return sizes.posterior_numbers + (2 * self.driver.history_size + 8) * block * per_point
+        e_steps = sizes.posterior_numbers + (2 * self.driver.history_size + 8) * block * per_point
+        if self.epoch_subset_size is None:
+            return e_steps
+        return max(e_steps, FixedPointPosteriorTrainer().working_memory(sizes))
 
     # ----------------------------------------------------------------------------------- one iteration
     def em_iteration(
@@ -195,7 +254,7 @@ class EMTrainer(Trainer):
             block_loss = e_step.block_loss(x[index], posterior, model, weights, context)
             block = self.driver.optimise(posterior, index, model, block_loss)
             statistics[b] = SufficientStatistics.of(
-                x[index], posterior.gaussian(block), model.prior, x.shape[0], statistics[b].x_energy
+                x[index], posterior.gaussian(block), model.prior, statistics[b].count, statistics[b].x_energy
             )
             summed = others + statistics[b]
         if not self.train_dictionary:
@@ -237,17 +296,19 @@ class EMTrainer(Trainer):
         return epoch == first_unannealed or (self.posterior_restarts == "every_epoch" and epoch > first_unannealed)
 
     @torch.no_grad()
-    def initialise_posteriors(self, problem: Problem) -> None:
-        """Every q as at a run's start: the posterior's initial scales and the least-squares means."""
-        index = torch.arange(problem.x.shape[0], device=problem.x.device)
-        problem.posterior.reset_block(index)
-        self.initialise_means(problem)
+    def initialise_posteriors(self, problem: Problem, points: torch.Tensor) -> None:
+        """The q of the data points ``points`` as at a run's start: the posterior's initial scales and the
+        least-squares means."""
+        problem.posterior.reset_block(points)
+        self.initialise_means(problem, points)
 
     @torch.no_grad()
-    def initialise_means(self, problem: Problem) -> None:
-        """``μ_n = (WᵀW + εI)⁻¹ Wᵀ x_n`` (ε = 1e-3) for the initial W (module docstring)."""
+    def initialise_means(self, problem: Problem, points: torch.Tensor | None = None) -> None:
+        """``μ_n = (WᵀW + εI)⁻¹ Wᵀ x_n`` (ε = 1e-3) for the current W (module docstring), for the data points
+        ``points`` (all when None)."""
         W = problem.model.W  # (D,H)
-        for index in data_blocks(problem.x.shape[0], block_size(problem.x, self.e_step_block_size), problem.x.device):
+        points = torch.arange(problem.x.shape[0], device=problem.x.device) if points is None else points
+        for index in self._blocks(problem, points):
             block = problem.posterior.block_parameters(index)
             block["mean"] = closed_forms.least_squares_codes(problem.x[index], W)
             problem.posterior.write_block(index, block)

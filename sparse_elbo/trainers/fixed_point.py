@@ -12,11 +12,11 @@ import torch
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.inference.diagonal_newton import DiagonalNewtonFit
 from sparse_elbo.inference.fixed_point import FixedPointFit
+from sparse_elbo.inference.statistics import block_size
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.priors import LaplacePrior
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import Capabilities, EpochReport, NoState, Sizes, Trainer
-from sparse_elbo.trainers.em import block_size
 from sparse_elbo.validation import require_at_least
 
 
