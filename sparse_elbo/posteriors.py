@@ -67,9 +67,12 @@ def _check_sizes(n_data: int, n_latents: int, init_std: float) -> None:
         raise ConfigError(f"posterior.init_std must be > 0, got {init_std}")
 
 
-def _check_positive(scale: torch.Tensor) -> None:
+def _positive_scale(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``scale`` (H,) checked positive, in the dtype of the parameters it rescales: an in-place product of a
+    float32 (N,H) array with a float64 scale is computed through a float64 temporary of the array's size."""
     if not bool((scale > 0).all()):
         raise ValueError("rescale_latents needs positive scales (a sign flip is not a rescaling)")
+    return scale.to(like.dtype)
 
 
 class _PerDataPointPosterior(nn.Module):
@@ -155,9 +158,9 @@ class DiagonalPosterior(_PerDataPointPosterior):
     @torch.no_grad()
     def rescale_latents(self, scale: torch.Tensor) -> None:
         """``z_h → c_h z_h`` (the gauge change that accompanies ``W_h → W_h / c_h``); scale (H,) > 0."""
-        _check_positive(scale)
+        scale = _positive_scale(scale, self.mean)
         self.mean.mul_(scale)
-        self.log_std.add_(torch.log(scale.abs()))
+        self.log_std.add_(torch.log(scale))
 
     @torch.no_grad()
     def moments_with_pullback(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pullback]:
@@ -289,10 +292,10 @@ class FullCovariancePosterior(_PerDataPointPosterior):
     @torch.no_grad()
     def rescale_latents(self, scale: torch.Tensor) -> None:
         """``z → diag(c) z``: row h of L scales by c_h; scale (H,) > 0."""
-        _check_positive(scale)
+        scale = _positive_scale(scale, self.mean)
         self.mean.mul_(scale)
         self.lower.mul_(scale[self.lower_rows])
-        self.log_diag.add_(torch.log(scale.abs()))
+        self.log_diag.add_(torch.log(scale))
 
     @torch.no_grad()
     def set_scale_tril(self, scale_tril: torch.Tensor) -> None:
