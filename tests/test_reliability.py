@@ -32,6 +32,11 @@ LBFGS_SMALL = [
     "evaluation.ground_truth=false",
     EVERY_EPOCH,
 ]
+EM_SUBSETS_SMALL = [  # added to EM_SMALL: epoch subsets, W averaged over the last 5 epochs
+    "trainer.posterior_restarts=every_epoch",
+    "trainer.epoch_subset_size=25",
+    "trainer.average_last_epochs=5",
+]
 PROFILE_SMALL = [
     "trainer=profile_lbfgs",
     "dataset.grid=3",
@@ -75,8 +80,8 @@ def _interrupt_after(monkeypatch, epoch_to_fail: int):
 
 @pytest.mark.parametrize(
     "overrides",
-    [LBFGS_SMALL, [*LBFGS_SMALL, "objective=sampled", "posterior=diag"], EM_SMALL, PROFILE_SMALL],
-    ids=["lbfgs-entropy-full", "lbfgs-sampled-diag", "em-annealed", "profile-lbfgs"],
+    [LBFGS_SMALL, [*LBFGS_SMALL, "objective=sampled", "posterior=diag"], EM_SMALL, [*EM_SMALL, *EM_SUBSETS_SMALL], PROFILE_SMALL],
+    ids=["lbfgs-entropy-full", "lbfgs-sampled-diag", "em-annealed", "em-epoch-subsets", "profile-lbfgs"],
 )
 def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, overrides):
     reference = run(sparse_elbo.compose(overrides), tmp_path / "reference", progress=False)

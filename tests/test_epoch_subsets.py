@@ -1,0 +1,114 @@
+"""EM on epoch subsets (trainers/em.py, ``epoch_subset_size``): which points each epoch uses, the subset's own
+σ²*, λ*, the tail-averaged dictionary, the final fit of every posterior, the records over a subset and the
+settings it needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_em import small_problem
+
+from sparse_elbo.annealing import AnnealingWeights, StepAnnealing
+from sparse_elbo.errors import ConfigError
+from sparse_elbo.evaluation import evaluate_problem, full_data_statistics, score_dictionary
+from sparse_elbo.inference.e_step import EntropyEStep
+from sparse_elbo.posteriors import DiagonalPosterior
+from sparse_elbo.problem import Problem
+from sparse_elbo.trainers.em import EMTrainer
+
+SUBSETS = {"posterior_restarts": "every_epoch", "epoch_subset_size": 40}
+
+
+def annealed_problem(n_data=100, seed=0):
+    problem = small_problem("diag", n_data=n_data, seed=seed)
+    problem.annealing = StepAnnealing(start=3.0, step=1.0)  # β_prior 3, 2, then 1 from epoch 2
+    return problem
+
+
+def test_the_annealed_epochs_share_one_subset_and_every_later_epoch_draws_a_fresh_one():
+    problem = annealed_problem()
+    trainer = EMTrainer(max_epochs=6, **SUBSETS)
+    points = [trainer.epoch_points(problem, epoch) for epoch in range(6)]
+    for p in points:
+        assert len(p) == 40 and len(torch.unique(p)) == 40 and bool((p[1:] > p[:-1]).all())  # sorted, distinct
+    assert torch.equal(points[0], points[1])  # annealed epochs 0 and 1
+    for a in range(1, 6):
+        for b in range(a + 1, 6):
+            assert not torch.equal(points[a], points[b])
+    again = EMTrainer(max_epochs=6, **SUBSETS)  # a resumed run draws the same subsets
+    assert all(torch.equal(p, again.epoch_points(problem, e)) for e, p in enumerate(points))
+    other_seed = annealed_problem(seed=1)
+    assert not torch.equal(trainer.epoch_points(other_seed, 3), points[3])
+    everything = EMTrainer(max_epochs=6, posterior_restarts="every_epoch", epoch_subset_size=500)
+    assert torch.equal(everything.epoch_points(problem, 3), torch.arange(100))
+
+
+def test_a_subset_epoch_fits_only_its_points_and_ends_at_the_subsets_own_optima():
+    """σ², λ after a subset epoch are σ²*, λ* of the subset's q (computed here by the evaluation's own pass
+    over those points), and the posteriors of the other points are those of the gauge-fixed start."""
+    problem = annealed_problem(n_data=100, seed=3)
+    trainer = EMTrainer(max_epochs=6, e_step=EntropyEStep(), e_step_iterations=10, em_iterations_per_epoch=2, **SUBSETS)
+    state = trainer.start(problem, None)
+    trainer.train_epoch(problem, state, 2, AnnealingWeights())  # the first unannealed epoch: a fresh subset
+    points = trainer.epoch_points(problem, 2)
+    statistics, _ = full_data_statistics(problem, block_size=16, points=points)
+    torch.testing.assert_close(problem.model.sigma2.detach(), statistics.residual / problem.x.shape[1], rtol=1e-10, atol=0)
+    torch.testing.assert_close(problem.model.lam.detach(), statistics.prior_statistic, rtol=1e-10, atol=0)
+    untouched = torch.ones(100, dtype=torch.bool)
+    untouched[points] = False
+    std = problem.posterior.log_std.detach().exp()[untouched]
+    assert torch.allclose(std / std[:1], torch.ones_like(std))  # the initial scale, only rescaled per latent
+
+
+def test_evaluation_over_points_equals_the_evaluation_of_those_points_alone():
+    problem = small_problem("diag", n_data=60, seed=2)
+    with torch.no_grad():
+        problem.posterior.mean.normal_(generator=torch.Generator().manual_seed(0))
+    points = torch.tensor([1, 4, 5, 9, 17, 23, 30, 31, 44, 52, 58, 59])
+    alone = DiagonalPosterior(len(points), problem.posterior.mean.shape[1]).double()
+    with torch.no_grad():
+        alone.mean.copy_(problem.posterior.mean[points])
+        alone.log_std.copy_(problem.posterior.log_std[points])
+    subset = Problem(problem.x[points], problem.model, alone, problem.objective, problem.annealing)
+    expected = evaluate_problem(subset, AnnealingWeights())
+    for block_size in (5, 16384):  # blocks, and one pass
+        value = evaluate_problem(problem, AnnealingWeights(), block_size=block_size, points=points)
+        torch.testing.assert_close(value.elbo, expected.elbo, rtol=1e-12, atol=0)
+        torch.testing.assert_close(value.sigma2, expected.sigma2, rtol=1e-12, atol=0)
+
+
+def test_the_run_ends_at_the_mean_of_the_last_dictionaries_with_every_posterior_fitted_there():
+    problem = annealed_problem(n_data=100, seed=4)
+    trainer = EMTrainer(
+        max_epochs=5, e_step=EntropyEStep(), e_step_iterations=10, em_iterations_per_epoch=3, average_last_epochs=2, **SUBSETS
+    )
+    state = trainer.start(problem, None)
+    for epoch in range(5):
+        trainer.train_epoch(problem, state, epoch, problem.annealing(epoch))
+        if epoch == 3:
+            W3 = problem.model.W.detach().clone()
+        recorded = trainer.evaluated_points(problem, epoch)  # the epoch's record: its subset, then every point
+        assert recorded is None if epoch == 4 else torch.equal(recorded, trainer.epoch_points(problem, epoch))
+    assert len(state.recent_dictionaries) == 2 and torch.equal(state.recent_dictionaries[0], W3)
+    mean = (W3 + state.recent_dictionaries[1]) / 2
+    torch.testing.assert_close(problem.model.W.detach(), mean / mean.norm(dim=0), rtol=1e-12, atol=1e-12)
+    final = float(evaluate_problem(problem, AnnealingWeights()).elbo)  # over all 100 points
+    assert final == pytest.approx(score_dictionary(problem.x, problem.model.W.detach()).elbo, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"epoch_subset_size": 40}, "trainer.epoch_subset_size needs trainer.posterior_restarts=every_epoch, got never"),
+        ({**SUBSETS, "relative_tolerance": 1e-3}, "needs trainer.relative_tolerance=0.0, got 0.001"),
+        ({**SUBSETS, "train_dictionary": False}, "needs trainer.train_dictionary=True, got False"),
+        ({**SUBSETS, "epoch_subset_size": 0}, "trainer.epoch_subset_size must be >= 1"),
+        ({**SUBSETS, "average_last_epochs": 11}, "trainer.average_last_epochs must be at most trainer.max_epochs (10)"),
+        ({"average_last_epochs": 2}, "trainer.average_last_epochs > 1 needs trainer.epoch_subset_size"),
+        ({"average_last_epochs": 0}, "trainer.average_last_epochs must be >= 1"),
+    ],
+)
+def test_subset_settings_that_cannot_work_are_rejected_naming_the_key(kwargs, message):
+    with pytest.raises(ConfigError) as error:
+        EMTrainer(max_epochs=10, **kwargs)
+    assert message in str(error.value)
