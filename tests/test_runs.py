@@ -212,12 +212,12 @@ def test_failing_run_leaves_a_readable_file_marked_failed(tmp_path, monkeypatch)
     calls = {"n": 0}
     original = evaluation.evaluate_problem
 
-    def failing(problem, weights):
+    def failing(problem, weights, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             with torch.no_grad():
                 problem.posterior.mean.fill_(float("nan"))
-        return original(problem, weights)
+        return original(problem, weights, **kwargs)
 
     monkeypatch.setattr("sparse_elbo.runner.record.evaluate_problem", failing)
     with pytest.raises(FloatingPointError, match="epoch 1"):

@@ -37,6 +37,12 @@ q is then the prior, so ``λ*_h = E|z_h|`` stays small): the E-steps are partial
 where they end. A restart lowers the ELBO for the first E-steps of its epoch; the epoch's EM iterations then
 refit q (docs/design.md §8).
 
+Epoch subsets (``epoch_subset_size``; docs/design.md §7.3): each epoch's EM runs on a random subset of that
+many points — one subset for the annealed epochs, a fresh one with fresh q at every later epoch — with the
+subset's own sums, σ²* and λ*. The run ends with ``W`` the mean of the last ``average_last_epochs`` epochs' W
+and every posterior fitted at it (the O(N·H²) Newton fit for diagonal q), so its final ELBO is
+``max_q L_H(W)`` over all the data; until then an epoch's record covers its subset (``evaluated_points``).
+
 Stop rule: the relative change of the ELBO over an epoch below ``relative_tolerance`` (0: never), once
 the annealing weights are 1; or ``max_epochs``. With ``train_dictionary=false`` the M-step is left out:
 block coordinate ascent on the posteriors (and σ², λ) at a fixed dictionary — with the entropy E-step,
