@@ -39,8 +39,23 @@ def test_the_annealed_epochs_share_one_subset_and_every_later_epoch_draws_a_fres
     assert all(torch.equal(p, again.epoch_points(problem, e)) for e, p in enumerate(points))
     other_seed = annealed_problem(seed=1)
     assert not torch.equal(trainer.epoch_points(other_seed, 3), points[3])
-    everything = EMTrainer(max_epochs=6, posterior_restarts="every_epoch", epoch_subset_size=500)
-    assert torch.equal(everything.epoch_points(problem, 3), torch.arange(100))
+
+
+def test_a_subset_at_least_the_datas_size_is_em_on_every_point_without_averaging_or_final_fit():
+    problem = annealed_problem(n_data=100, seed=5)
+    kwargs = {"max_epochs": 3, "e_step": EntropyEStep(), "e_step_iterations": 5, "posterior_restarts": "every_epoch"}
+    trainer = EMTrainer(**kwargs, epoch_subset_size=100, average_last_epochs=2)
+    reference = annealed_problem(n_data=100, seed=5)
+    plain = EMTrainer(**kwargs)
+    states = trainer.start(problem, None), plain.start(reference, None)
+    for epoch in range(3):
+        assert torch.equal(trainer.epoch_points(problem, epoch), torch.arange(100))
+        assert trainer.evaluated_points(problem, epoch) is None
+        trainer.train_epoch(problem, states[0], epoch, problem.annealing(epoch))
+        plain.train_epoch(reference, states[1], epoch, reference.annealing(epoch))
+    assert states[0].recent_dictionaries == []
+    torch.testing.assert_close(problem.model.W, reference.model.W, rtol=0, atol=0)
+    torch.testing.assert_close(problem.posterior.mean, reference.posterior.mean, rtol=0, atol=0)
 
 
 def test_a_subset_epoch_fits_only_its_points_and_ends_at_the_subsets_own_optima():

@@ -181,12 +181,17 @@ class EMTrainer(Trainer):
     def _statistics(problem: Problem, index: torch.Tensor, count: int) -> SufficientStatistics:
         return SufficientStatistics.of(problem.x[index], problem.q(index), problem.model.prior, count)
 
+    def uses_subsets(self, problem: Problem) -> bool:
+        """Whether the epochs run on subsets: ``epoch_subset_size`` is set and smaller than the data (a subset
+        at least the data's size is all of it: EM on every point, the last W kept, no final fit)."""
+        return self.epoch_subset_size is not None and self.epoch_subset_size < problem.x.shape[0]
+
     def epoch_points(self, problem: Problem, epoch: int) -> torch.Tensor:
         """The data points (sorted indices) of ``epoch``'s EM: all, or a random ``epoch_subset_size`` of them —
         one subset for all annealed epochs, a fresh one at every later epoch (drawn from the run's seed and
         the epoch, so a resumed run draws the same)."""
         n, device = problem.x.shape[0], problem.x.device
-        if self.epoch_subset_size is None or self.epoch_subset_size >= n:
+        if not self.uses_subsets(problem):
             return torch.arange(n, device=device)
         draw = epoch if epoch >= problem.annealing.final_epoch() else 0
         generator = torch.Generator().manual_seed(int(problem.seed) * 1_000_003 + draw)
@@ -202,17 +207,16 @@ class EMTrainer(Trainer):
         for _ in range(self.em_iterations_per_epoch):
             statistics = self.em_iteration(problem, blocks, statistics, weights, fixed_scale)
         self._set_noise_and_prior_scale(problem, total(statistics))
-        if self.epoch_subset_size is not None and epoch >= self.max_epochs - self.average_last_epochs:
+        if self.uses_subsets(problem) and epoch >= self.max_epochs - self.average_last_epochs:
             state.recent_dictionaries.append(problem.model.W.detach().clone())
             if epoch == self.max_epochs - 1:
                 self.finish(problem, state, weights)
 
     def evaluated_points(self, problem: Problem, epoch: int) -> torch.Tensor | None:
         """With epoch subsets, the epoch's subset (every epoch but the last, which fits every posterior)."""
-        if self.epoch_subset_size is None or epoch == self.max_epochs - 1:
+        if not self.uses_subsets(problem) or epoch == self.max_epochs - 1:
             return None
-        points = self.epoch_points(problem, epoch)
-        return None if len(points) == problem.x.shape[0] else points
+        return self.epoch_points(problem, epoch)
 
     @torch.no_grad()
     def finish(self, problem: Problem, state: EMState, weights: AnnealingWeights) -> None:
