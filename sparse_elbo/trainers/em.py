@@ -158,20 +158,20 @@ class EMTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------- the run
     def start(self, problem: Problem, saved: dict | None) -> EMState:
-        if saved is not None:
-            recent = [W.to(problem.model.W.device) for W in saved.get("recent_dictionaries", [])]
-            if saved.get("annealing_scale") is not None or not self.fixed_annealing_scale:
-                return EMState(saved.get("annealing_scale"), recent)
-        else:
+        if saved is None:
             self.initialise_means(problem)
-            recent = []
-        if not self.fixed_annealing_scale:
-            return EMState()
-        # λ_0: the mean λ* of the start's codes (or, resuming a run saved without it, of the current ones)
+        saved = saved or {}
+        scale = saved.get("annealing_scale")
+        if self.fixed_annealing_scale and scale is None:  # a new run, or one saved without λ_0
+            scale = self._annealing_scale(problem)
+        return EMState(scale, [W.to(problem.model.W.device) for W in saved.get("recent_dictionaries", [])])
+
+    def _annealing_scale(self, problem: Problem) -> float:
+        """λ_0: the mean λ* of the current codes over all the data (at a run's start: its least-squares codes)."""
         points = torch.arange(problem.x.shape[0], device=problem.x.device)
         summed = total([self._statistics(problem, index, len(points)) for index in self._blocks(problem, points)])
         _, lam = summed.noise_and_prior_scale(problem.model.W.detach(), problem.x.shape[1])
-        return EMState(float(lam.mean()), recent)
+        return float(lam.mean())
 
     def _blocks(self, problem: Problem, points: torch.Tensor) -> list[torch.Tensor]:
         """``points`` (indices) in blocks of ``e_step_block_size``."""
