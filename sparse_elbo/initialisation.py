@@ -24,7 +24,19 @@ from __future__ import annotations
 import torch
 
 from sparse_elbo.errors import ConfigError
+from sparse_elbo.problem import Problem
 from sparse_elbo.validation import require_at_least
+
+
+@torch.no_grad()
+def start_dictionary(initialisation, problem: Problem) -> None:
+    """Set the model's W to ``initialisation(x, W, generator)`` of the model's own start (generator seeded
+    with the run's seed); an initialisation that returns the model's own W leaves it bit for bit."""
+    generator = torch.Generator(device=problem.x.device).manual_seed(problem.seed)
+    own = problem.model.W
+    start = initialisation(problem.x, own, generator)
+    if start is not own:
+        problem.model.set_dictionary(start)
 
 
 class RandomDictionary:

@@ -469,3 +469,25 @@ def test_entropy_em_iteration_ends_at_the_closed_form_dictionary_of_its_final_po
     closed_form_m_step(trainer, problem)
     torch.testing.assert_close(problem.model.W.detach(), W, rtol=0, atol=1e-10)
     torch.testing.assert_close(problem.posterior().mean.detach(), mean, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_em_starts_from_its_initialisation_and_a_resumed_run_keeps_its_dictionary(resumed):
+    """A new run starts from the initialisation's dictionary of the model's own W (the MAP sparse-coding
+    dictionary here, recomputed independently) with the least-squares codes of that dictionary; a resumed run
+    keeps the W it was saved with."""
+    from sparse_elbo import closed_forms
+    from sparse_elbo.initialisation import SparseCodingDictionary
+
+    problem = small_problem(n_data=40)
+    own = problem.model.W.detach().clone()
+    trainer = EMTrainer(initialisation=SparseCodingDictionary(iterations=20))
+    trainer.start(problem, {"annealing_scale": None} if resumed else None)
+    if resumed:
+        assert torch.equal(problem.model.W.detach(), own)
+        return
+    expected = SparseCodingDictionary(iterations=20)(problem.x, own, torch.Generator().manual_seed(problem.seed))
+    assert not torch.allclose(expected, own, atol=0.1)  # the start really moved
+    torch.testing.assert_close(problem.model.W.detach(), expected / expected.norm(dim=0))
+    codes = closed_forms.least_squares_codes(problem.x, problem.model.W.detach())
+    torch.testing.assert_close(problem.posterior.mean.detach(), codes)

@@ -54,7 +54,7 @@ from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.inference.fixed_point import FixedPointFit
 from sparse_elbo.inference.statistics import data_blocks
-from sparse_elbo.initialisation import RandomDictionary
+from sparse_elbo.initialisation import RandomDictionary, start_dictionary
 from sparse_elbo.objectives import DataStatistics
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import FAMILIES, OBJECTIVES, Capabilities, Sizes, Trainer
@@ -189,12 +189,7 @@ class AdamTrainer(Trainer):
     def start(self, problem: Problem, saved: dict | None) -> AdamState:
         device = problem.x.device
         if saved is None and self.train_dictionary:
-            with torch.no_grad():
-                generator = torch.Generator(device=device).manual_seed(problem.seed)
-                own = problem.model.W
-                start = self.initialisation(problem.x, own, generator)
-                if start is not own:  # the model's own start is kept bit for bit
-                    problem.model.set_dictionary(start)
+            start_dictionary(self.initialisation, problem)
         params = problem.trainable_parameters(self.train_dictionary)
         state = AdamState(
             # fused: one pass over each parameter array per step instead of one per arithmetic operation

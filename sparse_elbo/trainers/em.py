@@ -18,7 +18,9 @@ An epoch is ``em_iterations_per_epoch`` EM iterations (with that epoch's anneali
 model's ``σ², λ`` are set to the exact full-data optima. Every step is a coordinate ascent, so the ELBO
 never decreases while the weights are 1. A new run starts from the least-squares codes of the initial
 dictionary, ``μ_n = (WᵀW + εI)⁻¹ Wᵀ x_n`` (ε = 1e-3), so that the first ``σ²*, λ*`` reflect the data's
-scale (from ``μ = 0`` prior annealing would switch every latent off at once).
+scale (from ``μ = 0`` prior annealing would switch every latent off at once). The initial dictionary is
+``initialisation``'s (``sparse_elbo/initialisation.py``): the model's own random start by default, or the
+MAP sparse-coding dictionary learned from it (``trainer/initialisation=sparse_coding``; docs/design.md §7.3).
 
 Annealed epochs (prior weight ``β_prior > 1``): with ``λ = λ*`` the weighted objective has no maximum — a
 latent switched off (``μ_·h = 0``, ``s_·h = s``, so ``λ*_h ∝ s``) adds ``(1 - β_prior) log s → +∞`` as
@@ -61,6 +63,7 @@ from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.inference.e_step import AnalyticEStep, BlockContext, BlockLBFGS, EStepObjective
 from sparse_elbo.inference.statistics import CPU_BLOCK_SIZE, SufficientStatistics, block_size, total
+from sparse_elbo.initialisation import RandomDictionary, start_dictionary
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import Capabilities, NoState, Sizes, Trainer
 from sparse_elbo.trainers.convergence import StopRule
@@ -100,6 +103,7 @@ class EMTrainer(Trainer):
         posterior_restarts: str = "never",
         epoch_subset_size: int | None = None,
         average_last_epochs: int = 1,
+        initialisation=None,
     ):
         require_at_least(
             "trainer",
@@ -133,6 +137,7 @@ class EMTrainer(Trainer):
         self.epoch_subset_size = None if epoch_subset_size is None else int(epoch_subset_size)
         self.average_last_epochs = int(average_last_epochs)
         self._check_subsets(float(relative_tolerance))
+        self.initialisation = initialisation if initialisation is not None else RandomDictionary()
 
     def _check_subsets(self, relative_tolerance: float) -> None:
         """Epoch subsets need what their finish relies on: a run of exactly ``max_epochs`` epochs that trains W,
@@ -159,6 +164,8 @@ class EMTrainer(Trainer):
     # ----------------------------------------------------------------------------------- the run
     def start(self, problem: Problem, saved: dict | None) -> EMState:
         if saved is None:
+            if self.train_dictionary:
+                start_dictionary(self.initialisation, problem)
             self.initialise_means(problem)
         saved = saved or {}
         scale = saved.get("annealing_scale")

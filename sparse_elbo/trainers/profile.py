@@ -38,7 +38,7 @@ import torch
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.inference.diagonal_newton import DiagonalNewtonFit
 from sparse_elbo.inference.fixed_point import FixedPointFit
-from sparse_elbo.initialisation import SparseCodingDictionary
+from sparse_elbo.initialisation import SparseCodingDictionary, start_dictionary
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import Capabilities, Sizes, Trainer
 from sparse_elbo.trainers.convergence import StopRule, full_batch_lbfgs
@@ -91,11 +91,10 @@ class ProfileLBFGSTrainer(Trainer):
         self.initialisation = initialisation if initialisation is not None else SparseCodingDictionary()
 
     def start(self, problem: Problem, saved: dict | None) -> ProfileState:
-        x, model = problem.x, problem.model
+        model = problem.model
         with torch.no_grad():
             if saved is None:
-                generator = torch.Generator(device=x.device).manual_seed(problem.seed)
-                model.set_dictionary(self.initialisation(x, model.W, generator))
+                start_dictionary(self.initialisation, problem)
             fit = posterior_fit(problem, model.W)
             if saved is not None:
                 fit.load_state(saved["fixed_point"])
