@@ -312,11 +312,13 @@ def figure_annealing(groups: list[Group]):
         parts = axes[3].violinplot(data, showmedians=True, vert=False)
     for k, body in enumerate(parts["bodies"]):
         body.set_color(colour(k))
-    axes[3].set_yticks(np.arange(1, len(patches) + 1), [g.name for g in patches], fontsize=7)
-    axes[3].set(xlabel="final localisation of every field", title="fields at the end")
-    axes[0].legend(loc="lower right")
+    axes[3].set_yticks(np.arange(1, len(patches) + 1), [f"{k + 1}" for k in range(len(patches))], fontsize=7)
+    axes[3].set(xlabel="final localisation of every field", ylabel="configuration", title="fields at the end")
+    # one legend under the panels: the configurations' names are too long to sit beside a panel
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, [f"{k + 1}: {label}" for k, label in enumerate(labels)], loc="lower center", fontsize=7, frameon=False)
     fig.suptitle("annealing comparison on image patches (shaded: annealed epochs)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.045 * len(labels), 1, 1))
     return fig
 
 
