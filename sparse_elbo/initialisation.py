@@ -49,17 +49,24 @@ class RandomDictionary:
 class SparseCodingDictionary:
     """MAP L1 sparse coding (FISTA codes, least-squares dictionary) from the model's start; see the module."""
 
-    def __init__(self, sparsity: float = 0.8, iterations: int = 100, code_iterations: int = 10):
+    def __init__(self, sparsity: float = 0.8, iterations: int = 100, code_iterations: int = 10, n_points: int | None = None):
         require_at_least("trainer.initialisation", 1, iterations=iterations, code_iterations=code_iterations)
+        if n_points is not None:
+            require_at_least("trainer.initialisation", 1, n_points=n_points)
         if not sparsity > 0:
             raise ConfigError(f"trainer.initialisation.sparsity must be > 0, got {sparsity}")
         self.sparsity = float(sparsity)
         self.iterations = int(iterations)
         self.code_iterations = int(code_iterations)
+        self.n_points = None if n_points is None else int(n_points)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """x (N,D), W (D,H) the model's start  ->  W (D,H) with unit-norm columns"""
+        """x (N,D), W (D,H) the model's start  ->  W (D,H) with unit-norm columns, learned from all of x or from
+        ``n_points`` of its rows drawn at random (``generator``) when x has more."""
+        if self.n_points is not None and self.n_points < x.shape[0]:
+            rows = torch.randperm(x.shape[0], generator=generator, device=generator.device)[: self.n_points]
+            x = x[rows.to(x.device)]  # (n_points,D)
         n, H = x.shape[0], W.shape[1]
         penalty = self.sparsity * (x.pow(2).sum(-1).mean() / H).sqrt()  # α ()
         W = W / W.norm(dim=0).clamp_min(torch.finfo(x.dtype).tiny)

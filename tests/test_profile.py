@@ -15,6 +15,7 @@ import torch
 import sparse_elbo
 from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.data import make_bars
+from sparse_elbo.errors import ConfigError
 from sparse_elbo.gaussians import FullGaussian
 from sparse_elbo.inference.fixed_point import FixedPointFit
 from sparse_elbo.initialisation import RandomDictionary, SparseCodingDictionary
@@ -174,3 +175,20 @@ def test_default_cli_configuration_recovers_the_default_bars(tmp_path):
     assert summary.stop_reason == "converged"
     assert summary.recovered and summary.elbo >= summary.ground_truth_elbo - 0.05
     assert np.isfinite(summary.train_time)
+
+
+def test_the_sparse_coding_start_on_a_subset_is_the_start_learned_from_those_rows():
+    """``n_points`` rows drawn with the generator, then the same algorithm on them (bit for bit); a subset at
+    least the data's size is all of it."""
+    x = torch.as_tensor(make_bars(grid=3, n_data=50, noise=0.1, seed=4).x)
+    W = torch.randn(x.shape[1], 6, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    generator = torch.Generator().manual_seed(6)
+    start = SparseCodingDictionary(iterations=15, n_points=20)(x, W, generator)
+    replay = torch.Generator().manual_seed(6)
+    rows = torch.randperm(50, generator=replay)[:20]
+    assert torch.equal(start, SparseCodingDictionary(iterations=15)(x[rows], W, replay))
+    assert not torch.allclose(start, SparseCodingDictionary(iterations=15)(x, W, torch.Generator().manual_seed(6)))
+    whole = SparseCodingDictionary(iterations=15, n_points=50)(x, W, torch.Generator().manual_seed(6))
+    assert torch.equal(whole, SparseCodingDictionary(iterations=15)(x, W, torch.Generator().manual_seed(6)))
+    with pytest.raises(ConfigError, match="trainer.initialisation.n_points"):
+        SparseCodingDictionary(n_points=0)
