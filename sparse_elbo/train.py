@@ -2,10 +2,14 @@
 
 Only assembles: composes the config, hands it to ``sparse_elbo.runner.run``, prints the summary and
 returns the final ELBO (so that a Hydra sweeper such as Optuna can maximise it). User errors print one
-line and exit with status 2 (``sparse_elbo.cli``).
+line and exit with status 2 (``sparse_elbo.cli``); a run stopped by SIGTERM or Ctrl-C prints one line
+naming its results file (marked ``interrupted``) and how to resume it, and exits with 128 + the signal.
 """
 
 from __future__ import annotations
+
+import signal
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +19,7 @@ from omegaconf import DictConfig
 from sparse_elbo.cli import exit_on_user_error, report_user_errors
 from sparse_elbo.config import config_dir
 from sparse_elbo.runner import run
+from sparse_elbo.runner.checkpoint import RunInterrupted
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
@@ -22,12 +27,27 @@ def hydra_main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
         summary = run(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))
+    except RunInterrupted as error:
+        if hydra_cfg.mode == RunMode.RUN:
+            exit_interrupted(error)
+        raise
     except Exception as error:
         if hydra_cfg.mode == RunMode.RUN:  # in a sweep the other jobs go on; Hydra reports the failed ones
             exit_on_user_error(error)
         raise
     print("\n".join(summary.lines()))
     return summary.elbo
+
+
+def exit_interrupted(error: RunInterrupted) -> None:
+    """One line on stderr: the signal, the results file (marked ``interrupted``) and the override that
+    continues it; exit status 128 + the signal, as a shell reports a process the signal ended."""
+    path = error.results_path
+    print(
+        f"interrupted by {signal.Signals(error.signum).name}: {path} is marked interrupted; continue it with resume={path}",
+        file=sys.stderr,
+    )
+    sys.exit(128 + error.signum)
 
 
 def main() -> None:

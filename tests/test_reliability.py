@@ -241,7 +241,12 @@ def test_sigkill_leaves_a_readable_file_with_every_completed_epoch(tmp_path):
 
 def test_sigterm_marks_the_run_interrupted(tmp_path):
     process, results = _signal_a_long_run(tmp_path, 2, signal.SIGTERM)
-    assert process.returncode != 0
+    assert process.returncode == 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended
+    stderr = process.stderr.read().decode()
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted by SIGTERM: {results} is marked interrupted; continue it with resume={results}"
+    )
     res = read_results(results)
     assert res.status == "interrupted" and "signal 15" in res.attrs["reason"]
     assert len(res.metrics["epoch"]) >= 2

@@ -19,8 +19,13 @@ from sparse_elbo.runner.build import checkpoint_interval
 FORMAT = 2  # the layout of checkpoint.pt: {"format", "model", "posterior", "fit": {"loop", "trainer"}, "torch_rng"}
 
 
-class RunInterrupted(RuntimeError):
-    """SIGTERM (or SIGINT) arrived while training."""
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) arrived while training; ``results_path``: the results file, once it is marked
+    ``interrupted``. A ``KeyboardInterrupt``, so that ``except Exception`` does not swallow it."""
+
+    def __init__(self, signum: int, results_path: Path | None = None):
+        super().__init__(f"received signal {signum}")
+        self.signum, self.results_path = int(signum), results_path
 
 
 class SignalGuard:
@@ -34,7 +39,7 @@ class SignalGuard:
         if self.depth > 0:
             self.pending = signum
             return
-        raise RunInterrupted(f"received signal {signum}")
+        raise RunInterrupted(signum)
 
     @contextlib.contextmanager
     def writing(self):
@@ -45,7 +50,7 @@ class SignalGuard:
             self.depth -= 1
         if self.depth == 0 and self.pending is not None:
             signum, self.pending = self.pending, None
-            raise RunInterrupted(f"received signal {signum}")
+            raise RunInterrupted(signum)
 
 
 class Checkpointer:

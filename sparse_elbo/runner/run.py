@@ -96,9 +96,10 @@ def _train(cfg: DictConfig, components: Components, writer: ResultsWriter, saved
         final, summary = final_evaluation(cfg, components, outcome, writer.path)
         with guard.writing():
             writer.write_group("final", final)
-    except (KeyboardInterrupt, RunInterrupted) as error:
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM as RunInterrupted
         _close(writer, guard, bar, "interrupted", repr(error))
-        raise
+        signum = error.signum if isinstance(error, RunInterrupted) else signal.SIGINT
+        raise RunInterrupted(signum, writer.path) from error
     except BaseException as error:
         _close(writer, guard, bar, "failed", f"{type(error).__name__}: {error}")
         raise
