@@ -85,6 +85,18 @@ class StepAnnealing:
         return epoch
 
 
+class TemperatureAnnealing(StepAnnealing):
+    """``β_lik = β_prior = β = max(1, start - step · epoch)``, ``β_q = 1``: the ELBO at temperature ``1/β``.
+
+    ``β (E_q[log p(x|z)] + E_q[log p(z)]) + H[q]`` is maximised by the tempered posterior
+    ``q ∝ (p(x|z) p(z))^β``: the same modes, narrowed. With λ held fixed while β > 1 (the EM's
+    ``annealed_prior_scale=fixed``) the schedule starts near MAP sparse coding — as β grows the means tend to
+    the codes of ``½||x - Wμ||²/σ² + Σ_h |μ_h|/λ_h`` — and ends at the ELBO (docs/design.md §8)."""
+
+    def __init__(self, start: float = 10.0, step: float = 2.0):
+        super().__init__(("likelihood", "prior"), start, step)
+
+
 class ExponentialAnnealing:
     """``β_term = 1 + (start - 1) · decay^epoch``, set to exactly 1 once within ``tolerance`` of 1."""
 

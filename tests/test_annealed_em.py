@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from test_em import small_problem
+from test_em import e_step, small_problem
 
-from sparse_elbo.annealing import AnnealingWeights, NoAnnealing, StepAnnealing
+from sparse_elbo.annealing import AnnealingWeights, NoAnnealing, StepAnnealing, TemperatureAnnealing
 from sparse_elbo.data import make_bars
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.evaluation import evaluate_problem
@@ -72,18 +73,19 @@ def test_the_entropy_objective_at_a_fixed_prior_scale_is_bounded_and_agrees_at_t
         assert b - a == pytest.approx(-math.log(10.0) + prior_weight * math.sqrt(2 / math.pi) * (s_a - s_b) / 0.5, abs=1e-5)
 
 
-def patch_problem(seed=0):
+def patch_problem(seed=0, annealing=None):
     dataset = make_image_patches(patch_size=8, n_patches=2000, seed=seed)
     x = torch.as_tensor(dataset.x, dtype=torch.float64)
     model = SparseCodingModel(64, 16, generator=torch.Generator().manual_seed(seed)).double()
     posterior = DiagonalPosterior(x.shape[0], 16).double()
-    return Problem(x=x, model=model, posterior=posterior, objective=EntropyELBO(), annealing=StepAnnealing(), seed=seed)
+    annealing = annealing or StepAnnealing()
+    return Problem(x=x, model=model, posterior=posterior, objective=EntropyELBO(), annealing=annealing, seed=seed)
 
 
-def annealed_epochs(annealed_prior_scale):
-    """Three annealed epochs (β_prior = 10, 8, 6) of the fast EM on 2,000 8x8 patches, H = 16: per epoch
-    the unweighted ELBO and λ* (H,)."""
-    problem = patch_problem()
+def annealed_epochs(annealed_prior_scale, annealing=None):
+    """Three annealed epochs (β = 10, 8, 6 on the prior, or on likelihood and prior) of the fast EM on
+    2,000 8x8 patches, H = 16: per epoch the unweighted ELBO, λ* (H,) and W (D,H)."""
+    problem = patch_problem(annealing=annealing)
     trainer = EMTrainer(
         max_epochs=3,
         em_iterations_per_epoch=5,
@@ -95,7 +97,7 @@ def annealed_epochs(annealed_prior_scale):
 
     def evaluate(epoch, weights, train_time):
         value = evaluate_problem(problem, weights)
-        record.append((float(value.elbo), value.lam.detach().clone()))
+        record.append((float(value.elbo), value.lam.detach().clone(), problem.model.W.detach().clone()))
         return value
 
     fit(trainer, problem, evaluate)
@@ -106,11 +108,19 @@ def annealed_epochs(annealed_prior_scale):
 def test_fixed_prior_scale_keeps_every_latent_in_use_and_learns_in_annealed_epochs():
     optimal, fixed = annealed_epochs("optimal"), annealed_epochs("fixed")
     # λ = λ*: latents switch off (λ*_h below 1 % of the largest) and the ELBO does not move
-    assert min(float(lam.min() / lam.max()) for _, lam in optimal[1:]) < 0.01
+    assert min(float(lam.min() / lam.max()) for _, lam, _ in optimal[1:]) < 0.01
     assert abs(optimal[-1][0] - optimal[0][0]) < 0.1
     # λ held at λ_0: every latent stays in use and the annealed epochs raise the (unweighted) ELBO
-    assert min(float(lam.min() / lam.max()) for _, lam in fixed) > 0.25
+    assert min(float(lam.min() / lam.max()) for _, lam, _ in fixed) > 0.25
     assert fixed[-1][0] > fixed[0][0] + 3.0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_temperature_annealing_at_a_fixed_prior_scale_keeps_every_latent_in_use_while_w_moves():
+    fixed = annealed_epochs("fixed", TemperatureAnnealing())
+    assert min(float(lam.min() / lam.max()) for _, lam, _ in fixed) > 0.25
+    first, last = fixed[0][2], fixed[-1][2]  # unit-norm columns (D,H)
+    assert float((first * last).sum(0).abs().mean()) < 0.99  # the annealed epochs shape the dictionary
 
 
 def test_the_fixed_scale_is_the_mean_lambda_of_the_start_and_is_kept_on_resume():
@@ -176,3 +186,36 @@ def test_an_unknown_posterior_restart_is_refused_by_name():
         match=r"trainer.posterior_restarts must be one of \['never', 'end_of_annealing', 'every_epoch'\], got 'always'",
     ):
         EMTrainer(posterior_restarts="always")
+
+
+def _lasso(x: np.ndarray, W: np.ndarray, noise_variance: float, scale: np.ndarray, iterations: int = 20000) -> np.ndarray:
+    """An independent float64 reference: ISTA on ``½||x_n - W μ||²/σ² + Σ_h |μ_h|/λ_h`` for every row of x."""
+    step = noise_variance / np.linalg.eigvalsh(W.T @ W)[-1]
+    mu = np.zeros((x.shape[0], W.shape[1]))
+    for _ in range(iterations):
+        z = mu - step * (mu @ W.T - x) @ W / noise_variance
+        mu = np.sign(z) * np.maximum(np.abs(z) - step / scale, 0.0)
+    return mu
+
+
+def test_temperature_annealing_tends_to_the_map_codes_with_posteriors_narrowed_by_the_root_of_beta():
+    """Weights ``(β, β, 1)`` on (likelihood, prior, entropy) at fixed σ², λ — ``annealing.term=[likelihood,prior]``
+    under fixed-scale annealing — are the analytic ELBO at temperature 1/β: as β grows, the E-step's means
+    tend to the MAP (lasso) codes of ``½||x - Wμ||²/σ² + Σ|μ_h|/λ_h`` and each active latent's s to
+    ``σ / (√β ||W_h||)``, the root of the likelihood's curvature (the prior is flat away from 0)."""
+    problem = small_problem("diag", n_data=8, seed=3)
+    model = problem.model
+    with torch.no_grad():
+        model.set_noise_and_prior_scale(torch.tensor(0.04, dtype=torch.float64), torch.full((6,), 0.5, dtype=torch.float64))
+    W, noise_variance = model.W.detach().numpy(), 0.04
+    reference = _lasso(problem.x.numpy(), W, noise_variance, np.full(6, 0.5))
+    beta = 1e4
+    e_step(problem, torch.arange(8), iterations=3000, tolerance=0.0, weights=AnnealingWeights(likelihood=beta, prior=beta))
+    mean = problem.posterior.mean.detach().numpy()
+    std = problem.posterior.log_std.detach().exp().numpy()
+    narrowing = math.sqrt(noise_variance / beta)  # σ/√β: the posterior's width at temperature 1/β
+    np.testing.assert_allclose(mean, reference, atol=narrowing)
+    active = np.abs(reference) > 0.05
+    assert active.sum() >= 8  # the comparison below covers real codes
+    expected = narrowing / np.linalg.norm(W, axis=0)  # (H,)
+    np.testing.assert_allclose(std[active], np.broadcast_to(expected, std.shape)[active], rtol=0.02)

@@ -234,8 +234,9 @@ def test_combinations_of_the_two_procedures_cannot_be_written(kwargs):
 @pytest.mark.parametrize("weights", [AnnealingWeights(), AnnealingWeights(likelihood=0.7, prior=6.0, entropy=1.3)])
 def test_fused_diagonal_e_step_equals_the_autograd_analytic_elbo_in_float64(weights):
     """Oracle: value (with the constant c_n added back) and gradients of ``DiagonalLaplaceEStep`` against
-    ``AnalyticELBO`` differentiated by autograd, including latents with tiny and huge |μ|/s."""
-    from sparse_elbo.inference.kernels import DiagonalLaplaceEStep
+    ``AnalyticELBO`` differentiated by autograd, including latents with tiny and huge |μ|/s (past the
+    kernel's cap on (μ/s)², so the cap is shown to change nothing beyond float64 rounding)."""
+    from sparse_elbo.inference.kernels import NEGLIGIBLE_TAIL_RATIO_SQUARED, DiagonalLaplaceEStep
 
     problem = small_problem("diag", n_data=40)
     with torch.no_grad():
@@ -247,6 +248,8 @@ def test_fused_diagonal_e_step_equals_the_autograd_analytic_elbo_in_float64(weig
         problem.posterior.log_std[0, 0] = -30.0  # s ≈ 1e-13: |μ|/s enormous
         problem.posterior.mean[1, 1] = 0.0
     block = problem.posterior.block_parameters(None)
+    ratio_squared = (block["mean"] / block["log_std"].exp()).detach().square()
+    assert int((ratio_squared > NEGLIGIBLE_TAIL_RATIO_SQUARED).sum()) >= 10
     value = AnalyticELBO()(problem.x, problem.posterior.gaussian(block), problem.model, weights)
     expected_loss = -problem.x.shape[0] * value.weighted
     expected_loss.backward()

@@ -14,6 +14,7 @@ from sparse_elbo.annealing import (
     ExponentialAnnealing,
     NoAnnealing,
     StepAnnealing,
+    TemperatureAnnealing,
 )
 from sparse_elbo.gaussians import DiagonalGaussian
 from sparse_elbo.metrics import gini, match_fields, posterior_sample_gini
@@ -160,6 +161,14 @@ def test_authors_amortised_linear_schedule():
         assert schedule(epoch).prior == pytest.approx(max(1.0, 2.0 - 0.1 * epoch), rel=1e-12)
     assert schedule.final_epoch() == 10
     assert schedule(10).prior == 1.0 and schedule(9).prior > 1.0
+
+
+def test_temperature_schedule_weights_likelihood_and_prior_alike_and_leaves_the_entropy():
+    schedule = TemperatureAnnealing()
+    weights = [schedule(e) for e in range(8)]
+    assert [w.likelihood for w in weights] == [10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 1.0, 1.0]
+    assert all(w.prior == w.likelihood and w.entropy == 1.0 for w in weights)
+    assert schedule.final_epoch() == 5 and weights[5].is_identity and not weights[4].is_identity
 
 
 @pytest.mark.parametrize("term", ["likelihood", "prior", "entropy"])
