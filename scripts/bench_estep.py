@@ -7,7 +7,8 @@ Measures, in float32 on the chosen device:
    whole data in blocks, against its floor: ``max(2NH² / matmul rate, 5·4NH bytes / bandwidth)`` — the
    product ``μ G`` and, for a perfectly fused kernel, reading μ, log s, ``Wᵀx`` and writing two gradients;
 3. ``sparse_elbo.score_dictionary`` (``max_q L_H`` at a fixed W, O(N·H²) per iteration) at the initial W;
-4. one epoch of ``experiment=patches_em`` over all of the same data (overrides after ``--``): its time, how many
+4. one unannealed epoch of ``experiment=patches_em_prior_annealing`` (``patches_em``'s EM from its random start)
+   over all of the same data (overrides after ``--``): its time, how many
    objective evaluations it made, and how that time splits between the evaluations and everything else
    (L-BFGS's own vector work, the sufficient statistics, the M-step).
 
@@ -100,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = sparse_elbo.compose(
         [
-            "experiment=patches_em",
+            "experiment=patches_em_prior_annealing",  # no start to learn before the epoch
             "trainer.epoch_subset_size=null",  # an epoch over every point: the evaluations counted are whole-data ones
             "trainer.average_last_epochs=1",
             f"dataset.n_patches={args.n_patches}",

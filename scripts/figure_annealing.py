@@ -6,7 +6,7 @@ runs that ``scripts/bench_annealing.py --out DIR`` keeps):
   per epoch, annealed epochs shaded.
 
     python scripts/figure_annealing.py --out docs/figures \\
-        "fast EM, fixed-scale annealing=DIR/em_0/results.h5" "fast EM, no annealing=DIR/em_none_0/results.h5" \\
+        "fast EM (patches_em)=DIR/em_0/results.h5" "fast EM, no annealing=DIR/em_none_0/results.h5" \\
         "authors' procedure=DIR/authors_0/results.h5"
 """
 
