@@ -199,8 +199,8 @@ def _lasso(x: np.ndarray, W: np.ndarray, noise_variance: float, scale: np.ndarra
 
 
 def test_temperature_annealing_tends_to_the_map_codes_with_posteriors_narrowed_by_the_root_of_beta():
-    """Weights ``(β, β, 1)`` on (likelihood, prior, entropy) at fixed σ², λ — ``annealing.term=[likelihood,prior]``
-    under fixed-scale annealing — are the analytic ELBO at temperature 1/β: as β grows, the E-step's means
+    """Weights ``(β, β, 1)`` on (likelihood, prior, entropy) at fixed σ², λ — ``annealing=temperature`` under
+    fixed-scale annealing — are the analytic ELBO at temperature 1/β: as β grows, the E-step's means
     tend to the MAP (lasso) codes of ``½||x - Wμ||²/σ² + Σ|μ_h|/λ_h`` and each active latent's s to
     ``σ / (√β ||W_h||)``, the root of the likelihood's curvature (the prior is flat away from 0)."""
     problem = small_problem("diag", n_data=8, seed=3)
@@ -210,7 +210,9 @@ def test_temperature_annealing_tends_to_the_map_codes_with_posteriors_narrowed_b
     W, noise_variance = model.W.detach().numpy(), 0.04
     reference = _lasso(problem.x.numpy(), W, noise_variance, np.full(6, 0.5))
     beta = 1e4
-    e_step(problem, torch.arange(8), iterations=3000, tolerance=0.0, weights=AnnealingWeights(likelihood=beta, prior=beta))
+    weights = TemperatureAnnealing(start=beta, step=1.0)(0)
+    assert weights == AnnealingWeights(likelihood=beta, prior=beta)
+    e_step(problem, torch.arange(8), iterations=3000, tolerance=0.0, weights=weights)
     mean = problem.posterior.mean.detach().numpy()
     std = problem.posterior.log_std.detach().exp().numpy()
     narrowing = math.sqrt(noise_variance / beta)  # σ/√β: the posterior's width at temperature 1/β
