@@ -38,11 +38,10 @@ import math
 import torch
 
 from sparse_elbo import closed_forms
-from sparse_elbo.inference.kernels import NEGLIGIBLE_TAIL_RATIO_SQUARED
+from sparse_elbo.inference.kernels import capped_density
 from sparse_elbo.objectives import DataStatistics, EntropyELBO
 from sparse_elbo.priors import LaplacePrior
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _ARMIJO = 1e-4
 _MAX_SCALE_STEP = 2.0  # largest change of log s in one Newton step
@@ -52,10 +51,9 @@ _RESOLVABLE = 1  # in rounding units of Σ_h E|z_h|/λ_h: a smaller predicted ri
 def _density_and_sign_mass(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``e = √(2/π) e^{-r²/2}``, ``erf(r/√2)`` and ``r = μ/s`` (N,H) each: ``closed_forms.folded_normal_parts``
     computed in place (no autograd here), which keeps the fit's inner loop up to a third faster, with r²
-    capped as in the fused kernel (``kernels.NEGLIGIBLE_TAIL_RATIO_SQUARED``)."""
+    capped as in the fused kernel (``kernels.capped_density``)."""
     ratio = mean / std
-    density = ratio.square().clamp_(max=NEGLIGIBLE_TAIL_RATIO_SQUARED).mul_(-0.5).exp_()
-    return density.mul_(_SQRT_2_OVER_PI), (ratio * _INV_SQRT_2).erf_(), ratio
+    return capped_density(ratio), (ratio * _INV_SQRT_2).erf_(), ratio
 
 
 class DiagonalNewtonFit:

@@ -41,6 +41,12 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 NEGLIGIBLE_TAIL_RATIO_SQUARED = 80.0
 
 
+def capped_density(ratio: torch.Tensor) -> torch.Tensor:
+    """``√(2/π) e^{-r²/2}`` for ``r = μ/s`` (a new array, computed in place), r² capped at
+    ``NEGLIGIBLE_TAIL_RATIO_SQUARED``; the fused kernel and the diagonal Newton fit share it."""
+    return ratio.square().clamp_(max=NEGLIGIBLE_TAIL_RATIO_SQUARED).mul_(-0.5).exp_().mul_(_SQRT_2_OVER_PI)
+
+
 class DiagonalLaplaceEStep:
     """``-Σ_n (F_n - c_n)`` and its gradient for the data points ``x (N,D)``; W, σ², λ, β fixed."""
 
@@ -65,8 +71,7 @@ class DiagonalLaplaceEStep:
         reuse: G μ - b, erf(r/√2), √(2/π) e^{-r²/2} s, s² (N,H) each."""
         std = log_std.exp().clamp_min_(torch.finfo(log_std.dtype).tiny)  # s (N,H)
         ratio = mean / std  # r (N,H)
-        density = ratio.square().clamp_(max=NEGLIGIBLE_TAIL_RATIO_SQUARED)  # r², capped
-        density.mul_(-0.5).exp_().mul_(_SQRT_2_OVER_PI)  # √(2/π) e^{-r²/2}
+        density = capped_density(ratio)  # √(2/π) e^{-r²/2}
         sign_mass = ratio.mul_(_INV_SQRT_2).erf_()  # erf(r/√2); ratio's storage is reused
         density_std = density.mul_(std)  # √(2/π) e^{-r²/2} s
         variance = std.square_()  # s² (std's storage is reused)
