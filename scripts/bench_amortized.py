@@ -38,15 +38,15 @@ OBJECTIVES = {
 }
 
 
-def encoder_floor(encoder: torch.nn.Module, n_data: int, batch_size: int, device: torch.device) -> str:
+def encoder_floor(encoder: torch.nn.Module, x: torch.Tensor, batch_size: int) -> str:
     """The encoder's matrix products per epoch (forward, and backward's two products per layer less the first
     layer's input gradient) against this machine's measured rate for its (B, hidden) @ (hidden, block) product."""
     layers = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
     if len(layers) < 2:
         return "no encoder: per-data-point posteriors"
+    n_data, device, dtype = x.shape[0], x.device, encoder.matmul_dtype(x)
     macs = sum(m.in_features * m.out_features for m in layers)  # per data point, forward
     flops = 2 * n_data * (3 * macs - layers[0].in_features * layers[0].out_features)
-    dtype = getattr(encoder, "compute_dtype", None) or torch.float32
     hidden, block = layers[1].in_features, layers[1].out_features
     a = torch.randn(batch_size, hidden, device=device, dtype=dtype)
     b = torch.randn(hidden, block, device=device, dtype=dtype)
@@ -76,7 +76,7 @@ def time_epochs(overrides: list[str], epochs: int) -> None:
         f"H={problem.model.n_latents}, device={problem.x.device}, dtype={problem.x.dtype}, "
         f"encoder parameters={sum(p.numel() for p in problem.posterior.parameters())}"
     )
-    print(encoder_floor(problem.posterior, problem.x.shape[0], trainer.batch_size, problem.x.device))
+    print(encoder_floor(problem.posterior, problem.x, trainer.batch_size))
     times, start_time, trainer_start = [], [], trainer.start
 
     def timed_start(*args):  # the starting dictionary (e.g. MAP sparse coding) is timed apart from the epochs

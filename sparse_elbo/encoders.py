@@ -10,8 +10,10 @@ with ``n_blocks`` residual blocks and activation ``a``. With ``compute_dtype="bf
 mean and std heads run under ``torch.autocast`` (bfloat16 matrix products, float32 accumulation; the weights,
 their gradients and the optimiser's state stay in the data's dtype) and their outputs are cast back before
 the softplus, so every closed form of the objective sees the data's dtype. Where the hardware multiplies
-bfloat16 natively (CPUs with AVX512-BF16 or AMX, recent GPUs) this roughly triples the encoder's matrix
-rate; elsewhere it is slower than float32 (docs/design.md §5). The covariance head is
+bfloat16 natively (CPUs with AVX512-BF16 or AMX, GPUs of compute capability 8.0 and later) this roughly
+triples the encoder's matrix rate; elsewhere bfloat16 products are emulated and far slower than float32
+(docs/design.md §5). ``compute_dtype="auto"`` chooses bfloat16 for float32 data on such hardware and the
+data's dtype everywhere else. The covariance head is
 
 - ``diag``:    ``Σ = diag(s²)``                                  -> ``DiagonalGaussian``
 - ``lowrank``: ``Σ = V Vᵀ + diag(s²)``, ``V = Linear(Hid → H·R)`` -> ``LowRankGaussian`` (entropy by the
@@ -37,7 +39,17 @@ from sparse_elbo.gaussians import DiagonalGaussian, LowRankGaussian
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.validation import require_at_least, require_one_of
 
-COMPUTE_DTYPES = {None: None, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPES = (None, "bfloat16", "auto")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: a CPU with AVX512-BF16 or AMX, a CUDA GPU of
+    compute capability 8.0 or later. Elsewhere torch emulates bfloat16 products, far slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 class ResidualBlock(nn.Module):
@@ -155,7 +167,7 @@ class AmortizedPosterior(nn.Module):
             raise ConfigError(f"posterior.init_std must be > posterior.std_floor={std_floor}, got {init_std}")
         self.n_observed, self.n_latents = int(n_observed), int(n_latents)
         self.covariance, self.rank, self.std_floor = covariance, int(rank), float(std_floor)
-        self.compute_dtype = COMPUTE_DTYPES[compute_dtype]
+        self.compute_dtype = compute_dtype
         self.activation = activation if activation is not None else nn.ReLU()
         self.input = nn.Linear(self.n_observed, hidden_width)
         self.blocks = nn.Sequential(*[ResidualBlock(hidden_width, block_width, self.activation) for _ in range(int(n_blocks))])
@@ -166,9 +178,17 @@ class AmortizedPosterior(nn.Module):
             self.std_head.weight.mul_(0.1)
             self.std_head.bias.fill_(math.log(math.expm1(init_std - std_floor)))
 
+    def matmul_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of the encoder's matrix products for the data ``x``: bfloat16 (under autocast) or x's own."""
+        bfloat16 = self.compute_dtype == "bfloat16" or (
+            self.compute_dtype == "auto" and x.dtype == torch.float32 and native_bfloat16(x.device)
+        )
+        return torch.bfloat16 if bfloat16 else x.dtype
+
     def forward(self, x: torch.Tensor):
         """x (N,D)  ->  a Gaussian batch of N posteriors."""
-        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
+        dtype = self.matmul_dtype(x)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != x.dtype):
             h = self.activation(self.blocks(self.input(x)))  # (N,Hid)
             mean, std_input = self.mean_head(h), self.std_head(h)  # (N,H), (N,H)
         h, mean, std_input = h.to(x.dtype), mean.to(x.dtype), std_input.to(x.dtype)

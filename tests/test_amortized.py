@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sparse_elbo
+from sparse_elbo import encoders
 from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.data import make_bars, split_held_out
 from sparse_elbo.encoders import AmortizedPosterior
@@ -140,6 +141,28 @@ def test_bfloat16_encoder_keeps_the_data_dtype_and_stays_near_the_float32_encode
         assert 1e-5 < error < 3e-2  # bfloat16 rounding is there, and no larger than a few of its units
     q_mixed.mean.sum().backward()
     assert mixed.input.weight.grad.dtype == torch.float32 and mixed.input.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_compute_dtype_uses_bfloat16_only_for_float32_data_on_native_hardware(native, monkeypatch):
+    """``auto`` gives exactly the bfloat16 encoder where the device multiplies bfloat16 natively and float32
+    data come in, and exactly the plain encoder otherwise (emulated bfloat16 is far slower than float32)."""
+    monkeypatch.setattr(encoders, "native_bfloat16", lambda device: native)
+    torch.manual_seed(0)
+    plain = AmortizedPosterior(32, 5)
+    mixed = AmortizedPosterior(32, 5, compute_dtype="bfloat16")
+    auto = AmortizedPosterior(32, 5, compute_dtype="auto")
+    mixed.load_state_dict(plain.state_dict())
+    auto.load_state_dict(plain.state_dict())
+    x = torch.randn(64, 32)
+    expected = mixed(x) if native else plain(x)
+    assert not torch.equal(mixed(x).mean, plain(x).mean)  # the two paths differ, so equality below identifies one
+    assert torch.equal(auto(x).mean, expected.mean) and torch.equal(auto(x).variance, expected.variance)
+    assert auto.matmul_dtype(x) == (torch.bfloat16 if native else torch.float32)
+    x64 = x.double()
+    plain64, auto64 = plain.double(), auto.double()
+    assert auto64.matmul_dtype(x64) == torch.float64
+    assert torch.equal(auto64(x64).mean, plain64(x64).mean)  # float64 data keep float64 products
 
 
 def test_unknown_compute_dtype_is_a_config_error():
