@@ -107,7 +107,10 @@ def test_score_dictionary_equals_lbfgs_block_coordinate_ascent():
     with torch.no_grad():
         reference = EntropyELBO()(x, problem.q(), problem.model)
     assert score.elbo == pytest.approx(float(reference.elbo), abs=1e-8)
-    assert score.sigma2 == pytest.approx(float(reference.sigma2), rel=1e-6)
+    # The ELBO is flat at its maximum, so two optimisers that agree on it to float64 rounding (≈ 1e-12 here)
+    # can still end σ²* apart by about 1e-6 of itself: with one thread, or with L-BFGS run to a zero tolerance,
+    # the reference's σ²* moves by 1e-6 (relative) while its ELBO moves by 1e-12.
+    assert score.sigma2 == pytest.approx(float(reference.sigma2), rel=1e-5)
     torch.testing.assert_close(score.lam, reference.lam, rtol=1e-6, atol=0.0)
 
 
