@@ -47,17 +47,6 @@ def capped_density(ratio: torch.Tensor) -> torch.Tensor:
     return ratio.square().clamp_(max=NEGLIGIBLE_TAIL_RATIO_SQUARED).mul_(-0.5).exp_().mul_(_SQRT_2_OVER_PI)
 
 
-def _sum_of_rows(values: torch.Tensor) -> torch.Tensor:
-    """``Σ values`` (float64 scalar) of per-point values (N,) or (N,H), each point's row summed in its own dtype.
-
-    The loss is a sum over up to the whole data set: in float32 its rounding (≈ 1e-7 of ~10⁶) would hide the
-    changes that the line search compares once the E-step is nearly converged, so the points' totals are
-    added in float64. A row's own sum (H terms) stays in float32, which adds rounding of the size its terms
-    already carry, and spares the float64 copy of an (N,H) array at every evaluation."""
-    rows = values.sum(-1) if values.dim() > 1 else values
-    return rows.sum(dtype=torch.float64)
-
-
 class DiagonalLaplaceEStep:
     """``-Σ_n (F_n - c_n)`` and its gradient for the data points ``x (N,D)``; W, σ², λ, β fixed."""
 
@@ -86,15 +75,15 @@ class DiagonalLaplaceEStep:
         sign_mass = ratio.mul_(_INV_SQRT_2).erf_()  # erf(r/√2); ratio's storage is reused
         density_std = density.mul_(std)  # √(2/π) e^{-r²/2} s
         variance = std.square_()  # s² (std's storage is reused)
-        gram_mean_minus_b = (mean @ self.gram).sub_(self.projection)  # G μ - b (N,H)
+        gram_mean = mean @ self.gram  # G μ (N,H)
         expected_abs = density_std + mean * sign_mass  # E|z| (N,H)
-        # μᵀGμ - 2bᵀμ = (Gμ - b)ᵀμ - bᵀμ per point, summed over points in float64
-        energy = _sum_of_rows(
-            torch.linalg.vecdot(gram_mean_minus_b, mean)
-            - torch.linalg.vecdot(self.projection, mean)
-            + variance @ self.gram_diagonal
+        # The sums are accumulated in float64 even for float32 parameters: the loss is a sum over up to
+        # the whole data set, and in float32 its rounding (≈ 1e-7 of ~10⁶) hides the changes that the
+        # line search must compare once the E-step is nearly converged, so it stops early.
+        energy = ((gram_mean - 2.0 * self.projection) * mean).sum(dtype=torch.float64) + (variance @ self.gram_diagonal).sum(
+            dtype=torch.float64
         )
-        return expected_abs, energy, gram_mean_minus_b, sign_mass, density_std, variance
+        return expected_abs, energy, gram_mean.sub_(self.projection), sign_mass, density_std, variance
 
     def _gradients(self, pieces, likelihood_scale, prior_scale):
         """∂loss/∂μ = β_lik (Gμ - b)/σ² + β_prior erf(r/√2)/λ,
@@ -113,7 +102,11 @@ class DiagonalLaplaceEStep:
         likelihood_scale = beta.likelihood / self.sigma2
         prior_scale = beta.prior * self.inverse_lambda  # (H,)
         expected_abs, energy, *pieces = self._terms(mean, log_std)
-        loss = 0.5 * likelihood_scale * energy + _sum_of_rows(expected_abs @ prior_scale) - beta.entropy * _sum_of_rows(log_std)
+        loss = (
+            0.5 * likelihood_scale * energy
+            + (expected_abs @ prior_scale).sum(dtype=torch.float64)
+            - beta.entropy * log_std.sum(dtype=torch.float64)
+        )
         return (loss, *self._gradients(pieces, likelihood_scale, prior_scale))
 
     @torch.no_grad()
@@ -177,7 +170,7 @@ class DiagonalLaplaceEntropyEStep(DiagonalLaplaceEStep):
         loss = (
             beta.prior * n * torch.log(lam).sum()
             + beta.likelihood * 0.5 * n * D * torch.log(sigma2)
-            - beta.entropy * _sum_of_rows(log_std)
+            - beta.entropy * log_std.sum(dtype=torch.float64)
         )
         likelihood_scale = (beta.likelihood / sigma2).to(mean.dtype)
         prior_scale = (beta.prior / lam).to(mean.dtype)  # (H,)
