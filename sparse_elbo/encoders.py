@@ -28,6 +28,7 @@ for refining q per data point and measuring the amortisation gap.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,9 +43,11 @@ from sparse_elbo.validation import require_at_least, require_one_of
 COMPUTE_DTYPES = (None, "bfloat16", "auto")
 
 
+@functools.cache
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 in hardware: a CPU with AVX512-BF16 or AMX, a CUDA GPU of
-    compute capability 8.0 or later. Elsewhere torch emulates bfloat16 products, far slower than float32."""
+    compute capability 8.0 or later. Elsewhere torch emulates bfloat16 products, far slower than float32.
+    Asked once per device (every forward pass consults it)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
