@@ -100,9 +100,14 @@ def settings_from_arguments(schema: type, arguments: list[str]):
 
 
 def run_tool(main: Callable[[list[str]], object], arguments: list[str] | None = None) -> None:
-    """Run a ``key=value`` tool; user errors become one line on stderr and exit status 2."""
+    """Run a ``key=value`` tool; ``-h``/``--help`` prints its module's docstring (its settings), user errors
+    become one line on stderr and exit status 2."""
+    arguments = sys.argv[1:] if arguments is None else arguments
+    if any(argument in ("-h", "--help") for argument in arguments):
+        print(sys.modules[main.__module__].__doc__)
+        return
     try:
-        main(sys.argv[1:] if arguments is None else arguments)
+        main(arguments)
     except Exception as error:
         exit_on_user_error(error)
         raise

@@ -9,7 +9,14 @@ covers it. The noise level is never given: the model's σ² is learned.
 - ``denoise_image(noisy)``: blind — the model is first learned from the noisy image's own patches
   (``experiment=denoise``), then used on them.
 
-Command line: ``python -m sparse_elbo.denoise image=PATH [results=PATH] [out=PATH] [key=value ...]``.
+Command line: ``python -m sparse_elbo.denoise image=PATH [results=PATH] [out=PATH] [key=value ...]``. Settings:
+
+    image         a grey or colour image file (read as grey, scaled to [0, 1]) or a .npy array (required)
+    results       a trained model's results.h5; none: learn one from the image's own patches (blind)
+    refit_scales  with results=: learn σ², λ afresh from this image's patches (true) or keep the model's
+    out           the denoised image (.png or .npy; default: beside the image); never overwritten
+    patch_size    p of the p×p patches (blind model);  stride: pixels between patches
+    iterations    L-BFGS iterations per block when encoding;  seed: the blind model's run seed
 """
 
 from __future__ import annotations

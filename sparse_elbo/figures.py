@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sparse_elbo.cli import report_user_errors  # noqa: E402
 from sparse_elbo.plot_run import field_shape, plot_dictionary  # noqa: E402  (one run's dictionary ordered by λ)
 from sparse_elbo.sweeps import Group, group_runs, load_runs  # noqa: E402
 
@@ -352,12 +353,12 @@ def draw_all(root: Path, out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", type=Path, help="a sweep directory (searched recursively for results.h5)")
-    parser.add_argument("--out", type=Path, default=None, help="default: SWEEP/figures")
+    parser.add_argument("sweep", type=Path, help="a sweep directory (searched recursively for results.h5), or one results file")
+    parser.add_argument("--out", type=Path, default=None, help="default: SWEEP/figures (beside the file for one results file)")
     args = parser.parse_args()
     if not args.sweep.exists():
-        parser.error(f"{args.sweep}: no such directory")
-    written = draw_all(args.sweep, args.out or args.sweep / "figures")
+        parser.error(f"{args.sweep}: no such directory or file")
+    written = draw_all(args.sweep, args.out or (args.sweep.parent if args.sweep.is_file() else args.sweep) / "figures")
     if not written:
         print(f"{args.sweep}: no readable results files, no figures", file=sys.stderr)
         sys.exit(1)
@@ -366,4 +367,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)

@@ -61,6 +61,12 @@ def headline(directory: Path, quantities) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) < 6:
+        print(
+            "usage: python -m sparse_elbo.report MODE REPORT TOTAL_S JOBS THREADS [NAME|SWEEP_S|POST_S ...] (called by scripts/reproduce.sh)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     mode, report, total, jobs, threads, *times = sys.argv[1:]
     suffix = "_quick" if mode == "quick" else ""
     lines = [

@@ -191,10 +191,15 @@ def _read_group(group: h5py.Group) -> dict:
 
 
 def read_results(path: str | Path) -> Results:
-    """Read a results file (also one still being written, or left by a failed run)."""
+    """Read a results file (also one still being written, or left by a failed run). A missing path or a
+    file that is not HDF5 is a user error naming the path."""
     import yaml
 
     path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{str(path)!r}: no such results file")
+    if not h5py.is_hdf5(path):
+        raise ConfigError(f"{str(path)!r}: not a results file (not HDF5)")
     with h5py.File(path, "r") as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         config = yaml.safe_load(attrs.get("config", "")) or {}

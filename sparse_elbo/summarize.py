@@ -18,6 +18,7 @@ import csv
 import sys
 from pathlib import Path
 
+from sparse_elbo.cli import report_user_errors
 from sparse_elbo.sweeps import (
     QUANTITIES,
     group_runs,
@@ -39,7 +40,10 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def summarize(root: Path, out: Path | None = None, quiet: bool = False) -> str:
-    out = out or root
+    """Tables of the runs under ``root`` (a sweep directory, or one results file) written to ``out``
+    (default: ``root``, or the file's folder)."""
+    folder = root.parent if root.is_file() else root  # paths in the tables are relative to it
+    out = out or folder
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(root)
     groups = group_runs(runs)
@@ -50,7 +54,7 @@ def summarize(root: Path, out: Path | None = None, quiet: bool = False) -> str:
     run_rows = []
     group_of = {id(r): g for g in groups for r in g.runs}
     for r in runs:
-        row = {"path": relative(r.path, root), "status": r.status, "reason": r.reason}
+        row = {"path": relative(r.path, folder), "status": r.status, "reason": r.reason}
         if id(r) in group_of:
             row.update(group_of[id(r)].label)
             if r.finished:
@@ -73,7 +77,7 @@ def summarize(root: Path, out: Path | None = None, quiet: bool = False) -> str:
         for r in failed:
             name = group_of[id(r)].name if id(r) in group_of else ""
             reason = (r.reason or "").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {relative(r.path, root)} | {r.status} | {name} | {reason} |")
+            lines.append(f"| {relative(r.path, folder)} | {r.status} | {name} | {reason} |")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     if not quiet:
@@ -84,13 +88,13 @@ def summarize(root: Path, out: Path | None = None, quiet: bool = False) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", type=Path, help="a sweep directory (searched recursively for results.h5)")
+    parser.add_argument("sweep", type=Path, help="a sweep directory (searched recursively for results.h5), or one results file")
     parser.add_argument("--out", type=Path, default=None, help="where to write the tables (default: the sweep directory)")
     args = parser.parse_args()
     if not args.sweep.exists():
-        parser.error(f"{args.sweep}: no such directory")
+        parser.error(f"{args.sweep}: no such directory or file")
     summarize(args.sweep, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)

@@ -323,6 +323,38 @@ def test_an_existing_results_file_is_a_user_error_and_is_left_alone(tmp_path):
     assert read_results(tmp_path / "run" / "results.h5").status == "finished"
 
 
+@pytest.mark.parametrize(
+    "tool,arguments,message",
+    [
+        ("train", ["resume={junk}"], "not a results file (not HDF5)"),
+        ("train", ["resume={missing}"], "no such results file"),
+        ("plot_run", ["{junk}"], "not a results file (not HDF5)"),
+        ("plot_run", ["{missing}"], "no such results file"),
+        ("encode", ["results={junk}", "data={data}"], "not a results file (not HDF5)"),
+    ],
+)
+def test_a_file_that_is_not_a_results_file_is_a_one_line_user_error(tmp_path, tool, arguments, message):
+    junk, data = tmp_path / "results.h5", tmp_path / "x.npy"
+    junk.write_text("not HDF5")
+    np.save(data, np.zeros((3, 4)))
+    names = {"junk": junk, "missing": tmp_path / "missing.h5", "data": data}
+    out = subprocess.run(
+        [sys.executable, "-m", f"sparse_elbo.{tool}", *(a.format(**names) for a in arguments)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("tool,first_line", [("encode", "Encode new data"), ("denoise", "Image denoising")])
+def test_key_value_tools_print_their_settings_for_help(tmp_path, tool, first_line):
+    out = subprocess.run([sys.executable, "-m", f"sparse_elbo.{tool}", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith(first_line) and "results" in out.stdout, out.stderr
+
+
 def test_only_user_errors_are_reported_as_one_line():
     """A user error anywhere in an exception's cause chain is reported as one line; anything else is a bug and
     keeps its traceback."""

@@ -167,6 +167,19 @@ def test_figures_are_written_from_a_sweep(sweep, tmp_path):
             assert (tmp_path / "figures" / f"{name}.{suffix}").stat().st_size > 1000, (name, suffix)
 
 
+def test_one_results_file_is_summarised_beside_it(sweep, tmp_path):
+    root, _ = sweep
+    finished = next(f for f in sorted((root / "sweep").glob("*/results.h5")) if read_results(f).status == "finished")
+    copy = tmp_path / "one" / "results.h5"
+    copy.parent.mkdir()
+    shutil.copy(finished, copy)
+    out = _tool("summarize", copy, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / "one" / "runs.csv") as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["path"] == "results.h5" and row["status"] == "finished" and float(row["elbo"]) == pytest.approx(float(read_results(copy).final["elbo"]))
+
+
 def test_groups_follow_the_stored_config_not_the_directories(sweep, tmp_path):
     root, _ = sweep
     groups = group_runs([r for r in load_runs(root / "sweep") if r.results is not None and "W_true" in r.results.data])
