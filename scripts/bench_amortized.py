@@ -13,11 +13,19 @@ refining q per data point, the amortisation gap, and the importance-sampled log 
 setting, e.g. the full-size one:
 
     python scripts/bench_amortized.py --time-epochs 1 experiment=patches_amortized
+
+``--breakdown S`` says where an epoch's time goes: S minibatch steps of the setting (from a random dictionary)
+timed in cumulative stages — the encoder's forward pass, its forward and backward pass, the trainer's step
+without Adam's update (objective and full-data statistics), the whole step — each the best of three passes,
+scaled to one epoch of the setting and set against the floor of its matrix products:
+
+    python scripts/bench_amortized.py --breakdown 100 experiment=patches_amortized
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -38,13 +46,14 @@ OBJECTIVES = {
 }
 
 
-def encoder_floor(encoder: torch.nn.Module, x: torch.Tensor, batch_size: int) -> str:
-    """The encoder's matrix products per epoch (forward, and backward's two products per layer less the first
-    layer's input gradient) against this machine's measured rate for its (B, hidden) @ (hidden, block) product."""
+def encoder_floor(encoder: torch.nn.Module, x: torch.Tensor, batch_size: int, n_data: int | None = None) -> str:
+    """The encoder's matrix products per epoch of ``n_data`` points (default: x's; forward, and backward's two
+    products per layer less the first layer's input gradient) against this machine's measured rate for its
+    (B, hidden) @ (hidden, block) product."""
     layers = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
     if len(layers) < 2:
         return "no encoder: per-data-point posteriors"
-    n_data, device, dtype = x.shape[0], x.device, encoder.matmul_dtype(x)
+    n_data, device, dtype = n_data or x.shape[0], x.device, encoder.matmul_dtype(x)
     macs = sum(m.in_features * m.out_features for m in layers)  # per data point, forward
     flops = 2 * n_data * (3 * macs - layers[0].in_features * layers[0].out_features)
     hidden, block = layers[1].in_features, layers[1].out_features
@@ -100,6 +109,54 @@ def time_epochs(overrides: list[str], epochs: int) -> None:
     )
 
 
+def breakdown(overrides: list[str], steps: int, repeats: int = 3) -> None:
+    setting = sparse_elbo.compose(overrides)
+    batch_size, n_data = int(setting.trainer.batch_size), int(setting.dataset.n_patches)
+    cfg = sparse_elbo.compose([*overrides, f"dataset.n_patches={steps * batch_size}", "trainer/initialisation=random"])
+    components = build(cfg)
+    problem, trainer = components.problem, components.trainer
+    encoder, x = problem.posterior, problem.x
+    state, weights = trainer.start(problem, None), problem.annealing(0)
+    trainer.train_epoch(problem, state, 0, weights)  # fills the full-data statistics, warms every kernel
+    batches = torch.randperm(x.shape[0]).split(batch_size)
+    scale = math.ceil(n_data / batch_size) / len(batches)  # the steps of one epoch of the setting per step timed
+    print(encoder_floor(encoder, x, batch_size, n_data))
+
+    def forward():
+        with torch.no_grad():
+            for index in batches:
+                encoder(x[index])
+
+    def forward_backward():
+        for index in batches:
+            encoder.zero_grad(set_to_none=True)
+            q = encoder(x[index])
+            (q.mean.sum() + q.variance.sum()).backward()
+
+    adam_step = state.optimizer.step
+
+    def without_update():
+        state.optimizer.step = lambda: None
+        try:
+            trainer.train_epoch(problem, state, 1, weights)
+        finally:
+            state.optimizer.step = adam_step
+
+    stages = {
+        "encoder forward": forward,
+        "encoder forward + backward": forward_backward,
+        "+ objective and statistics (the step without Adam's update)": without_update,
+        "+ Adam's update (the whole step)": lambda: trainer.train_epoch(problem, state, 1, weights),
+    }
+    for name, stage in stages.items():
+        best = math.inf
+        for _ in range(repeats):
+            began = time.perf_counter()
+            stage()
+            best = min(best, time.perf_counter() - began)
+        print(f"{name}: {best * scale:.2f} s per epoch", flush=True)
+
+
 def compare_objectives(overrides: list[str], objectives: list[str], epochs: int) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,6 +210,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help=f"comma-separated subset of {list(OBJECTIVES)}")
     parser.add_argument("--time-epochs", type=int, default=0, help="only time this many training epochs")
+    parser.add_argument("--breakdown", type=int, default=0, help="time this many steps in stages (module docstring)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides; default experiment=patches_amortized_small")
     args = parser.parse_args()
@@ -168,6 +226,9 @@ def main() -> None:
     )
     if args.time_epochs:
         time_epochs(overrides, args.time_epochs)
+        return
+    if args.breakdown:
+        breakdown(overrides, args.breakdown)
         return
     unknown = set(args.objectives.split(",")) - set(OBJECTIVES)
     if unknown:
