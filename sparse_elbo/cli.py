@@ -65,9 +65,9 @@ def exit_on_user_error(error: BaseException) -> None:
 
 
 def report_user_errors(main: Callable[[], object]) -> None:
-    """Run a command-line ``main`` (a Hydra entry point): user errors become one line on stderr and exit
-    status 2 (module docstring). Errors inside a single run's task are reported there (``exit_on_user_error``),
-    before Hydra prints its own line about the failed job."""
+    """Run a command-line ``main`` (a Hydra entry point or an argparse tool): user errors become one line on
+    stderr and exit status 2 (module docstring). Errors inside a single run's task are reported there
+    (``exit_on_user_error``), before Hydra prints its own line about the failed job."""
     _SHOW_TRACEBACKS["value"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing, so the error can be classified
     try:
