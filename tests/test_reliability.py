@@ -197,7 +197,9 @@ def _wait_for_epochs(path: Path, n: int, process, timeout: float = 240.0) -> Non
                 with h5py.File(path, "r") as f:
                     if "epoch" in f["metrics"] and f["metrics/epoch"].shape[0] >= n:
                         return
-            except (OSError, KeyError):  # caught between the writer's open and close (objects not yet on disk)
+            # caught between the writer's open and close: objects not yet on disk (OSError, KeyError) or metadata
+            # half-written (h5py's RuntimeError 'addr overflow', seen once in CI); the process is polled again
+            except (OSError, KeyError, RuntimeError):
                 pass
         time.sleep(0.05)
     raise TimeoutError(f"{path} did not reach {n} epochs")

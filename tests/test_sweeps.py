@@ -177,7 +177,11 @@ def test_one_results_file_is_summarised_beside_it(sweep, tmp_path):
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "one" / "runs.csv") as handle:
         (row,) = csv.DictReader(handle)
-    assert row["path"] == "results.h5" and row["status"] == "finished" and float(row["elbo"]) == pytest.approx(float(read_results(copy).final["elbo"]))
+    assert (
+        row["path"] == "results.h5"
+        and row["status"] == "finished"
+        and float(row["elbo"]) == pytest.approx(float(read_results(copy).final["elbo"]))
+    )
 
 
 def test_groups_follow_the_stored_config_not_the_directories(sweep, tmp_path):
