@@ -110,6 +110,8 @@ def time_epochs(overrides: list[str], epochs: int) -> None:
 
 
 def breakdown(overrides: list[str], steps: int, repeats: int = 3) -> None:
+    """Time ``steps`` minibatch steps in cumulative stages (module docstring), at the first epoch's annealing
+    weights, each stage the best of ``repeats`` passes, scaled to an epoch of the setting's data."""
     setting = sparse_elbo.compose(overrides)
     batch_size, n_data = int(setting.trainer.batch_size), int(setting.dataset.n_patches)
     cfg = sparse_elbo.compose([*overrides, f"dataset.n_patches={steps * batch_size}", "trainer/initialisation=random"])
