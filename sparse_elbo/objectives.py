@@ -17,6 +17,7 @@ import torch
 from sparse_elbo import closed_forms
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.errors import ConfigError
+from sparse_elbo.gaussians import DiagonalGaussian
 
 UNIT_WEIGHTS = AnnealingWeights()
 
@@ -64,6 +65,16 @@ def _expectation_value(log_lik, log_prior, entropy, weights, sigma2, lam) -> Obj
     )
 
 
+def _detached(value: ObjectiveValue) -> ObjectiveValue:
+    return ObjectiveValue(
+        elbo=value.elbo.detach(),
+        weighted=value.weighted.detach(),
+        terms={name: term.detach() for name, term in value.terms.items()},
+        sigma2=value.sigma2.detach(),
+        lam=value.lam.detach(),
+    )
+
+
 def _autograd_only(posterior) -> bool:
     """``has_closed_form_gradient`` of the objectives without one: trainers use autograd."""
     return False
@@ -73,7 +84,8 @@ class Objective(Protocol):
     """The contract of an objective: ``objective(x, q, model, weights, generator, statistics)`` returns the
     ``ObjectiveValue`` of the data ``x (N,D)`` with Gaussians ``q`` under ``model``; it declares its ``name``
     (what trainers list in their capabilities), whether it learns σ², λ as parameters or uses their optima,
-    whether it needs the unit-norm gauge, and whether it has a closed-form gradient for a posterior."""
+    whether it needs the unit-norm gauge, and whether it has a closed-form gradient for a posterior (a whole
+    per-data-point posterior) or for a minibatch of Gaussians ``q`` (what minibatch trainers step on)."""
 
     name: str
     learns_noise_and_prior_scale: bool
@@ -83,6 +95,8 @@ class Objective(Protocol):
 
     def has_closed_form_gradient(self, posterior) -> bool: ...
 
+    def has_closed_form_batch_gradient(self, q) -> bool: ...
+
 
 class AnalyticELBO:
     """Closed-form ELBO with σ² and λ as learned model parameters."""
@@ -91,6 +105,7 @@ class AnalyticELBO:
     learns_noise_and_prior_scale = True
     requires_unit_norm = False
     has_closed_form_gradient = staticmethod(_autograd_only)
+    has_closed_form_batch_gradient = staticmethod(_autograd_only)
 
     def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
         W = model.W  # (D,H)
@@ -108,6 +123,7 @@ class SampledELBO:
     learns_noise_and_prior_scale = True
     requires_unit_norm = False
     has_closed_form_gradient = staticmethod(_autograd_only)
+    has_closed_form_batch_gradient = staticmethod(_autograd_only)
 
     def __init__(self, n_samples: int = 1):
         if int(n_samples) < 1:
@@ -187,6 +203,56 @@ class EntropyELBO:
         gradients = {named["mean"]: grad_mean, model.W_raw: model.raw_gradient(grad_W)}
         gradients.update({named[name]: grad for name, grad in grads.items()})
         return value, gradients
+
+    @staticmethod
+    def has_closed_form_batch_gradient(q) -> bool:
+        """Minibatches of diagonal Gaussians (an encoder's output, or rows of per-data-point posteriors)."""
+        return isinstance(q, DiagonalGaussian)
+
+    def batch_value_and_gradient(self, x, q, model, weights=UNIT_WEIGHTS, statistics_of=None, prior_scale=None):
+        """The value of the minibatch ``x (B,D)`` with diagonal Gaussians ``q`` (what ``__call__`` returns) and
+        the gradient of its weighted value with respect to ``q.mean``, ``q.std`` (B,H) and ``W`` (D,H) in closed
+        form, so that a minibatch step backpropagates from ``q`` alone (an encoder's own backward pass).
+
+        ``statistics_of(r (B,), t (B,H)) -> DataStatistics`` gives the means behind ``σ²*, λ*`` from the batch's
+        rows (a trainer's full-data store, whose gradient is that of the batch means); None: the batch's means.
+        Either way the weighted value ``F`` sees the batch through ``Hq = mean_n H[q_n]``, ``R = mean r`` and
+        ``t̄ = mean t`` with the batch means' gradients. With ``(a, ρ, τ) = ∂F/∂(Hq, R, t̄)`` (from the small
+        graph of ``from_statistics``: any prior, fixed ``prior_scale`` or not), ``e_n = x_n - W μ_n`` and
+        ``r_n = ||e_n||² + Σ_h G_hh s_nh²``:
+
+            ∂F/∂μ_n = (1/B) (-2ρ Wᵀe_n + τ ⊙ ∂t_n/∂μ_n),
+            ∂F/∂s_n = (1/B) (2ρ G_hh s_n + τ ⊙ ∂t_n/∂s_n + a / s_n),
+            ∂F/∂W   = (2ρ/B) (-Σ_n e_n μ_nᵀ + W diag(Σ_n s_n²)),
+
+        where the prior's ``statistic_and_derivatives`` gives ``∂t/∂μ = -k g`` and ``∂t/∂s = k c s`` (``k`` its
+        statistic degree: ``E_q[log p(z; λ)] = -t/(kλ) + const``).
+
+        Returns the ``ObjectiveValue`` (detached) and ``(grad_mean, grad_std, grad_W)``.
+        """
+        B, D = x.shape
+        with torch.no_grad():
+            W, mean, std = model.W, q.mean.detach(), q.std.detach()  # (D,H), (B,H), (B,H)
+            gram_diagonal = W.pow(2).sum(0)  # G_hh (H,)
+            error = x - mean @ W.T  # e (B,D)
+            residual = error.pow(2).sum(-1) + (std * std) @ gram_diagonal  # r (B,)
+            statistic, prior_gradient, prior_curvature = model.prior.statistic_and_derivatives(mean, std)  # t, g, c (B,H)
+            if statistics_of is None:
+                means = DataStatistics(residual.mean(), statistic.mean(0))
+            else:
+                means = statistics_of(residual, statistic)
+            leaves = (q.entropy().mean(), means.residual, means.prior_statistic)
+        leaves = tuple(leaf.detach().requires_grad_(True) for leaf in leaves)
+        with torch.enable_grad():
+            value = self.from_statistics(leaves[0], DataStatistics(*leaves[1:]), D, model.prior, weights, prior_scale)
+            a, rho, tau = torch.autograd.grad(value.weighted, leaves)
+        with torch.no_grad():
+            k = model.prior.statistic_degree
+            a, rho, tau = (derivative.to(mean.dtype) / B for derivative in (a, rho, tau))
+            grad_mean = (error @ W).mul_(-2.0 * rho).sub_(prior_gradient * (k * tau))
+            grad_std = std * (2.0 * rho * gram_diagonal + (k * tau) * prior_curvature) + a / std
+            grad_W = (error.T @ mean).mul_(-2.0 * rho).add_(W * (2.0 * rho * (std * std).sum(0)))
+        return _detached(value), (grad_mean, grad_std, grad_W)
 
     def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None, prior_scale=None):
         if statistics is None:

@@ -5,6 +5,7 @@ variance of the analytic objectives, Adam raising the held-out ELBO on tiny bars
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 import sparse_elbo
 from sparse_elbo import encoders
-from sparse_elbo.annealing import NoAnnealing
+from sparse_elbo.annealing import AnnealingWeights, NoAnnealing
 from sparse_elbo.data import make_bars, split_held_out
 from sparse_elbo.encoders import AmortizedPosterior
 from sparse_elbo.errors import ConfigError
@@ -24,6 +25,7 @@ from sparse_elbo.metrics import match_fields
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO, EntropyELBO, SampledELBO
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
+from sparse_elbo.priors import GaussianPrior, LaplacePrior
 from sparse_elbo.problem import Problem
 from sparse_elbo.results import read_results
 from sparse_elbo.runner import build, run
@@ -201,6 +203,90 @@ def test_full_statistics_store_gives_full_data_values_and_the_batch_estimate_of_
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("prior_scale", [None, 0.7], ids=["lambda_star", "fixed_scale"])
+@pytest.mark.parametrize("statistics", ["full", "batch"])
+@pytest.mark.parametrize("prior", ["laplace", "gaussian"])
+@pytest.mark.parametrize("family", ["amortized", "per_data_point"])
+def test_closed_form_minibatch_gradient_equals_autograd(family, prior, statistics, prior_scale):
+    """``EntropyELBO.batch_value_and_gradient`` (the Adam step's closed form) against autograd through
+    ``__call__`` for every encoder weight (or per-point parameter) and W_raw, with annealing weights, the
+    full-data store or the batch's own statistics, at λ* or a fixed prior scale; the store's rows follow."""
+    problem = _problem("diag", N=12, D=6, H=3, seed=71)
+    if prior == "gaussian":
+        problem.model.prior = GaussianPrior()
+    if family == "per_data_point":
+        problem.posterior = problem.posterior.per_data_point(problem.x)
+        problem.posterior.requires_grad_(True)
+    x, model, objective = problem.x, problem.model, problem.objective
+    with torch.no_grad():
+        model.W_raw.mul_(torch.linspace(0.5, 2.0, 3, dtype=F64))  # non-unit raw columns: the gauge chain matters
+    weights = AnnealingWeights(likelihood=0.7, prior=1.8, entropy=1.3)
+    fixed = {} if prior_scale is None else {"prior_scale": torch.full((3,), prior_scale, dtype=F64)}
+    index = torch.tensor([1, 5, 9, 10])
+    stores = [StatisticsStore(problem, block_size=5) for _ in range(2)]
+    for store in stores:
+        store.refresh()
+    q = problem.q(index)
+    params = [*problem.posterior.parameters(), model.W_raw]
+    reference_statistics = None
+    if statistics == "full":
+        reference_statistics = stores[0].statistics(index, *objective.batch_statistics(x[index], q, model))
+    reference = objective(x[index], q, model, weights, statistics=reference_statistics, **fixed)
+    expected = torch.autograd.grad(reference.weighted, params, retain_graph=True)
+    statistics_of = functools.partial(stores[1].statistics, index) if statistics == "full" else None
+    value, (grad_mean, grad_std, grad_W) = objective.batch_value_and_gradient(x[index], q, model, weights, statistics_of, **fixed)
+    torch.testing.assert_close(value.weighted, reference.weighted.detach(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(value.elbo, reference.elbo.detach(), rtol=1e-13, atol=1e-13)
+    got = torch.autograd.grad((q.mean, q.std), params[:-1], (grad_mean, grad_std)) + (model.raw_gradient(grad_W),)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stores[1].residual, stores[0].residual, rtol=1e-14, atol=0)
+    torch.testing.assert_close(stores[1].prior_statistic, stores[0].prior_statistic, rtol=1e-14, atol=0)
+
+
+def test_minibatch_gradient_check_is_sensitive_to_the_batch_size_factor(monkeypatch):
+    """Adam hides a common scale of the gradient, so the check above must see one: the prior's part of the
+    closed form B times too large (per point instead of per batch mean) fails it."""
+    problem = _problem("diag", N=12, D=6, H=3, seed=72)
+    x, model, objective = problem.x, problem.model, problem.objective
+    index = torch.tensor([0, 3, 4, 8])
+    q = problem.q(index)
+    params = list(problem.posterior.parameters())
+    expected = torch.autograd.grad(objective(x[index], q, model).weighted, params, retain_graph=True)
+    derivatives = LaplacePrior.statistic_and_derivatives
+    monkeypatch.setattr(
+        LaplacePrior,
+        "statistic_and_derivatives",
+        lambda self, m, s: (lambda t, g, c: (t, 4 * g, 4 * c))(*derivatives(self, m, s)),
+    )
+    _, (grad_mean, grad_std, _) = objective.batch_value_and_gradient(x[index], q, model)
+    got = torch.autograd.grad((q.mean, q.std), params, (grad_mean, grad_std))
+    assert not all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["annealing=prior", "annealing.start=2", "annealing.step=1", "trainer.annealed_prior_scale=fixed"]]
+)
+def test_adam_with_the_closed_form_gradient_follows_the_autograd_path(extra):
+    """Two epochs of Adam on tiny bars in float64 end at the same encoder, W and stored statistics whether
+    the step's gradient comes from the closed form or from autograd through the objective."""
+    states = []
+    for fused in (True, False):
+        cfg = sparse_elbo.compose(
+            [*TINY, "dtype=float64", "trainer.statistics_refresh_every=0", *extra, f"trainer.fused_objective={fused}"]
+        )
+        components = build(cfg)
+        problem, trainer = components.problem, components.trainer
+        state = trainer.start(problem, None)
+        for epoch in range(2):
+            trainer.train_epoch(problem, state, epoch, problem.annealing(epoch))
+        states.append((problem, state))
+    (fused, fused_state), (plain, plain_state) = states
+    for a, b in zip([*fused.posterior.parameters(), fused.model.W_raw], [*plain.posterior.parameters(), plain.model.W_raw]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(fused_state.store.prior_statistic, plain_state.store.prior_statistic, rtol=1e-9, atol=1e-11)
+
+
 # ------------------------------------------------------------------------------------- gradient variance
 
 
@@ -245,13 +331,17 @@ def test_fixed_scale_annealing_holds_the_mean_least_squares_statistic_while_the_
     W = problem.model.W.detach()
     codes = torch.linalg.solve(W.T @ W + 1e-3 * torch.eye(W.shape[1], dtype=W.dtype), W.T @ problem.x.T)
     assert state.annealing_scale == pytest.approx(float(codes.abs().mean()), rel=1e-5)
-    seen, original = [], EntropyELBO.__call__
-    monkeypatch.setattr(
-        EntropyELBO, "__call__", lambda self, *a, **k: (seen.append(k.get("prior_scale")), original(self, *a, **k))[1]
-    )
+    seen = []
+
+    def spy(original):
+        return lambda self, *a, **k: (seen.append(k.get("prior_scale")), original(self, *a, **k))[1]
+
+    for method in ("__call__", "batch_value_and_gradient"):  # the autograd path and the closed form
+        monkeypatch.setattr(EntropyELBO, method, spy(getattr(EntropyELBO, method)))
     for epoch in range(2):  # β_prior = 2, then 1
         trainer.train_epoch(problem, state, epoch, problem.annealing(epoch))
     batches = len(seen) // 2
+    assert batches == 6  # 150 training points in batches of 25
     assert all(torch.equal(scale, torch.full_like(scale, state.annealing_scale)) for scale in seen[:batches])
     assert all(scale is None for scale in seen[batches:])
 

@@ -5,7 +5,10 @@ seed, so runs are reproducible and a resumed run continues the same sequence), t
 minibatch of ``batch_size`` points on ``-F_β(batch)``, the annealing-weighted objective averaged over the
 batch. Parameters: W (unit-norm columns through the model's gauge), σ² and λ when the objective learns
 them, and the posterior's parameters (the encoder's weights, or every ``μ_n, Σ_n``: rows outside the
-batch get zero gradient). Nothing in the inner loop reads a value back to the host.
+batch get zero gradient). Nothing in the inner loop reads a value back to the host. ``fused_objective``
+(default): where the objective has a closed-form minibatch gradient (the entropy objective with diagonal
+Gaussians, ``EntropyELBO.batch_value_and_gradient``) the step takes it and backpropagates from q's moments
+alone, instead of autograd through the objective's some forty operations on (batch, H) arrays.
 
 The entropy objective's ``σ²*, λ*`` are data-set averages (docs/design.md §3); ``statistics`` says how a minibatch
 step estimates them:
@@ -45,6 +48,7 @@ experiments' choice: on natural-image patches the fields are localised from the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +158,7 @@ class AdamTrainer(Trainer):
         dictionary_posterior: str = "encoder",
         refine_iterations: int = 10,
         annealed_prior_scale: str = "optimal",
+        fused_objective: bool = True,
     ):
         require_at_least("trainer", 1, max_epochs=max_epochs, batch_size=batch_size, statistics_block_size=statistics_block_size)
         require_one_of("trainer.statistics", statistics, STATISTICS)
@@ -177,6 +182,7 @@ class AdamTrainer(Trainer):
         self.refine_iterations = int(refine_iterations)
         require_one_of("trainer.annealed_prior_scale", annealed_prior_scale, ANNEALED_PRIOR_SCALES)
         self.fixed_annealing_scale = annealed_prior_scale == "fixed"
+        self.fused_objective = bool(fused_objective)
         if self.fixed_annealing_scale:  # the fixed scale replaces the entropy objective's H[p(z; λ*)]
             self.capabilities = Capabilities(families=FAMILIES, objectives=("entropy",), annealing=True)
         self.refined = dictionary_posterior == "refined"
@@ -243,15 +249,29 @@ class AdamTrainer(Trainer):
             fixed["prior_scale"] = x.new_full((model.n_latents,), state.annealing_scale)
         for index in self._batches(x.shape[0], state.shuffle_generator, x.device):
             x_batch, q = x[index], problem.q(index)
-            statistics = None
-            if store is not None:
-                statistics = store.statistics(index, *objective.batch_statistics(x_batch, q, model))
-            value = objective(x_batch, q, model, weights, generator=state.noise_generator, statistics=statistics, **fixed)
             state.optimizer.zero_grad(set_to_none=True)
-            (-value.weighted).backward()
+            if self.fused_objective and objective.has_closed_form_batch_gradient(q):
+                self._closed_form_gradient(x_batch, q, model, objective, weights, store, index, fixed)
+            else:
+                statistics = None
+                if store is not None:
+                    statistics = store.statistics(index, *objective.batch_statistics(x_batch, q, model))
+                value = objective(x_batch, q, model, weights, generator=state.noise_generator, statistics=statistics, **fixed)
+                (-value.weighted).backward()
             if state.refined is not None and self.train_dictionary:
                 self._refined_dictionary_gradient(x_batch, q, model, state.refined, index)
             state.optimizer.step()
+
+    def _closed_form_gradient(self, x, q, model, objective, weights, store: StatisticsStore | None, index, fixed: dict) -> None:
+        """Set the step's gradients from the objective's closed form (``batch_value_and_gradient``): W's
+        directly, the posterior's parameters by backpropagating ``-∂F/∂μ, -∂F/∂s`` from q's moments."""
+        statistics_of = None if store is None else functools.partial(store.statistics, index)
+        _, (grad_mean, grad_std, grad_W) = objective.batch_value_and_gradient(x, q, model, weights, statistics_of, **fixed)
+        moments = [(moment, -grad) for moment, grad in ((q.mean, grad_mean), (q.std, grad_std)) if moment.requires_grad]
+        if moments:
+            torch.autograd.backward(*zip(*moments))
+        if self.train_dictionary:
+            model.W_raw.grad = -model.raw_gradient(grad_W)
 
     @torch.no_grad()
     def _refined_dictionary_gradient(self, x: torch.Tensor, q, model, refined: StatisticsStore, index: torch.Tensor) -> None:
