@@ -31,6 +31,7 @@ from sparse_elbo.inference.statistics import block_size
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.priors import LaplacePrior
 from sparse_elbo.runner.build import build
+from sparse_elbo.runner.memory import retain_freed_memory
 from sparse_elbo.trainers.em import EMTrainer
 
 
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--newton-iterations", type=int, default=15)
     parser.add_argument("--lbfgs-seconds", type=float, default=120.0)
     args = parser.parse_args()
+    retain_freed_memory()  # as a run does (sparse_elbo/runner/memory.py)
     cfg = sparse_elbo.compose(["experiment=patches_em", f"dataset.n_patches={args.n_patches}", f"device={args.device}"])
     problem = build(cfg).problem
     x = problem.x

@@ -293,3 +293,38 @@ def test_objectives_stay_finite_with_finite_gradients_for_extreme_inputs(log_sig
         grads = torch.autograd.grad(value.elbo, [model.W_raw, model.log_sigma2, *posterior.parameters()], allow_unused=True)
         assert torch.isfinite(value.elbo)
         assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+_PAGE_FAULTS = """
+import resource, sys, torch
+from sparse_elbo.runner.memory import retain_freed_memory
+
+def faults(n=6):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        array = torch.ones(16 << 20)  # 64 MiB, every page written
+        del array
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+before = faults()
+changed = retain_freed_memory()
+faults()  # the heap grows once
+print(changed, before, faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("user_setting", [None, "MALLOC_TOP_PAD_"])
+def test_a_run_keeps_freed_arrays_for_reuse_unless_the_user_tuned_malloc(user_setting):
+    """``retain_freed_memory`` (called by every run): a freed 64 MiB array is reused instead of being faulted
+    in again page by page (16,384 pages each time before); with a user's own malloc setting nothing changes."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    if user_setting is not None:
+        env[user_setting] = str(1 << 20)
+    out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], env=env, capture_output=True, text=True, check=True).stdout
+    changed, before, after = out.split()
+    assert int(before) >= 6 * 16384 * 0.9  # every allocation faulted in afresh
+    if user_setting is None:
+        assert changed == "True" and int(after) < 16384
+    else:
+        assert changed == "False" and int(after) >= 6 * 16384 * 0.9
