@@ -29,6 +29,10 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or folder named in the config that does not exist."""
 
 
+class UnreadableFileError(UserError, OSError):
+    """A file that exists but cannot be read: one a run is still writing, or a damaged one."""
+
+
 class InsufficientMemoryError(UserError, MemoryError):
     """A run whose arrays cannot fit in the memory of its device, found before allocating them."""
 

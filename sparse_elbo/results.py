@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from sparse_elbo.errors import ConfigError, ExistingFileError, MissingFileError
+from sparse_elbo.errors import ConfigError, ExistingFileError, MissingFileError, UnreadableFileError
 
 STATUSES = ("running", "finished", "failed", "interrupted")
 
@@ -190,16 +191,38 @@ def _read_group(group: h5py.Group) -> dict:
     return out
 
 
+# A run rewrites its results file while it trains, and HDF5 has no consistent view of a file being written
+# (without SWMR, which forbids the groups a run adds as it goes): a reader can meet half-written metadata and
+# get h5py's OSError, RuntimeError ("addr overflow") or KeyError. Such a read is repeated after a pause.
+READ_ATTEMPTS = 5
+READ_PAUSE_S = 0.2  # seconds before the second attempt, doubled before each later one
+HALF_WRITTEN = (OSError, RuntimeError, KeyError)
+
+
 def read_results(path: str | Path) -> Results:
     """Read a results file (also one still being written, or left by a failed run). A missing path or a
-    file that is not HDF5 is a user error naming the path."""
-    import yaml
-
+    file that is not HDF5 is a user error naming the path; a read that fails READ_ATTEMPTS times (a file
+    being written, or a damaged one) too."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{str(path)!r}: no such results file")
     if not h5py.is_hdf5(path):
         raise ConfigError(f"{str(path)!r}: not a results file (not HDF5)")
+    for attempt in range(READ_ATTEMPTS - 1):
+        try:
+            return _read_file(path)
+        except HALF_WRITTEN:
+            time.sleep(READ_PAUSE_S * 2**attempt)
+    try:
+        return _read_file(path)
+    except HALF_WRITTEN as error:
+        message = f"{str(path)!r}: could not read the results file ({error}); if a run is writing it, try again"
+        raise UnreadableFileError(message) from error
+
+
+def _read_file(path: Path) -> Results:
+    import yaml
+
     with h5py.File(path, "r") as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         config = yaml.safe_load(attrs.get("config", "")) or {}

@@ -7,12 +7,14 @@ import re
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 import sparse_elbo
 from sparse_elbo.config import config_dir
+from sparse_elbo.errors import UnreadableFileError
 from sparse_elbo.results import read_results
 from sparse_elbo.runner import build, run
 
@@ -331,13 +333,18 @@ def test_an_existing_results_file_is_a_user_error_and_is_left_alone(tmp_path):
         ("plot_run", ["{junk}"], "not a results file (not HDF5)"),
         ("plot_run", ["{missing}"], "no such results file"),
         ("encode", ["results={junk}", "data={data}"], "not a results file (not HDF5)"),
+        ("plot_run", ["{truncated}"], "could not read the results file"),
     ],
 )
 def test_a_file_that_is_not_a_results_file_is_a_one_line_user_error(tmp_path, tool, arguments, message):
-    junk, data = tmp_path / "results.h5", tmp_path / "x.npy"
+    junk, data, truncated = tmp_path / "results.h5", tmp_path / "x.npy", tmp_path / "truncated.h5"
     junk.write_text("not HDF5")
     np.save(data, np.zeros((3, 4)))
-    names = {"junk": junk, "missing": tmp_path / "missing.h5", "data": data}
+    with h5py.File(truncated, "w") as f:  # an HDF5 file cut short, as by a full disk
+        f.attrs["config"] = "seed: 0"
+        f.create_dataset("metrics/elbo", data=np.arange(10_000.0))
+    os.truncate(truncated, truncated.stat().st_size // 2)
+    names = {"junk": junk, "missing": tmp_path / "missing.h5", "data": data, "truncated": truncated}
     out = subprocess.run(
         [sys.executable, "-m", f"sparse_elbo.{tool}", *(a.format(**names) for a in arguments)],
         cwd=tmp_path,
@@ -347,6 +354,33 @@ def test_a_file_that_is_not_a_results_file_is_a_one_line_user_error(tmp_path, to
     )
     assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_reading_a_results_file_repeats_a_read_that_met_a_half_written_file(tmp_path, monkeypatch):
+    """A run rewrites its file as it trains: a read that meets half-written metadata (h5py's RuntimeError
+    "addr overflow", OSError, KeyError) is repeated, and only READ_ATTEMPTS failures in a row are an error."""
+    from sparse_elbo import results
+
+    path = tmp_path / "results.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["status"] = "running"
+        f.create_dataset("metrics/elbo", data=np.arange(3.0))
+    monkeypatch.setattr(results, "READ_PAUSE_S", 0.0)
+    errors = [RuntimeError("addr overflow"), OSError("bad object header"), KeyError("metrics")]
+    calls, read = [], results._read_file
+
+    def flaky(p):
+        calls.append(p)
+        if errors:
+            raise errors.pop(0)
+        return read(p)
+
+    monkeypatch.setattr(results, "_read_file", flaky)
+    loaded = results.read_results(path)
+    assert len(calls) == 4 and loaded.status == "running" and list(loaded.metrics["elbo"]) == [0.0, 1.0, 2.0]
+    errors.extend([RuntimeError("addr overflow")] * results.READ_ATTEMPTS)
+    with pytest.raises(UnreadableFileError, match="could not read the results file .*addr overflow"):
+        results.read_results(path)
 
 
 @pytest.mark.parametrize("tool,first_line", [("encode", "Encode new data"), ("denoise", "Image denoising")])
