@@ -233,9 +233,9 @@ class EntropyELBO:
         B, D = x.shape
         with torch.no_grad():
             W, mean, std = model.W, q.mean.detach(), q.std.detach()  # (D,H), (B,H), (B,H)
-            gram_diagonal = W.pow(2).sum(0)  # G_hh (H,)
+            gram_diagonal, variance = W.pow(2).sum(0), std * std  # G_hh (H,), s² (B,H)
             error = x - mean @ W.T  # e (B,D)
-            residual = error.pow(2).sum(-1) + (std * std) @ gram_diagonal  # r (B,)
+            residual = error.pow(2).sum(-1) + variance @ gram_diagonal  # r (B,)
             statistic, prior_gradient, prior_curvature = model.prior.statistic_and_derivatives(mean, std)  # t, g, c (B,H)
             if statistics_of is None:
                 means = DataStatistics(residual.mean(), statistic.mean(0))
@@ -251,7 +251,7 @@ class EntropyELBO:
             a, rho, tau = (derivative.to(mean.dtype) / B for derivative in (a, rho, tau))
             grad_mean = (error @ W).mul_(-2.0 * rho).sub_(prior_gradient * (k * tau))
             grad_std = std * (2.0 * rho * gram_diagonal + (k * tau) * prior_curvature) + a / std
-            grad_W = (error.T @ mean).mul_(-2.0 * rho).add_(W * (2.0 * rho * (std * std).sum(0)))
+            grad_W = (error.T @ mean).mul_(-2.0 * rho).add_(W * (2.0 * rho * variance.sum(0)))
         return _detached(value), (grad_mean, grad_std, grad_W)
 
     def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None, prior_scale=None):

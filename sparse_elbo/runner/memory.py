@@ -3,11 +3,11 @@
 glibc serves large arrays with fresh pages from the kernel (``mmap``) and hands freed memory at the top of its
 heap back (``trim``). A training process allocates and frees arrays of a few MiB to a few hundred MiB many
 times a second — an E-step evaluation's temporaries, a minibatch step's activations, a FISTA step's codes — so
-every page of them is faulted in and zero-filled by the kernel again and again (system time and page
-faults measured in docs/benchmarks.md, "Freed memory"). ``retain_freed_memory``
-asks malloc (``mallopt``) to serve arrays up to 1 GiB from its heap and never to trim it, so that freed
-arrays are reused. The computations are unchanged; the process keeps its peak heap until it exits.
-Called by ``runner.run`` and ``runner.resume`` (so by every command-line run) and the benchmark scripts; a no-op where glibc's ``mallopt`` is missing or where
+every page of them is faulted in and zero-filled by the kernel again and again (system time and page faults
+measured in docs/benchmarks.md, "Freed memory"). ``retain_freed_memory`` asks malloc (``mallopt``) to serve
+arrays up to 1 GiB from its heap and never to trim it, so that freed arrays are reused. The computations are
+unchanged; the process keeps its peak heap until it exits. Called by ``runner.run`` and ``runner.resume`` (so
+by every command-line run) and by the benchmark scripts; a no-op where glibc's ``mallopt`` is missing or where
 the user tuned malloc through glibc's own environment variables.
 """
 

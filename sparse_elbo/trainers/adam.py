@@ -271,7 +271,8 @@ class AdamTrainer(Trainer):
         if moments:
             torch.autograd.backward(*zip(*moments))
         if self.train_dictionary:
-            model.W_raw.grad = -model.raw_gradient(grad_W)
+            with torch.no_grad():
+                model.W_raw.grad = -model.raw_gradient(grad_W)
 
     @torch.no_grad()
     def _refined_dictionary_gradient(self, x: torch.Tensor, q, model, refined: StatisticsStore, index: torch.Tensor) -> None:
