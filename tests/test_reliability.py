@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import sparse_elbo
 from sparse_elbo import closed_forms
-from sparse_elbo.results import read_results
+from sparse_elbo.results import HALF_WRITTEN, read_results
 from sparse_elbo.runner import run
 
 EVERY_EPOCH = "results.checkpoint_interval_s=0"  # a checkpoint after every epoch, however short
@@ -197,9 +197,7 @@ def _wait_for_epochs(path: Path, n: int, process, timeout: float = 240.0) -> Non
                 with h5py.File(path, "r") as f:
                     if "epoch" in f["metrics"] and f["metrics/epoch"].shape[0] >= n:
                         return
-            # caught between the writer's open and close: objects not yet on disk (OSError, KeyError) or metadata
-            # half-written (h5py's RuntimeError 'addr overflow', seen once in CI); the process is polled again
-            except (OSError, KeyError, RuntimeError):
+            except HALF_WRITTEN:  # caught between the writer's open and close; the process is polled again
                 pass
         time.sleep(0.05)
     raise TimeoutError(f"{path} did not reach {n} epochs")
