@@ -31,13 +31,21 @@ from sparse_elbo.runner.build import build
 from sparse_elbo.runner.memory import retain_freed_memory
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a CUDA clock reads the launches, not the work, otherwise)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def seconds(function, repeats: int = 5) -> float:
-    """Best of ``repeats`` wall times of ``function()`` (after one warm-up call)."""
+    """Best of ``repeats`` wall times of ``function()`` (after one warm-up call), its device work included."""
     function()
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         function()
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -46,9 +54,8 @@ def machine_rates(n: int, h: int, device: str) -> tuple[float, float]:
     """-> matmul FLOP/s and memory bandwidth in bytes/s, float32."""
     a, b = torch.randn(n, h, device=device), torch.randn(n, h, device=device)
     gram, out = torch.randn(h, h, device=device), torch.empty(n, h, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    matmul = seconds(lambda: (torch.mm(a, gram, out=out), sync()))
-    add = seconds(lambda: (torch.add(a, b, out=out), sync()))
+    matmul = seconds(lambda: torch.mm(a, gram, out=out))
+    add = seconds(lambda: torch.add(a, b, out=out))
     return 2 * n * h * h / matmul, 3 * 4 * n * h / add
 
 
@@ -75,8 +82,10 @@ def one_epoch(components) -> tuple[float, int, float]:
     original = kernels.DiagonalLaplaceEntropyEStep.loss_and_gradients
 
     def timed(self, mean, log_std):
+        synchronize()
         start = time.perf_counter()
         result = original(self, mean, log_std)
+        synchronize()
         counted["seconds"] += time.perf_counter() - start
         counted["calls"] += 1
         return result
@@ -85,8 +94,10 @@ def one_epoch(components) -> tuple[float, int, float]:
     try:
         trainer, problem = components.trainer, components.problem
         state = trainer.start(problem, None)
+        synchronize()
         start = time.perf_counter()
         trainer.train_epoch(problem, state, trainer.max_epochs, AnnealingWeights())
+        synchronize()
         return time.perf_counter() - start, counted["calls"], counted["seconds"]
     finally:
         kernels.DiagonalLaplaceEntropyEStep.loss_and_gradients = original
@@ -125,6 +136,7 @@ def main() -> None:
         f"ratio {evaluation / floor:.1f}"
     )
     if not args.skip_score:
+        synchronize()
         start = time.perf_counter()
         score = sparse_elbo.score_dictionary(components.problem.x, components.problem.model.W.detach())
         print(f"score_dictionary at the initial W: max_q L_H = {score.elbo:.4f} in {time.perf_counter() - start:.1f} s")
