@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md in one call of a lent accelerator machine, about 6 minutes.
+# The GPU figures of docs/benchmarks.md in one call of a lent accelerator machine (at most 570 s: the steps' limits).
 #
 # That machine has PyTorch with CUDA, h5py, scipy, scikit-image, matplotlib and tqdm, but not Hydra. Once per
 # session, here, in the repository's root (wheels of pure Python, the versions pyproject.toml admits):
