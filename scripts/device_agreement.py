@@ -79,11 +79,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset")
     args = parser.parse_args()
+    cases = args.cases.split(",")
+    unknown = [case for case in cases if case not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; allowed: {list(CASES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"error: --device {args.device} but torch {torch.__version__} sees no CUDA device")
+        parser.error(f"--device {args.device} but torch {torch.__version__} sees no CUDA device")
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in args.cases.split(","):
+        for case in cases:
             overrides, tolerance = CASES[case]
             out = Path(tmp) / case
             if case == "score":
