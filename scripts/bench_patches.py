@@ -30,12 +30,12 @@ def peak_memory(device: str) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (peak RSS)"
 
 
-def bench(name: str, overrides: list[str], out: Path) -> None:
+def bench(name: str, overrides: list[str], out: Path, progress: bool = False) -> None:
     cfg = sparse_elbo.compose(overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    summary = sparse_elbo.run(cfg, out / name, overrides=overrides, progress=False)
+    summary = sparse_elbo.run(cfg, out / name, overrides=overrides, progress=progress)
     wall = time.perf_counter() - start
     results = sparse_elbo.read_results(summary.results_path)
     epoch_times = np.diff(np.concatenate([[0.0], results.metrics["wall_time"]]))
@@ -71,6 +71,7 @@ def main() -> None:
         help="cap the epochs of the full-size run (its time per epoch is still measured); default: all",
     )
     parser.add_argument("--device", default=None, help="cpu | cuda | auto (default: the experiment's own, auto)")
+    parser.add_argument("--progress", action="store_true", help="a progress bar per run (epochs, elapsed time, ELBO)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for both runs")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
@@ -80,13 +81,13 @@ def main() -> None:
         out = Path(tmp)
         base = [f"experiment={args.experiment}", *args.overrides]
         capped = [] if args.full_epochs is None else [f"trainer.max_epochs={args.full_epochs}"]
-        bench("fast_em", [*base, *capped], out)
+        bench("fast_em", [*base, *capped], out, args.progress)
         if args.reference_fraction > 0:
             n = sparse_elbo.compose(base).dataset.n_patches
             subset = max(512, int(n * args.reference_fraction))
             reference = args.reference_experiment or f"{args.experiment}_authors"
             for name, experiment in (("fast_em_subset", args.experiment), ("authors_reference_subset", reference)):
-                bench(name, [f"experiment={experiment}", *args.overrides, f"dataset.n_patches={subset}"], out)
+                bench(name, [f"experiment={experiment}", *args.overrides, f"dataset.n_patches={subset}"], out, args.progress)
 
 
 if __name__ == "__main__":

@@ -47,5 +47,6 @@ if torch.cuda.is_available():
     print(torch.cuda.get_device_name(), f'{torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB')"
 step 1_agreement 150 python3 scripts/device_agreement.py --device "$DEVICE"
 step 2_estep 90 python3 scripts/bench_estep.py --device "$DEVICE" --n-patches 204800 trainer.e_step_block_size=null
-step 3_patches_em 180 python3 scripts/bench_patches.py --device "$DEVICE" --reference-fraction 0 trainer.e_step_block_size=null
+step 3_patches_em 180 python3 scripts/bench_patches.py --device "$DEVICE" --reference-fraction 0 --progress \
+    trainer.e_step_block_size=null
 step 4_amortized 120 python3 scripts/bench_amortized.py --time-epochs 3 experiment=patches_amortized "device=$DEVICE"
