@@ -208,16 +208,14 @@ def read_results(path: str | Path) -> Results:
         raise MissingFileError(f"{str(path)!r}: no such results file")
     if not h5py.is_hdf5(path):
         raise ConfigError(f"{str(path)!r}: not a results file (not HDF5)")
-    for attempt in range(READ_ATTEMPTS - 1):
+    for attempt in range(READ_ATTEMPTS):
         try:
             return _read_file(path)
-        except HALF_WRITTEN:
+        except HALF_WRITTEN as error:
+            if attempt == READ_ATTEMPTS - 1:
+                message = f"{str(path)!r}: could not read the results file ({error}); if a run is writing it, try again"
+                raise UnreadableFileError(message) from error
             time.sleep(READ_PAUSE_S * 2**attempt)
-    try:
-        return _read_file(path)
-    except HALF_WRITTEN as error:
-        message = f"{str(path)!r}: could not read the results file ({error}); if a run is writing it, try again"
-        raise UnreadableFileError(message) from error
 
 
 def _read_file(path: Path) -> Results:
