@@ -37,7 +37,7 @@ def __getattr__(name: str):
 
         return load
     if name == "score_dictionary":
-        from sparse_elbo.evaluation import score_dictionary
+        from sparse_elbo.inference.fit import score_dictionary
 
         return score_dictionary
     if name == "denoise_image":

@@ -32,7 +32,7 @@ def one_line(text: str) -> str:
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message of a user error (a bad override, a missing key or value, a ``UserError``
     anywhere in the cause chain); None for anything else, which is a bug."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
 
     chain, seen = [], error
@@ -43,7 +43,7 @@ def user_error_message(error: BaseException) -> str | None:
         if isinstance(item, UserError):
             return one_line(str(item))
     for item in chain:
-        if isinstance(item, (MissingMandatoryValue, ConfigKeyError)):
+        if isinstance(item, (MissingMandatoryValue, ConfigKeyError, OverrideParseException)):
             return one_line(str(item))
         if isinstance(item, (ConfigCompositionException, MissingConfigException)):
             cause = item.__cause__

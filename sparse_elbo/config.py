@@ -28,3 +28,24 @@ def compose(
 
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
         return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def posterior_families() -> list[str]:
+    """The posterior families shipped as ``configs/posterior/<name>.yaml``: what ``posterior=`` accepts."""
+    return sorted(path.stem for path in (config_dir() / "posterior").glob("*.yaml"))
+
+
+def posterior_family(name: str, per_data_point: bool = False):
+    """The class of the posterior family ``posterior=<name>`` (its YAML's ``_target_``); with
+    ``per_data_point``, only a family with parameters per data point is allowed."""
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    from sparse_elbo.validation import require_one_of
+
+    def load(family: str):
+        return get_object(OmegaConf.load(config_dir() / "posterior" / f"{family}.yaml")._target_)
+
+    allowed = [family for family in posterior_families() if not (per_data_point and load(family).amortized)]
+    require_one_of("family", name, tuple(allowed))
+    return load(name)

@@ -76,7 +76,7 @@ def make_bars(
         raise ConfigError(f"dataset.grid must be >= 2, got {grid}")
     if int(n_data) < 1:
         raise ConfigError(f"dataset.n_data must be >= 1, got {n_data}")
-    require_one_of("dataset.sources", sources, SOURCES)
+    require_one_of("sources", sources, SOURCES)
     if not noise > 0:
         raise ConfigError(f"dataset.noise must be > 0, got {noise}")
     if not 0 < bernoulli_probability <= 1:

@@ -53,7 +53,7 @@ def encode_file(settings: EncodeSettings) -> Path:
     """Fit and write the codes of ``settings.data`` (module docstring); returns the output path."""
     require_one_of("device", settings.device, ("cpu", "cuda"))
     require_one_of("dtype", settings.dtype, ("float32", "float64"))
-    require_at_least("", 1, batch_size=settings.batch_size, iterations=settings.iterations)
+    require_at_least(1, batch_size=settings.batch_size, iterations=settings.iterations)
     out = output_path(settings)
     x = load_file(settings.data, settings.key).x
     model = TrainedModel.load(settings.results, settings.device, getattr(torch, settings.dtype))

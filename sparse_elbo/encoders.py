@@ -20,7 +20,7 @@ data's dtype everywhere else. The covariance head is
   matrix determinant lemma and ``tr(WᵀWΣ) = ||WV||_F² + Σ_h s_h²||W_h||²``, no Cholesky; docs/design.md §2).
 
 The encoder takes the data, so trainers and evaluation ask ``posterior.q(x, index)`` (through
-``Problem.q``); ``family = "amortized"`` lets a trainer refuse it where it needs per-data-point
+``Problem.q``); its kind, ``amortized``, lets a trainer refuse it where it needs per-data-point
 parameters (the EM E-step). ``per_data_point(x)`` gives per-data-point posteriors for ``x`` initialised at
 the encoder's output (diagonal for ``diag``, full covariance ``L = chol(VVᵀ + diag(s²))`` for ``lowrank``),
 for refining q per data point and measuring the amortisation gap.
@@ -35,10 +35,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sparse_elbo.errors import ConfigError
 from sparse_elbo.gaussians import DiagonalGaussian, LowRankGaussian
-from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
-from sparse_elbo.validation import require_at_least, require_one_of
+from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior, Posterior
+from sparse_elbo.validation import invalid, require_at_least, require_one_of
 
 COMPUTE_DTYPES = (None, "bfloat16", "auto")
 
@@ -112,7 +111,7 @@ class _LowRankHead(nn.Module):
 COVARIANCES = {"diag": _DiagonalHead, "lowrank": _LowRankHead}
 
 
-class AmortizedPosterior(nn.Module):
+class AmortizedPosterior(Posterior):
     """Encoder ``x (N,D) → q(z|x)`` (module docstring). Sizes ``n_observed`` (D) and ``n_latents`` (H) are
     passed at the instantiate call; ``n_data`` is accepted like every posterior's but not needed."""
 
@@ -152,12 +151,11 @@ class AmortizedPosterior(nn.Module):
         compute_dtype: str | None = None,
     ):
         super().__init__()
-        require_one_of("posterior.covariance", covariance, tuple(COVARIANCES))
-        require_one_of("posterior.compute_dtype", compute_dtype, tuple(COMPUTE_DTYPES))
+        require_one_of("covariance", covariance, tuple(COVARIANCES))
+        require_one_of("compute_dtype", compute_dtype, tuple(COMPUTE_DTYPES))
         hidden_width = 2 * n_observed if hidden_width is None else int(hidden_width)
         block_width = 3 * n_observed if block_width is None else int(block_width)
         require_at_least(
-            "posterior",
             1,
             rank=rank,
             hidden_width=hidden_width,
@@ -165,9 +163,9 @@ class AmortizedPosterior(nn.Module):
             n_observed=n_observed,
             n_latents=n_latents,
         )
-        require_at_least("posterior", 0, n_blocks=n_blocks, std_floor=std_floor)
+        require_at_least(0, n_blocks=n_blocks, std_floor=std_floor)
         if not init_std > std_floor:
-            raise ConfigError(f"posterior.init_std must be > posterior.std_floor={std_floor}, got {init_std}")
+            raise invalid("init_std", f"must be > std_floor={std_floor}, got {init_std}")
         self.n_observed, self.n_latents = int(n_observed), int(n_latents)
         self.covariance, self.rank, self.std_floor = covariance, int(rank), float(std_floor)
         self.compute_dtype = compute_dtype

@@ -15,7 +15,19 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """A config value (or a value in a user's file) that is not allowed."""
+    """A config value (or a value in a user's file) that is not allowed. ``key``: the argument the message
+    starts with, when it names one; ``under(path)`` names it by its place in the config instead."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+    def under(self, path: str) -> ConfigError:
+        """The same error naming ``path.key`` (``trainer.max_epochs``) instead of ``key`` (``max_epochs``)."""
+        message = str(self)
+        if not path or self.key is None or not message.startswith(self.key):
+            return self
+        return ConfigError(f"{path}.{message}", key=f"{path}.{self.key}")
 
 
 class ConfigKeyError(UserError, KeyError):

@@ -3,7 +3,10 @@
 Each class holds one minibatch of per-data-point Gaussians and exposes
 ``mean (N,H)``, ``variance (N,H)`` (marginal ``Σ_n,hh``), ``entropy() (N,)``,
 ``trace_term(gram) (N,)`` = ``tr(G Σ_n)`` with ``G = WᵀW``, ``rsample(K) (K,N,H)`` and
-``log_prob(z) (...,N)`` for samples ``z (...,N,H)`` (importance sampling).
+``log_prob(z) (...,N)`` for samples ``z (...,N,H)`` (importance sampling). Every field has the data axis
+first, so ``q[index]`` is the batch of the data points ``index``; ``diagonal`` says whether Σ_n is diagonal
+(what a closed-form minibatch gradient needs), ``arrays()`` gives the arrays that describe the batch (what
+``encode`` writes).
 
 ``log q(z) = -(H/2) log 2π - ½ log det Σ - ½ (z-μ)ᵀΣ⁻¹(z-μ) = H/2 - H[q] - ½ (z-μ)ᵀΣ⁻¹(z-μ)``, so each
 class supplies only the Mahalanobis term; the log-determinant comes from its entropy.
@@ -11,7 +14,7 @@ class supplies only the Mahalanobis term; the log-determinant comes from its ent
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -23,9 +26,19 @@ def _log_prob(q, z: torch.Tensor, mahalanobis: torch.Tensor) -> torch.Tensor:
     return 0.5 * q.mean.shape[-1] - q.entropy() - 0.5 * mahalanobis
 
 
+class _Batch:
+    """Indexing along the data axis, shared by the batch classes (every field has it first)."""
+
+    def __getitem__(self, index) -> _Batch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self)(**{name: None if value is None else value[index] for name, value in values.items()})
+
+
 @dataclass
-class DiagonalGaussian:
+class DiagonalGaussian(_Batch):
     """``Σ_n = diag(s_n²)``.  mean (N,H), std (N,H)."""
+
+    diagonal = True
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -57,10 +70,16 @@ class DiagonalGaussian:
         """z (...,N,H)  ->  (...,N)"""
         return _log_prob(self, z, ((z - self.mean) / self.std).pow(2).sum(-1))
 
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """``mean``, ``std`` (N,H) each."""
+        return {"mean": self.mean, "std": self.std}
+
 
 @dataclass
-class FullGaussian:
+class FullGaussian(_Batch):
     """``Σ_n = L_n L_nᵀ`` with lower-triangular ``L_n``.  mean (N,H), scale_tril (N,H,H)."""
+
+    diagonal = False
 
     mean: torch.Tensor
     scale_tril: torch.Tensor
@@ -97,15 +116,21 @@ class FullGaussian:
         white = torch.linalg.solve_triangular(self.scale_tril.expand(*centred.shape[:-1], -1), centred, upper=False)
         return _log_prob(self, z, white.pow(2).sum((-2, -1)))
 
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """``mean`` (N,H), ``scale_tril`` (N,H,H)."""
+        return {"mean": self.mean, "scale_tril": self.scale_tril}
+
 
 @dataclass
-class LowRankGaussian:
+class LowRankGaussian(_Batch):
     """``Σ_n = V_n V_nᵀ + diag(d_n²)``.  mean (N,H), factor V (N,H,R), diag_std d (N,H).
 
     Entropy and trace without a Cholesky factor (docs/design.md §2): the matrix determinant lemma
     ``log det Σ = Σ_h log d_h² + log det(I_R + Vᵀ diag(d⁻²) V)`` and
     ``tr(WᵀWΣ) = ||W V||_F² + Σ_h d_h² ||W_h||²``.
     """
+
+    diagonal = False
 
     mean: torch.Tensor
     factor: torch.Tensor
@@ -150,3 +175,8 @@ class LowRankGaussian:
         u = torch.einsum("nhr,...nh->...nr", scaled, scaled_residual)  # (...,N,R)
         solved = torch.linalg.solve(capacitance.expand(*u.shape[:-1], rank, rank), u.unsqueeze(-1)).squeeze(-1)
         return _log_prob(self, z, scaled_residual.pow(2).sum(-1) - (u * solved).sum(-1))
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """``mean`` (N,H) and the Cholesky factor ``scale_tril`` (N,H,H) of ``VVᵀ + diag(d²)``."""
+        covariance = self.factor @ self.factor.mT + torch.diag_embed(self.diag_std**2)
+        return {"mean": self.mean, "scale_tril": torch.linalg.cholesky(covariance)}

@@ -42,7 +42,7 @@ def gradient_variance(
 ) -> GradientVariance:
     """Variance over ``repeats`` evaluations of the gradient of the problem's objective (minibatch ``index``,
     batch statistics for σ²*, λ*) with respect to every trainable parameter (module docstring)."""
-    require_at_least("evaluation", 2, gradient_variance_repeats=repeats)
+    require_at_least(2, repeats=repeats)
     weights = weights or AnnealingWeights()
     params = problem.trainable_parameters(train_dictionary)
     x = problem.x[index]

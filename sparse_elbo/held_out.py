@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_elbo import closed_forms
-from sparse_elbo.annealing import AnnealingWeights
-from sparse_elbo.inference.e_step import AnalyticEStep, BlockLBFGS
+from sparse_elbo.inference.fit import fit_new_data
 from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.objectives import AnalyticELBO
 from sparse_elbo.validation import require_at_least
@@ -68,10 +67,10 @@ def importance_sampled_log_px(
 ) -> ImportanceEstimate:
     """``log p̂(x_n) = logmeanexp_k log w_nk`` and its standard errors (module docstring);
     x (M,D), q a Gaussian batch of M posteriors (the proposal)."""
-    require_at_least("evaluation", 2, importance_samples=n_samples)
+    require_at_least(2, n_samples=n_samples)
     estimates, errors = [], []
     for index in data_blocks(x.shape[0], block_size, x.device):
-        q_block = _select(q, index)
+        q_block = q[index]
         log_w = importance_log_weights(x[index], q_block, model, n_samples, generator)  # (K,B)
         estimates.append(torch.logsumexp(log_w, 0) - math.log(n_samples))
         scaled = torch.exp(log_w - log_w.max(0).values)  # w / max_k w (K,B)
@@ -85,49 +84,6 @@ def importance_sampled_log_px(
         stderr=float(stderr.pow(2).sum().sqrt() / M),
         data_stderr=float(per_point.std() / math.sqrt(M)) if M > 1 else float("nan"),
     )
-
-
-def _select(q, index: torch.Tensor):
-    """The Gaussians of data points ``index`` of a batch (every field has the data axis first)."""
-    fields = {name: (None if value is None else value[index]) for name, value in vars(q).items()}
-    return type(q)(**fields)
-
-
-def refine(x: torch.Tensor, posterior, model, iterations: int = 200, block_size: int = 4096, history_size: int = 20):
-    """Maximise the analytic ELBO at the model's ``W, σ², λ`` over each ``q_n`` of a per-data-point
-    posterior for data ``x`` (modified in place): the E-step of EM with W, σ², λ fixed — L-BFGS (strong
-    Wolfe) on the summed ELBO, block by block, since the problem separates across data points."""
-    driver, e_step = BlockLBFGS(iterations, None, history_size, 1e-12), AnalyticEStep()
-    for index in data_blocks(x.shape[0], block_size, x.device):
-        driver.optimise(posterior, index, model, e_step.block_loss(x[index], posterior, model, AnnealingWeights()))
-    return posterior
-
-
-def fit_new_data(x: torch.Tensor, posterior, model, iterations: int = 200, block_size: int = 4096):
-    """Per-data-point posteriors of the data ``x (N,D)`` under the model's fixed ``W, σ², λ``, of the family
-    of ``posterior`` (an amortised one starts from the encoder's output, a low-rank one as a full
-    covariance), refined by ``iterations`` L-BFGS iterations per block (0: the start itself)."""
-    new = posterior.per_data_point(x)
-    if not posterior.amortized:
-        # A fresh q starts at s_h = min(init_std, λ_h): a latent the model has switched off (λ_h ≈ 1e-5)
-        # would otherwise start ~1e4 nats from its optimum, and the block's shared L-BFGS line search
-        # stalls on it (docs/experiments.md).
-        with torch.no_grad():
-            new.rescale_latents(torch.clamp(model.lam.detach() / new.init_std, max=1.0))
-    if iterations > 0:
-        refine(x, new, model, iterations, block_size)
-    return new
-
-
-@dataclass
-class ModelAt:
-    """The model's dictionary and prior with given ``σ², λ`` — what the objectives read from a model —
-    for evaluating at the full-data optima without writing them into the trained model."""
-
-    W: torch.Tensor
-    sigma2: torch.Tensor
-    lam: torch.Tensor
-    prior: object
 
 
 @torch.no_grad()

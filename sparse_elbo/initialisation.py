@@ -21,11 +21,18 @@ decision at once: the start already lies close to the bars (docs/design.md §7.2
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from sparse_elbo.errors import ConfigError
 from sparse_elbo.problem import Problem
-from sparse_elbo.validation import require_at_least
+from sparse_elbo.validation import require_at_least, require_positive
+
+
+class DictionaryStart(Protocol):
+    """A starting dictionary: ``start(x (N,D), W (D,H) the model's own start, generator) -> W (D,H)``."""
+
+    def __call__(self, x: torch.Tensor, W: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
 
 
 @torch.no_grad()
@@ -50,11 +57,9 @@ class SparseCodingDictionary:
     """MAP L1 sparse coding (FISTA codes, least-squares dictionary) from the model's start; see the module."""
 
     def __init__(self, sparsity: float = 0.8, iterations: int = 100, code_iterations: int = 10, n_points: int | None = None):
-        require_at_least("trainer.initialisation", 1, iterations=iterations, code_iterations=code_iterations)
-        if n_points is not None:
-            require_at_least("trainer.initialisation", 1, n_points=n_points)
-        if not sparsity > 0:
-            raise ConfigError(f"trainer.initialisation.sparsity must be > 0, got {sparsity}")
+        require_at_least(1, iterations=iterations, code_iterations=code_iterations)
+        require_at_least(1, n_points=n_points)
+        require_positive(sparsity=sparsity)
         self.sparsity = float(sparsity)
         self.iterations = int(iterations)
         self.code_iterations = int(code_iterations)

@@ -10,12 +10,14 @@ Gauge ``(W_h, λ_h) → (c W_h, λ_h / c)`` is fixed in one of two ways:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sparse_elbo.errors import ConfigError
-from sparse_elbo.priors import LaplacePrior
+from sparse_elbo.priors import LaplacePrior, Prior
+from sparse_elbo.validation import invalid, require_one_of, require_positive
 
 GAUGES = ("unit_norm", "unit_lambda")
 
@@ -27,14 +29,15 @@ def load_dictionary(path: str, n_observed: int, n_latents: int):
     try:
         W = load_file(str(path)).x
     except (OSError, KeyError, ValueError) as error:
-        raise ConfigError(f"model.init_dictionary: {error}".replace("dataset.path", "path")) from error
+        raise ConfigError(f"init_dictionary: {error}".replace("dataset.path", "path"), key="init_dictionary") from error
     if W.shape != (n_observed, n_latents):
-        raise ConfigError(
-            f"model.init_dictionary={str(path)!r} has shape {W.shape}, but the data have D={n_observed} "
-            f"and n_latents={n_latents}: expected ({n_observed}, {n_latents})"
+        raise invalid(
+            "init_dictionary",
+            f"={str(path)!r} has shape {W.shape}, but the data have D={n_observed} "
+            f"and n_latents={n_latents}: expected ({n_observed}, {n_latents})",
         )
     if (abs(W).sum(0) == 0).any():
-        raise ConfigError(f"model.init_dictionary={str(path)!r} has an all-zero column")
+        raise invalid("init_dictionary", f"={str(path)!r} has an all-zero column")
     return W
 
 
@@ -45,7 +48,7 @@ class SparseCodingModel(nn.Module):
         self,
         n_observed: int,
         n_latents: int,
-        prior=None,
+        prior: Prior | None = None,
         gauge: str = "unit_norm",
         init_sigma2: float = 1.0,
         init_lambda: float = 1.0,
@@ -54,11 +57,11 @@ class SparseCodingModel(nn.Module):
     ):
         super().__init__()
         if gauge not in GAUGES:
-            raise ConfigError(f"model.gauge must be one of {list(GAUGES)}, got {gauge!r}")
+            require_one_of("gauge", gauge, GAUGES)
         if n_observed < 1 or n_latents < 1:
             raise ConfigError(f"model sizes must be >= 1, got D={n_observed}, n_latents={n_latents}")
         if not (init_sigma2 > 0 and init_lambda > 0):
-            raise ConfigError("model.init_sigma2 and model.init_lambda must be > 0")
+            require_positive(init_sigma2=init_sigma2, init_lambda=init_lambda)
         self.n_observed, self.n_latents, self.gauge = n_observed, n_latents, gauge
         self.prior = prior if prior is not None else LaplacePrior()
         if init_dictionary:
@@ -108,3 +111,18 @@ class SparseCodingModel(nn.Module):
         self.log_sigma2.copy_(torch.log(sigma2))
         if self.gauge == "unit_norm":
             self.log_lambda.copy_(torch.log(lam))
+
+
+@dataclass
+class ModelAt:
+    """A model's dictionary and prior with given ``σ², λ`` — what the objectives read from a model — for
+    evaluating at other values (the full-data optima, a held scale) without writing them into the model."""
+
+    W: torch.Tensor
+    sigma2: torch.Tensor
+    lam: torch.Tensor
+    prior: object
+
+    def parameters(self):
+        """A view holds no parameters (an E-step freezes those of the model it is given)."""
+        return iter(())

@@ -16,8 +16,7 @@ import torch
 
 from sparse_elbo import closed_forms
 from sparse_elbo.annealing import AnnealingWeights
-from sparse_elbo.errors import ConfigError
-from sparse_elbo.gaussians import DiagonalGaussian
+from sparse_elbo.validation import invalid
 
 UNIT_WEIGHTS = AnnealingWeights()
 
@@ -90,6 +89,7 @@ class Objective(Protocol):
     name: str
     learns_noise_and_prior_scale: bool
     requires_unit_norm: bool
+    prior_scales: tuple[str, ...]  # the annealing.prior_scale settings it can weigh (docs/design.md §8)
 
     def __call__(self, x, q, model, weights: AnnealingWeights = ..., generator=None, statistics=None) -> ObjectiveValue: ...
 
@@ -104,6 +104,7 @@ class AnalyticELBO:
     name = "analytic"
     learns_noise_and_prior_scale = True
     requires_unit_norm = False
+    prior_scales = ("optimal",)
     has_closed_form_gradient = staticmethod(_autograd_only)
     has_closed_form_batch_gradient = staticmethod(_autograd_only)
 
@@ -122,12 +123,13 @@ class SampledELBO:
     name = "sampled"
     learns_noise_and_prior_scale = True
     requires_unit_norm = False
+    prior_scales = ("optimal",)
     has_closed_form_gradient = staticmethod(_autograd_only)
     has_closed_form_batch_gradient = staticmethod(_autograd_only)
 
     def __init__(self, n_samples: int = 1):
         if int(n_samples) < 1:
-            raise ConfigError(f"objective.n_samples must be >= 1 for the sampled objective, got {n_samples}")
+            raise invalid("n_samples", f"must be >= 1 for the sampled objective, got {n_samples}")
         self.n_samples = int(n_samples)
 
     def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
@@ -149,6 +151,7 @@ class EntropyELBO:
     name = "entropy"
     learns_noise_and_prior_scale = False
     requires_unit_norm = True
+    prior_scales = ("optimal", "fixed")
 
     def batch_statistics(self, x, q, model) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-data-point residual energy (N,) and prior statistic (N,H)."""
@@ -159,8 +162,9 @@ class EntropyELBO:
 
     @staticmethod
     def has_closed_form_gradient(posterior) -> bool:
-        """Per-data-point posteriors give their moments' pullback; encoders are left to autograd."""
-        return hasattr(posterior, "moments_with_pullback")
+        """Where the posterior family gives its moments' pullback (``Posterior.closed_form_moments``); others
+        are left to autograd."""
+        return posterior.closed_form_moments
 
     def value_and_gradient(self, x, posterior, model, weights: AnnealingWeights = UNIT_WEIGHTS):
         """``L_H`` at the current parameters and the gradient of ``N · L_H,β`` (the weighted objective summed
@@ -207,9 +211,9 @@ class EntropyELBO:
     @staticmethod
     def has_closed_form_batch_gradient(q) -> bool:
         """Minibatches of diagonal Gaussians (an encoder's output, or rows of per-data-point posteriors)."""
-        return isinstance(q, DiagonalGaussian)
+        return q.diagonal
 
-    def batch_value_and_gradient(self, x, q, model, weights=UNIT_WEIGHTS, statistics_of=None, prior_scale=None):
+    def batch_value_and_gradient(self, x, q, model, weights=UNIT_WEIGHTS, statistics_of=None):
         """The value of the minibatch ``x (B,D)`` with diagonal Gaussians ``q`` (what ``__call__`` returns) and
         the gradient of its weighted value with respect to ``q.mean``, ``q.std`` (B,H) and ``W`` (D,H) in closed
         form, so that a minibatch step backpropagates from ``q`` alone (an encoder's own backward pass).
@@ -218,7 +222,7 @@ class EntropyELBO:
         rows (a trainer's full-data store, whose gradient is that of the batch means); None: the batch's means.
         Either way the weighted value ``F`` sees the batch through ``Hq = mean_n H[q_n]``, ``R = mean r`` and
         ``t̄ = mean t`` with the batch means' gradients. With ``(a, ρ, τ) = ∂F/∂(Hq, R, t̄)`` (from the small
-        graph of ``from_statistics``: any prior, fixed ``prior_scale`` or not), ``e_n = x_n - W μ_n`` and
+        graph of ``from_statistics``: any prior, a fixed ``weights.prior_scale`` or not), ``e_n = x_n - W μ_n`` and
         ``r_n = ||e_n||² + Σ_h G_hh s_nh²``:
 
             ∂F/∂μ_n = (1/B) (-2ρ Wᵀe_n + τ ⊙ ∂t_n/∂μ_n),
@@ -244,7 +248,7 @@ class EntropyELBO:
             leaves = (q.entropy().mean(), means.residual, means.prior_statistic)
         leaves = tuple(leaf.detach().requires_grad_(True) for leaf in leaves)
         with torch.enable_grad():
-            value = self.from_statistics(leaves[0], DataStatistics(*leaves[1:]), D, model.prior, weights, prior_scale)
+            value = self.from_statistics(leaves[0], DataStatistics(*leaves[1:]), D, model.prior, weights)
             a, rho, tau = torch.autograd.grad(value.weighted, leaves)
         with torch.no_grad():
             k = model.prior.statistic_degree
@@ -254,26 +258,21 @@ class EntropyELBO:
             grad_W = (error.T @ mean).mul_(-2.0 * rho).add_(W * (2.0 * rho * variance.sum(0)))
         return _detached(value), (grad_mean, grad_std, grad_W)
 
-    def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None, prior_scale=None):
+    def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
         if statistics is None:
             residual, prior_stat = self.batch_statistics(x, q, model)
             statistics = DataStatistics(residual.mean(), prior_stat.mean(0))
-        return self.from_statistics(q.entropy().mean(), statistics, x.shape[-1], model.prior, weights, prior_scale)
+        return self.from_statistics(q.entropy().mean(), statistics, x.shape[-1], model.prior, weights)
 
     @staticmethod
     def from_statistics(
-        posterior_entropy: torch.Tensor,
-        statistics: DataStatistics,
-        n_observed: int,
-        prior,
-        weights=UNIT_WEIGHTS,
-        prior_scale: torch.Tensor | None = None,
+        posterior_entropy: torch.Tensor, statistics: DataStatistics, n_observed: int, prior, weights=UNIT_WEIGHTS
     ) -> ObjectiveValue:
         """``L_H`` from the mean posterior entropy and the data means behind ``σ²*`` and ``λ*``.
 
-        ``prior_scale`` (fixed-scale annealing, docs/design.md §8): the weighted value's prior term is the
-        cross-entropy ``-mean_n E_qn[log p(z; λ_0)]`` at that fixed scale instead of ``H[p(z; λ*)]`` (the two
-        agree at ``λ_0 = λ*``), so that ``β_prior > 1`` weights a bounded term; ``elbo`` stays ``L_H``."""
+        With ``weights.prior_scale = λ_0`` (fixed-scale annealing, docs/design.md §8) the weighted value's prior
+        term is the cross-entropy ``-mean_n E_qn[log p(z; λ_0)]`` at that fixed scale instead of ``H[p(z; λ*)]``
+        (the two agree at ``λ_0 = λ*``), so that ``β_prior > 1`` weights a bounded term; ``elbo`` stays ``L_H``."""
         sigma2 = closed_forms.optimal_sigma2(statistics.residual, n_observed)  # σ²*
         lam = closed_forms.optimal_lambda(statistics.prior_statistic)  # λ*
         terms = {
@@ -283,8 +282,9 @@ class EntropyELBO:
         }
         entropies = tuple(terms.values())
         weighted_terms = entropies
-        if prior_scale is not None:
-            weighted_terms = (posterior_entropy, prior.cross_entropy(statistics.prior_statistic, prior_scale), entropies[2])
+        if weights.prior_scale is not None:
+            held = torch.full_like(statistics.prior_statistic, weights.prior_scale)  # λ_0 (H,)
+            weighted_terms = (posterior_entropy, prior.cross_entropy(statistics.prior_statistic, held), entropies[2])
         return ObjectiveValue(
             elbo=closed_forms.entropy_elbo(*entropies),
             weighted=closed_forms.entropy_elbo(*weighted_terms, (weights.entropy, weights.prior, weights.likelihood)),
@@ -292,3 +292,49 @@ class EntropyELBO:
             sigma2=sigma2,
             lam=lam,
         )
+
+
+def _blocks(n: int, points: torch.Tensor | None, block_size: int, device) -> list[torch.Tensor]:
+    """``points`` (all ``n`` data points when None) in blocks of ``block_size``."""
+    if points is None:
+        return [torch.arange(start, min(start + block_size, n), device=device) for start in range(0, n, block_size)]
+    return list(torch.split(points, block_size))
+
+
+@torch.no_grad()
+def entropy_statistics(x, q_of, model, block_size: int = 16384, points=None) -> tuple[DataStatistics, torch.Tensor]:
+    """The means over the data points ``points`` of ``x`` (all when None) behind ``σ²* = residual / D`` and
+    ``λ* = prior_statistic``, and the mean posterior entropy, accumulated over blocks of points so that memory
+    stays bounded; ``q_of(index)``: the Gaussians of data points ``index``."""
+    n = x.shape[0] if points is None else len(points)
+    residual, prior_stat, entropy = x.new_zeros(()), x.new_zeros(model.lam.shape[-1]), x.new_zeros(())
+    for index in _blocks(x.shape[0], points, block_size, x.device):
+        q = q_of(index)
+        r, t = EntropyELBO().batch_statistics(x[index], q, model)  # (B,), (B,H)
+        residual, prior_stat, entropy = residual + r.sum(), prior_stat + t.sum(0), entropy + q.entropy().sum()
+    return DataStatistics(residual / n, prior_stat / n), entropy / n
+
+
+@torch.no_grad()
+def exact_value(objective, x, q_of, model, weights=UNIT_WEIGHTS, block_size: int = 16384, points=None) -> ObjectiveValue:
+    """The closed-form ``objective`` (``EntropyELBO`` or ``AnalyticELBO``) over the data points ``points`` of ``x``
+    (all when None), accumulated over blocks of points; ``weighted`` uses ``weights``, ``elbo`` never does;
+    ``q_of(index)``: the Gaussians of data points ``index`` (all when None)."""
+    n = x.shape[0] if points is None else len(points)
+    if n <= block_size:
+        return objective(x if points is None else x[points], q_of(points), model, weights)
+    if isinstance(objective, EntropyELBO):
+        statistics, mean_entropy = entropy_statistics(x, q_of, model, block_size, points)
+        return EntropyELBO.from_statistics(mean_entropy, statistics, x.shape[1], model.prior, weights)
+    values = [
+        (len(index), objective(x[index], q_of(index), model, weights))
+        for index in _blocks(x.shape[0], points, block_size, x.device)
+    ]
+    terms = {name: sum(m * v.terms[name] for m, v in values) / n for name in values[0][1].terms}
+    return ObjectiveValue(
+        elbo=sum(m * v.elbo for m, v in values) / n,
+        weighted=sum(m * v.weighted for m, v in values) / n,
+        terms=terms,
+        sigma2=model.sigma2,
+        lam=model.lam,
+    )

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from sparse_elbo import closed_forms
-from sparse_elbo.errors import ConfigError
 from sparse_elbo.gaussians import DiagonalGaussian, FullGaussian
+from sparse_elbo.validation import invalid
 
 # pullback(grad_variance (N,H), grad_trace: a 0-dim tensor shared by every point, grad_entropy a float)
 #   -> ({parameter name: gradient} for every parameter except the mean, grad_gram (H,H))
@@ -39,32 +39,48 @@ from sparse_elbo.gaussians import DiagonalGaussian, FullGaussian
 Pullback = Callable[[torch.Tensor, torch.Tensor, float], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
-class Posterior(Protocol):
-    """The contract of a posterior family (per data point here, amortised in ``encoders.py``): its
-    ``family`` name (what trainers list in their capabilities), the numbers it will hold (known before it is
-    built, for the memory check), the Gaussians of data points ``index`` of ``x``, a fresh per-data-point
-    posterior of the family for new data, and the arrays the results file stores."""
+class Posterior(nn.Module):
+    """The contract of a posterior family (per data point here, amortised in ``encoders.py``), and its
+    capabilities as data: its ``family`` name (``posterior=<family>``), whether it is amortised (trainers
+    declare which kinds they train), ``closed_form_moments`` (it gives ``moments_with_pullback``, the entropy
+    objective's closed-form gradient; otherwise autograd), ``features`` (what some trainers need beyond the
+    contract: ``signed_blocks`` for the authors' signed-scale E-step). Besides: the numbers it will hold (known
+    before it is built, for the memory check), the Gaussians of data points ``index`` of ``x``, a fresh
+    per-data-point posterior of the family for new data, and the arrays the results file stores. A family's
+    fast paths that also depend on the prior (a fused E-step kernel, a fixed-dictionary fit) are registered
+    by (family, prior) in ``sparse_elbo/inference/registry.py``."""
 
-    family: str
-    amortized: bool
+    family: ClassVar[str]
+    amortized: ClassVar[bool] = False
+    closed_form_moments: ClassVar[bool] = False
+    features: ClassVar[frozenset[str]] = frozenset()
 
     @staticmethod
-    def parameter_count(n_data: int, n_latents: int, **settings) -> int: ...
+    def parameter_count(n_data: int, n_latents: int, **settings) -> int:
+        raise NotImplementedError
 
-    def q(self, x: torch.Tensor | None = None, index: torch.Tensor | None = None): ...
+    def q(self, x: torch.Tensor | None = None, index: torch.Tensor | None = None):
+        raise NotImplementedError
 
-    def per_data_point(self, x: torch.Tensor) -> nn.Module: ...
+    def per_data_point(self, x: torch.Tensor) -> nn.Module:
+        raise NotImplementedError
 
-    def state_arrays(self) -> dict[str, torch.Tensor]: ...
+    def state_arrays(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def kind(cls) -> str:
+        """``amortized`` or ``per_data_point``: what trainers' capabilities list."""
+        return "amortized" if cls.amortized else "per_data_point"
 
 
 def _check_sizes(n_data: int, n_latents: int, init_std: float) -> None:
     if n_data < 1:
-        raise ConfigError(f"posterior: n_data must be >= 1, got {n_data}")
+        raise invalid("n_data", f"must be >= 1, got {n_data}")
     if n_latents < 1:
-        raise ConfigError(f"n_latents must be >= 1, got {n_latents}")
+        raise invalid("n_latents", f"must be >= 1, got {n_latents}")
     if not init_std > 0:
-        raise ConfigError(f"posterior.init_std must be > 0, got {init_std}")
+        raise invalid("init_std", f"must be > 0, got {init_std}")
 
 
 def _positive_scale(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -75,16 +91,18 @@ def _positive_scale(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.to(like.dtype)
 
 
-class _PerDataPointPosterior(nn.Module):
-    """Shared block handling; subclasses define ``gaussian(params)`` and ``initial_values(n)``."""
-
-    amortized = False
+class PerDataPointPosterior(Posterior):
+    """Parameters per data point (data index first), with the block handling every trainer that fits
+    blocks of points uses; a family defines ``gaussian(params)`` (a Gaussian batch, ``gaussians.py``) and
+    ``initial_value(name, n, std)``, and holds a parameter ``mean`` (N,H). A family whose parameters the
+    gauge change ``z_h → c_h z_h`` maps to parameters of the same family defines ``rescale_latents`` (EM's
+    M-step needs it)."""
 
     def q(self, x: torch.Tensor | None = None, index: torch.Tensor | None = None):
         """The posteriors of data points ``index`` (all when None); ``x`` is not needed."""
         return self(index)
 
-    def per_data_point(self, x: torch.Tensor) -> _PerDataPointPosterior:
+    def per_data_point(self, x: torch.Tensor) -> PerDataPointPosterior:
         """A fresh posterior of this family for the data points of ``x`` (N,D), on x's device and dtype."""
         return type(self)(n_data=x.shape[0], n_latents=self.n_latents, init_std=self.init_std).to(x)
 
@@ -117,10 +135,12 @@ class _PerDataPointPosterior(nn.Module):
             value[index] = self.initial_value(name, len(index), std).to(value)
 
 
-class DiagonalPosterior(_PerDataPointPosterior):
+class DiagonalPosterior(PerDataPointPosterior):
     """``q_n(z) = N(μ_n, diag(s_n²))``.  Parameters: mean (N,H), log_std (N,H)."""
 
     family = "diag"
+    closed_form_moments = True
+    features = frozenset({"signed_blocks"})
 
     @staticmethod
     def parameter_count(n_data: int, n_latents: int, **settings) -> int:
@@ -187,11 +207,13 @@ class DiagonalPosterior(_PerDataPointPosterior):
         return {"mean": self.mean.detach(), "std": self.log_std.detach().exp()}
 
 
-class FullCovariancePosterior(_PerDataPointPosterior):
+class FullCovariancePosterior(PerDataPointPosterior):
     """``q_n(z) = N(μ_n, L_n L_nᵀ)``.  Parameters: mean (N,H), the strictly lower part of L packed
     row by row (N, H(H-1)/2), and the log of L's diagonal (N,H)."""
 
     family = "full"
+    closed_form_moments = True
+    features = frozenset({"signed_blocks"})
 
     @staticmethod
     def parameter_count(n_data: int, n_latents: int, **settings) -> int:

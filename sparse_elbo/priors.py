@@ -13,10 +13,22 @@ pieces. By Bonnet's and Price's theorems these are ``∂/∂μ_h`` and ``-2 ∂/
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
 from sparse_elbo import closed_forms
+
+
+class Prior(Protocol):
+    """The contract of a factorised prior (module docstring)."""
+
+    name: str
+    statistic_degree: int
+
+    def statistic(self, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor: ...
+
+    def entropy(self, scale: torch.Tensor) -> torch.Tensor: ...
 
 
 class LaplacePrior:

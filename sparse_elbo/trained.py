@@ -24,12 +24,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sparse_elbo.errors import ConfigError, MissingFileError
-from sparse_elbo.gaussians import DiagonalGaussian, FullGaussian
-from sparse_elbo.held_out import fit_new_data, importance_sampled_log_px
+from sparse_elbo.held_out import importance_sampled_log_px
+from sparse_elbo.inference.fit import fit_new_data, score_dictionary
 from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO
 from sparse_elbo.results import Results, read_results
+from sparse_elbo.validation import require_at_least
 
 
 @dataclass
@@ -95,8 +96,6 @@ class TrainedModel:
         """The same dictionary with σ², λ refitted to the data ``x`` (``max_{q, σ², λ} L_H`` at this W,
         ``evaluation.score_dictionary``): e.g. a dictionary learned from clean data used on noisy data, whose
         noise level is then learned, not given."""
-        from sparse_elbo.evaluation import score_dictionary
-
         rows = self._tensor(x)
         score = score_dictionary(rows, self.model.W.detach(), self.model.prior, max_iterations=max_iterations)
         model = copy.deepcopy(self.model)
@@ -149,24 +148,16 @@ class TrainedModel:
 
     def encode(self, x, refine: bool = True, iterations: int = 500, batch_size: int = 4096) -> Codes:
         """The posterior of each row of ``x (N,D)`` (means, and stds or scale_tril per the family) and its ELBO."""
+        require_at_least(0, iterations=iterations)
+        require_at_least(1, batch_size=batch_size)
         rows = self._tensor(x)
-        means, stds, trils, elbos = [], [], [], []
+        arrays, elbos = [], []
         for index, q in self._fitted(rows, refine, iterations, batch_size):
             with torch.no_grad():
                 elbos.append(AnalyticELBO()(rows[index], q, self.model).per_point)
-            means.append(q.mean)
-            if isinstance(q, DiagonalGaussian):
-                stds.append(q.std)
-            elif isinstance(q, FullGaussian):
-                trils.append(q.scale_tril)
-            else:  # a low-rank encoder's q without refinement, as its Cholesky factor
-                trils.append(torch.linalg.cholesky(q.factor @ q.factor.mT + torch.diag_embed(q.diag_std**2)))
-        return Codes(
-            self._like(x, torch.cat(means)),
-            self._like(x, torch.cat(stds)) if stds else None,
-            self._like(x, torch.cat(trils)) if trils else None,
-            self._like(x, torch.cat(elbos)),
-        )
+                arrays.append(q.arrays())  # mean, and std or scale_tril (the Gaussian batch's own description)
+        joined = {name: self._like(x, torch.cat([a[name] for a in arrays])) for name in arrays[0]}
+        return Codes(**joined, elbo=self._like(x, torch.cat(elbos)))
 
     def reconstruct(self, x, **encode_settings):
         """``W E_q[z]`` per row of ``x`` (N,D): the posterior-mean reconstruction."""
@@ -181,6 +172,8 @@ class TrainedModel:
 
     def log_px(self, x, samples: int = 100, seed: int = 0, iterations: int = 500, batch_size: int = 4096) -> LogLikelihood:
         """Importance-sampled ``log p(x_n)`` per row with the fitted q as proposal, and its standard error."""
+        require_at_least(2, samples=samples)
+        require_at_least(1, iterations=iterations, batch_size=batch_size)
         rows = self._tensor(x)
         generator = torch.Generator(device=rows.device).manual_seed(seed)
         per_row, stderr = [], []

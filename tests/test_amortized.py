@@ -14,7 +14,7 @@ import torch
 
 import sparse_elbo
 from sparse_elbo import encoders
-from sparse_elbo.annealing import AnnealingWeights, NoAnnealing
+from sparse_elbo.annealing import AnnealingWeights, NoAnnealing, initial_prior_scale
 from sparse_elbo.data import make_bars, split_held_out
 from sparse_elbo.encoders import AmortizedPosterior
 from sparse_elbo.errors import ConfigError
@@ -29,8 +29,8 @@ from sparse_elbo.priors import GaussianPrior, LaplacePrior
 from sparse_elbo.problem import Problem
 from sparse_elbo.results import read_results
 from sparse_elbo.runner import build, run
-from sparse_elbo.trainers.adam import StatisticsStore
 from sparse_elbo.trainers.base import fit
+from sparse_elbo.trainers.minibatch_statistics import StatisticsStore
 
 F64 = torch.float64
 TINY = [
@@ -168,7 +168,7 @@ def test_auto_compute_dtype_uses_bfloat16_only_for_float32_data_on_native_hardwa
 
 
 def test_unknown_compute_dtype_is_a_config_error():
-    with pytest.raises(ConfigError, match="posterior.compute_dtype"):
+    with pytest.raises(ConfigError, match=r"^compute_dtype must be one of \[None, 'bfloat16', 'auto'\], got 'float8'"):
         AmortizedPosterior(8, 3, compute_dtype="float8")
 
 
@@ -220,8 +220,7 @@ def test_closed_form_minibatch_gradient_equals_autograd(family, prior, statistic
     x, model, objective = problem.x, problem.model, problem.objective
     with torch.no_grad():
         model.W_raw.mul_(torch.linspace(0.5, 2.0, 3, dtype=F64))  # non-unit raw columns: the gauge chain matters
-    weights = AnnealingWeights(likelihood=0.7, prior=1.8, entropy=1.3)
-    fixed = {} if prior_scale is None else {"prior_scale": torch.full((3,), prior_scale, dtype=F64)}
+    weights = AnnealingWeights(likelihood=0.7, prior=1.8, entropy=1.3, prior_scale=prior_scale)
     index = torch.tensor([1, 5, 9, 10])
     stores = [StatisticsStore(problem, block_size=5) for _ in range(2)]
     for store in stores:
@@ -231,10 +230,10 @@ def test_closed_form_minibatch_gradient_equals_autograd(family, prior, statistic
     reference_statistics = None
     if statistics == "full":
         reference_statistics = stores[0].statistics(index, *objective.batch_statistics(x[index], q, model))
-    reference = objective(x[index], q, model, weights, statistics=reference_statistics, **fixed)
+    reference = objective(x[index], q, model, weights, statistics=reference_statistics)
     expected = torch.autograd.grad(reference.weighted, params, retain_graph=True)
     statistics_of = functools.partial(stores[1].statistics, index) if statistics == "full" else None
-    value, (grad_mean, grad_std, grad_W) = objective.batch_value_and_gradient(x[index], q, model, weights, statistics_of, **fixed)
+    value, (grad_mean, grad_std, grad_W) = objective.batch_value_and_gradient(x[index], q, model, weights, statistics_of)
     torch.testing.assert_close(value.weighted, reference.weighted.detach(), rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(value.elbo, reference.elbo.detach(), rtol=1e-13, atol=1e-13)
     got = torch.autograd.grad((q.mean, q.std), params[:-1], (grad_mean, grad_std)) + (model.raw_gradient(grad_W),)
@@ -265,7 +264,7 @@ def test_minibatch_gradient_check_is_sensitive_to_the_batch_size_factor(monkeypa
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["annealing=prior", "annealing.start=2", "annealing.step=1", "trainer.annealed_prior_scale=fixed"]]
+    "extra", [[], ["annealing=prior", "annealing.start=2", "annealing.step=1", "annealing.prior_scale=fixed"]]
 )
 def test_adam_with_the_closed_form_gradient_follows_the_autograd_path(extra):
     """Two epochs of Adam on tiny bars in float64 end at the same encoder, W and stored statistics whether
@@ -273,13 +272,14 @@ def test_adam_with_the_closed_form_gradient_follows_the_autograd_path(extra):
     states = []
     for fused in (True, False):
         cfg = sparse_elbo.compose(
-            [*TINY, "dtype=float64", "trainer.statistics_refresh_every=0", *extra, f"trainer.fused_objective={fused}"]
+            [*TINY, "dtype=float64", "trainer.statistics.refresh_every=0", *extra, f"trainer.fused_objective={fused}"]
         )
         components = build(cfg)
         problem, trainer = components.problem, components.trainer
         state = trainer.start(problem, None)
+        scale = initial_prior_scale(problem.x, problem.model.W.detach(), problem.model.prior)
         for epoch in range(2):
-            trainer.train_epoch(problem, state, epoch, problem.annealing(epoch))
+            trainer.train_epoch(problem, state, epoch, problem.annealing(epoch, scale))
         states.append((problem, state))
     (fused, fused_state), (plain, plain_state) = states
     for a, b in zip([*fused.posterior.parameters(), fused.model.W_raw], [*plain.posterior.parameters(), plain.model.W_raw]):
@@ -305,7 +305,7 @@ def test_gradient_variance_is_zero_for_the_analytic_objectives_and_falls_with_sa
 def test_statistics_are_refreshed_every_k_epochs_and_otherwise_carried_by_the_batches(monkeypatch, every, refreshed):
     """Refreshes happen at epochs 0, k, 2k, … (only the first for k = 0); in between the batches replace their
     rows, and the running sums stay the sums of the stored rows."""
-    cfg = sparse_elbo.compose([*TINY, f"trainer.statistics_refresh_every={every}"])
+    cfg = sparse_elbo.compose([*TINY, f"trainer.statistics.refresh_every={every}"])
     components = build(cfg)
     problem, trainer = components.problem, components.trainer
     state = trainer.start(problem, None)
@@ -320,35 +320,37 @@ def test_statistics_are_refreshed_every_k_epochs_and_otherwise_carried_by_the_ba
 
 
 def test_fixed_scale_annealing_holds_the_mean_least_squares_statistic_while_the_prior_weight_is_above_one(monkeypatch):
-    """λ_0 is the mean |μ| of the least-squares codes of the start, and the entropy objective gets it (H,) in
-    the annealed epochs only."""
-    cfg = sparse_elbo.compose(
-        [*TINY, "annealing=prior", "annealing.start=2", "annealing.step=1", "trainer.annealed_prior_scale=fixed"]
-    )
+    """λ_0 is the mean |μ| of the least-squares codes of the start (the same definition as EM's), computed by the
+    epoch loop, and the entropy objective gets it with the weights in the annealed epochs only."""
+    cfg = sparse_elbo.compose([*TINY, "annealing=prior", "annealing.start=2", "annealing.step=1", "annealing.prior_scale=fixed"])
     components = build(cfg)
     problem, trainer = components.problem, components.trainer
-    state = trainer.start(problem, None)
-    W = problem.model.W.detach()
-    codes = torch.linalg.solve(W.T @ W + 1e-3 * torch.eye(W.shape[1], dtype=W.dtype), W.T @ problem.x.T)
-    assert state.annealing_scale == pytest.approx(float(codes.abs().mean()), rel=1e-5)
     seen = []
 
     def spy(original):
-        return lambda self, *a, **k: (seen.append(k.get("prior_scale")), original(self, *a, **k))[1]
+        return lambda self, *a, **k: (seen.append((a[0].shape[0], a[3].prior_scale)), original(self, *a, **k))[1]
 
     for method in ("__call__", "batch_value_and_gradient"):  # the autograd path and the closed form
         monkeypatch.setattr(EntropyELBO, method, spy(getattr(EntropyELBO, method)))
-    for epoch in range(2):  # β_prior = 2, then 1
-        trainer.train_epoch(problem, state, epoch, problem.annealing(epoch))
-    batches = len(seen) // 2
+    trainer.max_epochs = 2  # β_prior = 2, then 1
+    starts = []
+    original_start = trainer.start
+    trainer.start = lambda problem, saved: (starts.append(problem.model.W.detach().clone()), original_start(problem, saved))[1]
+    fit(trainer, problem, lambda e, w, t: evaluate_problem(problem, w))
+    W = starts[0]
+    codes = torch.linalg.solve(W.T @ W + 1e-3 * torch.eye(W.shape[1], dtype=W.dtype), W.T @ problem.x.T)
+    steps = [scale for rows, scale in seen if rows == 25]  # the training steps (the evaluations see all 150 points)
+    batches = len(steps) // 2
     assert batches == 6  # 150 training points in batches of 25
-    assert all(torch.equal(scale, torch.full_like(scale, state.annealing_scale)) for scale in seen[:batches])
-    assert all(scale is None for scale in seen[batches:])
+    assert steps[:batches] == [pytest.approx(float(codes.abs().mean()), rel=1e-5)] * batches
+    assert all(scale is None for scale in steps[batches:])
 
 
 def test_fixed_scale_annealing_needs_the_entropy_objective():
-    cfg = sparse_elbo.compose([*TINY, "objective=analytic", "trainer.annealed_prior_scale=fixed"])
-    with pytest.raises(ConfigError, match="objective=analytic is not supported.*allowed objectives: \\['entropy'\\]"):
+    cfg = sparse_elbo.compose(
+        [*TINY, "objective=analytic", "annealing=prior", "annealing.start=2", "annealing.step=1", "annealing.prior_scale=fixed"]
+    )
+    with pytest.raises(ConfigError, match="annealing.prior_scale=fixed is not supported by objective=analytic"):
         build(cfg)
 
 
@@ -383,9 +385,9 @@ def test_adam_on_tiny_bars_raises_the_held_out_elbo_and_stores_held_out_metrics(
     [
         [],
         ["objective=sampled", "posterior=diag"],
-        ["trainer.dictionary_posterior=refined"],
-        ["trainer.statistics_refresh_every=2"],
-        ["annealing=prior", "annealing.start=2", "annealing.step=0.25", "trainer.annealed_prior_scale=fixed"],
+        ["trainer=semi_amortized_adam"],
+        ["trainer.statistics.refresh_every=2"],
+        ["annealing=prior", "annealing.start=2", "annealing.step=0.25", "annealing.prior_scale=fixed"],
     ],
     ids=["amortized-entropy", "diag-sampled", "semi-amortized", "refresh-every-2", "fixed-scale-annealing"],
 )
@@ -418,7 +420,7 @@ def test_the_semi_amortised_dictionary_gradient_is_the_one_at_each_points_own_op
     """Oracle: per-point full covariances fitted by L-BFGS (autograd of the analytic ELBO) at the same W, σ², λ;
     the gradient of the batch's mean analytic ELBO in the raw dictionary, by autograd, at those posteriors."""
     components = build(
-        sparse_elbo.compose([*TINY, "dtype=float64", "trainer.dictionary_posterior=refined", "trainer.refine_iterations=200"])
+        sparse_elbo.compose([*TINY, "dtype=float64", "trainer=semi_amortized_adam", "trainer.refine_iterations=200"])
     )
     problem, trainer = components.problem, components.trainer
     state = trainer.start(problem, None)
@@ -452,13 +454,13 @@ def test_semi_amortised_adam_recovers_the_bars_where_the_plain_encoder_does_not(
     """3×3 bars, 1,000 points (20 % held out), 60 epochs from the sparse-coding start, seed 1."""
     overrides = ["experiment=bars_amortized", "dataset.grid=3", "dataset.n_data=1000", "trainer.max_epochs=60", "seed=1"]
     cosines = {}
-    for dictionary_posterior in ("refined", "encoder"):
-        cfg = sparse_elbo.compose([*overrides, f"trainer.dictionary_posterior={dictionary_posterior}"])
+    for trainer in ("semi_amortized_adam", "adam"):
+        cfg = sparse_elbo.compose([*overrides, f"trainer={trainer}"])
         components = build(cfg)
         fit(components.trainer, components.problem, lambda e, w, t: evaluate_problem(components.problem, w))
         W = components.problem.model.W.detach().cpu().numpy()
-        cosines[dictionary_posterior] = match_fields(W, components.dataset.W_true).min_cosine
-    assert cosines["refined"] >= 0.95 > cosines["encoder"], cosines
+        cosines[trainer] = match_fields(W, components.dataset.W_true).min_cosine
+    assert cosines["semi_amortized_adam"] >= 0.95 > cosines["adam"], cosines
 
 
 def test_held_out_split_is_seeded_and_uses_the_data_sets_own_held_out_points():
@@ -486,19 +488,15 @@ def test_held_out_split_is_seeded_and_uses_the_data_sets_own_held_out_points():
             "posterior.covariance must be one of ['diag', 'lowrank']",
         ),
         (["posterior=amortized", "trainer=adam", "posterior.rank=0"], "posterior.rank must be >= 1"),
-        (["trainer=adam", "trainer.statistics=mini"], "trainer.statistics must be one of ['full', 'batch']"),
         (["trainer=adam", "trainer.learning_rate=0"], "trainer.learning_rate must be > 0"),
+        (["trainer=adam", "trainer.statistics.refresh_every=-1"], "trainer.statistics.refresh_every must be >= 0"),
         (
-            ["trainer=adam", "trainer.dictionary_posterior=best"],
-            "trainer.dictionary_posterior must be one of ['encoder', 'refined']",
+            ["trainer=adam", "trainer.dictionary_posterior=refined"],
+            "Could not override 'trainer.dictionary_posterior'",
         ),
         (
-            ["posterior=amortized", "trainer=adam", "trainer.dictionary_posterior=refined", "trainer.statistics=batch"],
-            "trainer.dictionary_posterior=refined needs trainer.statistics=full, got 'batch'",
-        ),
-        (
-            ["posterior=diag", "trainer=adam", "trainer.dictionary_posterior=refined"],
-            "posterior=diag is not supported by trainer AdamTrainer; allowed posteriors: ['amortized']",
+            ["posterior=diag", "trainer=semi_amortized_adam"],
+            "posterior=diag is not supported by trainer SemiAmortizedAdam; allowed posteriors: ['amortized']",
         ),
     ],
 )
@@ -512,7 +510,7 @@ def test_bad_amortized_and_adam_settings_fail_with_a_clear_message(overrides, me
 def test_named_amortized_settings_compose(name):
     cfg = sparse_elbo.compose([f"experiment={name}"])
     assert cfg.posterior._target_.endswith("AmortizedPosterior")
-    assert cfg.trainer._target_.endswith("AdamTrainer")
+    assert cfg.trainer._target_.endswith(("AdamTrainer", "SemiAmortizedAdam"))
     if name == "patches_amortized":  # the authors' setting
         assert cfg.trainer.learning_rate == 1e-3 and cfg.trainer.batch_size == 512 and cfg.trainer.max_epochs == 200
         assert cfg.dataset.n_patches == 204800 and cfg.n_latents == 100
@@ -542,3 +540,13 @@ def test_adam_starts_from_its_initialisation(initialisation):
         generator = torch.Generator().manual_seed(problem.seed)
         expected = SparseCodingDictionary()(problem.x, own / own.norm(dim=0), generator)
         torch.testing.assert_close(problem.model.W.detach(), expected / expected.norm(dim=0))
+
+
+def test_the_semi_amortised_variant_takes_either_statistics_for_its_encoder():
+    """The refined q always keep their own full-data statistics; the encoder's may be the batch's (a
+    combination that needs no rule)."""
+    components = build(sparse_elbo.compose([*TINY, "trainer=semi_amortized_adam", "trainer/statistics=batch"]))
+    state = components.trainer.start(components.problem, None)
+    assert state.store is None and state.refined.filled
+    components.trainer.train_epoch(components.problem, state, 0, AnnealingWeights())
+    assert torch.isfinite(components.problem.model.W_raw).all()

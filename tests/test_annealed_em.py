@@ -1,6 +1,6 @@
 """Annealing in the full-data EM (docs/design.md §8): a prior weight above 1 makes the weighted entropy
-objective unbounded (an oracle on the claim), and ``annealed_prior_scale=fixed`` keeps every latent in use
-while the annealed epochs shape the dictionary."""
+objective unbounded (an oracle on the claim), and ``annealing.prior_scale=fixed`` keeps every latent in use
+while the annealed epochs shape the dictionary; λ_0 is computed once, by the loop, and kept on resume."""
 
 from __future__ import annotations
 
@@ -11,18 +11,21 @@ import pytest
 import torch
 from test_em import e_step, small_problem
 
-from sparse_elbo.annealing import AnnealingWeights, NoAnnealing, StepAnnealing, TemperatureAnnealing
+from sparse_elbo.annealing import AnnealingWeights, NoAnnealing, StepAnnealing, TemperatureAnnealing, initial_prior_scale
 from sparse_elbo.data import make_bars
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.evaluation import evaluate_problem
 from sparse_elbo.images import make_image_patches
-from sparse_elbo.inference.e_step import EntropyEStep
+from sparse_elbo.inference.e_step import BlockLBFGS, EntropyEStep
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.problem import Problem
-from sparse_elbo.trainers.base import fit
-from sparse_elbo.trainers.em import POSTERIOR_RESTARTS, EMTrainer
+from sparse_elbo.trainers.base import LoopState, fit
+from sparse_elbo.trainers.em import EMTrainer
+from sparse_elbo.trainers.restarts import NeverRestart, RestartAfterAnnealing, RestartEveryEpoch
+
+RESTARTS = {"never": NeverRestart(), "end_of_annealing": RestartAfterAnnealing(), "every_epoch": RestartEveryEpoch()}
 
 
 @pytest.mark.parametrize("prior_weight", [2.0, 4.0, 10.0])
@@ -50,24 +53,25 @@ def test_a_prior_weight_above_one_rewards_shrinking_a_switched_off_latent_withou
 
 @pytest.mark.parametrize("prior_weight", [2.0, 10.0])
 def test_the_entropy_objective_at_a_fixed_prior_scale_is_bounded_and_agrees_at_the_optimal_scale(prior_weight):
-    """``prior_scale`` (the Adam trainer's fixed-scale annealing): shrinking a switched-off latent's s by 10 now
-    costs log 10 less the prior's small gain, as under the analytic ELBO; at ``λ_0 = λ*`` the weighted value is the literal one, and
-    the unweighted ``elbo`` is ``L_H`` whatever the scale."""
+    """``weights.prior_scale = λ_0`` (fixed-scale annealing): shrinking a switched-off latent's s by 10 now costs
+    log 10 less the prior's small gain, as under the analytic ELBO; the prior term there is the cross-entropy,
+    which at ``λ = λ*`` is the prior's entropy (the literal term), and the unweighted ``elbo`` is ``L_H``
+    whatever the scale."""
     problem = small_problem("diag", n_data=30, seed=2)
-    weights, objective = AnnealingWeights(prior=prior_weight), EntropyELBO()
-    lam_0 = torch.full((problem.model.n_latents,), 0.5, dtype=torch.float64)
+    objective = EntropyELBO()
+    weights, held = AnnealingWeights(prior=prior_weight), AnnealingWeights(prior=prior_weight, prior_scale=0.5)
     values, scales = [], (1e-3, 1e-4, 1e-5)
     for s in scales:
         with torch.no_grad():
             problem.posterior.mean[:, 0] = 0.0
             problem.posterior.log_std[:, 0] = math.log(s)
             q = problem.posterior()
-            value = objective(problem.x, q, problem.model, weights, prior_scale=lam_0)
+            value = objective(problem.x, q, problem.model, held)
             literal = objective(problem.x, q, problem.model, weights)
-            at_optimum = objective(problem.x, q, problem.model, weights, prior_scale=literal.lam)
+            prior = problem.model.prior
         values.append(float(value.weighted))
         assert float(value.elbo) == float(literal.elbo)
-        assert float(at_optimum.weighted) == pytest.approx(float(literal.weighted), rel=1e-12)
+        torch.testing.assert_close(prior.cross_entropy(literal.lam, literal.lam), prior.entropy(literal.lam), rtol=1e-12, atol=0)
     for (s_a, a), (s_b, b) in zip(zip(scales, values), zip(scales[1:], values[1:])):
         # the entropy's -log 10, and the prior's β E|z_0|/λ_0 = β s √(2/π)/0.5 falling with s (σ²*'s share ~s²)
         assert b - a == pytest.approx(-math.log(10.0) + prior_weight * math.sqrt(2 / math.pi) * (s_a - s_b) / 0.5, abs=1e-5)
@@ -82,17 +86,11 @@ def patch_problem(seed=0, annealing=None):
     return Problem(x=x, model=model, posterior=posterior, objective=EntropyELBO(), annealing=annealing, seed=seed)
 
 
-def annealed_epochs(annealed_prior_scale, annealing=None):
+def annealed_epochs(prior_scale, schedule=StepAnnealing):
     """Three annealed epochs (β = 10, 8, 6 on the prior, or on likelihood and prior) of the fast EM on
     2,000 8x8 patches, H = 16: per epoch the unweighted ELBO, λ* (H,) and W (D,H)."""
-    problem = patch_problem(annealing=annealing)
-    trainer = EMTrainer(
-        max_epochs=3,
-        em_iterations_per_epoch=5,
-        e_step=EntropyEStep(),
-        e_step_iterations=7,
-        annealed_prior_scale=annealed_prior_scale,
-    )
+    problem = patch_problem(annealing=schedule(prior_scale=prior_scale))
+    trainer = EMTrainer(max_epochs=3, em_iterations_per_epoch=5, e_step=EntropyEStep(), driver=BlockLBFGS(iterations=7))
     record = []
 
     def evaluate(epoch, weights, train_time):
@@ -117,26 +115,37 @@ def test_fixed_prior_scale_keeps_every_latent_in_use_and_learns_in_annealed_epoc
 
 @pytest.mark.usefixtures("one_thread")
 def test_temperature_annealing_at_a_fixed_prior_scale_keeps_every_latent_in_use_while_w_moves():
-    fixed = annealed_epochs("fixed", TemperatureAnnealing())
+    fixed = annealed_epochs("fixed", TemperatureAnnealing)
     assert min(float(lam.min() / lam.max()) for _, lam, _ in fixed) > 0.25
     first, last = fixed[0][2], fixed[-1][2]  # unit-norm columns (D,H)
     assert float((first * last).sum(0).abs().mean()) < 0.99  # the annealed epochs shape the dictionary
 
 
-def test_the_fixed_scale_is_the_mean_lambda_of_the_start_and_is_kept_on_resume():
-    problem = patch_problem()
-    trainer = EMTrainer(e_step=EntropyEStep(), annealed_prior_scale="fixed")
-    state = trainer.start(problem, None)
-    with torch.no_grad():
-        q = problem.posterior()
-        expected = float(problem.model.prior.statistic(q.mean, q.variance).mean())  # mean over points and latents of E|z|
-    assert state.annealing_scale == pytest.approx(expected, rel=1e-9)
-    assert trainer.start(problem, state.state_dict()).annealing_scale == state.annealing_scale
+def test_the_fixed_scale_is_the_mean_code_of_the_start_computed_once_by_the_loop_and_kept_on_resume():
+    """λ_0: the mean |μ| of the least-squares codes of the dictionary the trainer starts from (one definition for
+    every trainer), computed by the epoch loop after the trainer's start, carried by the weights of the
+    annealed epochs only, saved with the loop's state and reused on resume."""
+    problem = patch_problem(annealing=StepAnnealing(start=3.0, step=1.0, prior_scale="fixed"))
+    W, x = problem.model.W.detach(), problem.x
+    codes = np.linalg.solve(W.numpy().T @ W.numpy() + 1e-3 * np.eye(16), W.numpy().T @ x.numpy().T)
+    assert initial_prior_scale(x, W, problem.model.prior, block_size=300) == pytest.approx(float(np.abs(codes).mean()), rel=1e-10)
+    seen, saved = [], []
+    trainer = EMTrainer(max_epochs=3, e_step=EntropyEStep(), driver=BlockLBFGS(iterations=2))
+    original = trainer.train_epoch
+    trainer.train_epoch = lambda problem, state, epoch, weights: seen.append(weights) or original(problem, state, epoch, weights)
+    fit(trainer, problem, lambda e, w, t: evaluate_problem(problem, w), checkpoint=lambda e, state: saved.append(state))
+    assert [w.prior_scale for w in seen] == [pytest.approx(float(np.abs(codes).mean()), rel=1e-10)] * 2 + [None]
+    assert LoopState.from_dict(saved[0]["loop"]).prior_scale == seen[0].prior_scale
+    resumed = []
+    trainer.train_epoch = lambda problem, state, epoch, weights: resumed.append(weights)
+    trainer.max_epochs = 3
+    fit(trainer, patch_problem(seed=1, annealing=problem.annealing), lambda e, w, t: evaluate_problem(problem, w), saved=saved[0])
+    assert resumed[0].prior_scale == seen[1].prior_scale  # the saved λ_0, not that of another start
 
 
-def test_an_unknown_annealed_prior_scale_is_refused_by_name():
-    with pytest.raises(ConfigError, match=r"trainer.annealed_prior_scale must be one of \['optimal', 'fixed'\], got 'free'"):
-        EMTrainer(annealed_prior_scale="free")
+def test_an_unknown_prior_scale_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"prior_scale must be one of \['optimal', 'fixed'\], got 'free'"):
+        StepAnnealing(prior_scale="free")
 
 
 def problem_with_a_switched_off_bar():
@@ -156,7 +165,9 @@ def problem_with_a_switched_off_bar():
 @pytest.mark.parametrize("restarts", ["never", "end_of_annealing"])
 def test_a_restart_after_annealing_brings_a_switched_off_latent_back(restarts):
     problem = problem_with_a_switched_off_bar()
-    trainer = EMTrainer(em_iterations_per_epoch=5, e_step=EntropyEStep(), e_step_iterations=20, posterior_restarts=restarts)
+    trainer = EMTrainer(
+        em_iterations_per_epoch=5, e_step=EntropyEStep(), driver=BlockLBFGS(iterations=20), restarts=RESTARTS[restarts]
+    )
     trainer.train_epoch(problem, trainer.start(problem, {}), 5, problem.annealing(5))
     lam = problem.model.lam.detach()
     if restarts == "never":  # EM cannot revive it: its q is the prior, so λ*_0 = E|z_0| stays tiny
@@ -167,25 +178,23 @@ def test_a_restart_after_annealing_brings_a_switched_off_latent_back(restarts):
 
 def test_restarts_happen_from_the_end_of_annealing_on():
     problem = problem_with_a_switched_off_bar()  # StepAnnealing: β_prior = 1 from epoch 5
-    epochs = {
-        restarts: [e for e in range(9) if EMTrainer(posterior_restarts=restarts).restarts_posteriors(problem, e)]
-        for restarts in POSTERIOR_RESTARTS
-    }
+    final = problem.annealing.final_epoch()
+    epochs = {name: [e for e in range(9) if policy(e, final)] for name, policy in RESTARTS.items()}
     assert epochs == {"never": [], "end_of_annealing": [5], "every_epoch": [5, 6, 7, 8]}
-    problem.annealing = NoAnnealing()
-    epochs = {
-        restarts: [e for e in range(4) if EMTrainer(posterior_restarts=restarts).restarts_posteriors(problem, e)]
-        for restarts in POSTERIOR_RESTARTS
-    }
+    final = NoAnnealing().final_epoch()
+    epochs = {name: [e for e in range(4) if policy(e, final)] for name, policy in RESTARTS.items()}
     assert epochs == {"never": [], "end_of_annealing": [], "every_epoch": [1, 2, 3]}
 
 
-def test_an_unknown_posterior_restart_is_refused_by_name():
-    with pytest.raises(
-        ConfigError,
-        match=r"trainer.posterior_restarts must be one of \['never', 'end_of_annealing', 'every_epoch'\], got 'always'",
-    ):
-        EMTrainer(posterior_restarts="always")
+def test_the_restart_policies_are_the_options_of_the_config_group():
+    """Each policy is one YAML of configs/trainer/restarts (the option list is read from there)."""
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    from sparse_elbo.config import config_dir
+
+    shipped = {p.stem: get_object(OmegaConf.load(p)._target_) for p in (config_dir() / "trainer" / "restarts").glob("*.yaml")}
+    assert {name: type(policy) for name, policy in RESTARTS.items()} == shipped
 
 
 def _lasso(x: np.ndarray, W: np.ndarray, noise_variance: float, scale: np.ndarray, iterations: int = 20000) -> np.ndarray:

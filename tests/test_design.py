@@ -16,13 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import sparse_elbo
 from sparse_elbo.config import config_dir
-from sparse_elbo.trainers.base import FAMILIES, OBJECTIVES, Capabilities, Trainer
+from sparse_elbo.trainers.base import KINDS, OBJECTIVES, Capabilities, Trainer
 
 PACKAGE = Path(sparse_elbo.__file__).resolve().parent
 # closed forms -> distributions -> model -> objectives -> problem -> inference -> trainers -> evaluation ->
 # runner and trained models -> the API and tools. A module imports only from its own layer or the layers before it.
 LAYERS = [
-    {"version", "errors", "validation", "closed_forms", "annealing", "data", "images", "results", "metrics"},
+    {"version", "errors", "validation", "config", "closed_forms", "annealing", "data", "images", "results", "metrics"},
     {"gaussians", "priors"},
     {"model", "posteriors", "encoders"},
     {"objectives"},
@@ -31,7 +31,7 @@ LAYERS = [
     {"trainers", "initialisation"},
     {"evaluation", "held_out", "gradients"},
     {"runner", "trained"},
-    {"__init__", "config", "cli", "train", "sweeps", "summarize", "figures", "plot_run", "report", "encode", "denoise"},
+    {"__init__", "cli", "train", "sweeps", "summarize", "figures", "plot_run", "report", "encode", "denoise"},
 ]
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}
 
@@ -92,9 +92,10 @@ def _trainer_classes():
     import sparse_elbo.trainers.adam
     import sparse_elbo.trainers.authors
     import sparse_elbo.trainers.em
-    import sparse_elbo.trainers.fixed_point
     import sparse_elbo.trainers.lbfgs
-    import sparse_elbo.trainers.profile  # noqa: F401
+    import sparse_elbo.trainers.profile
+    import sparse_elbo.trainers.semi_amortized
+    import sparse_elbo.trainers.subsets  # noqa: F401
 
     def subclasses(cls):
         return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
@@ -105,61 +106,97 @@ def _trainer_classes():
 @pytest.mark.parametrize("trainer", _trainer_classes(), ids=lambda c: c.__name__)
 def test_every_trainer_declares_its_capabilities_as_data_and_follows_the_contract(trainer):
     assert isinstance(trainer.capabilities, Capabilities)
-    assert set(trainer.capabilities.families) <= set(FAMILIES) and set(trainer.capabilities.objectives) <= set(OBJECTIVES)
+    assert set(trainer.capabilities.posteriors) <= set(KINDS) and set(trainer.capabilities.objectives) <= set(OBJECTIVES)
+    assert set(trainer.capabilities.prior_scales) <= {"optimal", "fixed"}
     assert not inspect.isabstract(trainer)
+    assert "capabilities" not in inspect.getsource(trainer.__init__)  # declared by the class, never set by a setting
     instance = trainer()  # every setting has a default
-    assert instance.max_epochs >= 1
+    assert instance.max_epochs >= 1 and instance.capabilities is trainer.capabilities
     assert "fit" not in vars(trainer)  # the epoch loop is the shared one
+
+
+@pytest.mark.parametrize("trainer", _trainer_classes(), ids=lambda c: c.__name__)
+def test_trainers_stay_small(trainer):
+    """A variant is a new class, not a flag: a trainer's module stays short and its constructor takes few arguments."""
+    source = inspect.getsource(trainer)
+    arguments = [p for p in inspect.signature(trainer).parameters if p != "self"]
+    assert len(source.splitlines()) <= 150 and len(arguments) <= 10, (trainer.__name__, len(source.splitlines()), arguments)
 
 
 def test_the_runner_rejects_what_a_trainer_does_not_declare():
     """Capabilities are the only place a combination is allowed or refused."""
     from sparse_elbo.annealing import NoAnnealing, StepAnnealing
+    from sparse_elbo.encoders import AmortizedPosterior
     from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
-    from sparse_elbo.runner.build import check_capabilities
+    from sparse_elbo.posteriors import DiagonalPosterior
+    from sparse_elbo.runner.checks import check_capabilities
     from sparse_elbo.trainers.lbfgs import LBFGSTrainer
 
-    class OnlyDiagonal(LBFGSTrainer):
-        capabilities = Capabilities(families=("diag",), objectives=("entropy",), annealing=False)
+    class OnlyPerPoint(LBFGSTrainer):
+        capabilities = Capabilities(posteriors=("per_data_point",), objectives=("entropy",), annealing=False)
 
-    trainer = OnlyDiagonal()
-    check_capabilities(trainer, "diag", EntropyELBO(), NoAnnealing())  # declared: fine
+    trainer = OnlyPerPoint()
+    check_capabilities(trainer, DiagonalPosterior, EntropyELBO(), NoAnnealing())  # declared: fine
+    fixed = StepAnnealing(prior_scale="fixed")
     for family, objective, annealing, message in (
-        ("full", EntropyELBO(), NoAnnealing(), "posterior=full is not supported by trainer OnlyDiagonal"),
-        ("diag", AnalyticELBO(), NoAnnealing(), "objective=analytic is not supported by trainer OnlyDiagonal"),
-        ("diag", EntropyELBO(), StepAnnealing(), "annealing .* is not supported by trainer OnlyDiagonal"),
+        (
+            AmortizedPosterior,
+            EntropyELBO(),
+            NoAnnealing(),
+            r"posterior=amortized is not supported by trainer OnlyPerPoint; allowed posteriors: \['diag', 'full'\]",
+        ),
+        (DiagonalPosterior, AnalyticELBO(), NoAnnealing(), "objective=analytic is not supported by trainer OnlyPerPoint"),
+        (DiagonalPosterior, EntropyELBO(), StepAnnealing(), "annealing .* is not supported by trainer OnlyPerPoint"),
     ):
         with pytest.raises(ValueError, match=message):
             check_capabilities(trainer, family, objective, annealing)
+    annealing_trainer = type("Annealing", (LBFGSTrainer,), {})()  # anneals, but holds no prior scale
+    with pytest.raises(ValueError, match="annealing.prior_scale=fixed is not supported by trainer Annealing"):
+        check_capabilities(annealing_trainer, DiagonalPosterior, EntropyELBO(), fixed)
+    from sparse_elbo.trainers.adam import AdamTrainer
+
+    with pytest.raises(ValueError, match="annealing.prior_scale=fixed is not supported by objective=analytic"):
+        check_capabilities(AdamTrainer(), DiagonalPosterior, AnalyticELBO(), fixed)
 
 
 # ------------------------------------------------------------------------------------------------- configs
 
-COMPONENT_GROUPS = [
-    "dataset",
-    "posterior",
-    "objective",
-    "annealing",
-    "trainer",
-    "prior",
-    "trainer/initialisation",
-    "trainer/e_step",
-]
 SIZES = {"n_data", "n_latents", "n_observed", "generator", "prior"}
 
 
+def _component_groups() -> list[str]:
+    """Every config group of components (each YAML with a ``_target_``), read from configs/."""
+    directories = sorted(p for p in config_dir().rglob("*") if p.is_dir())
+    return [
+        str(d.relative_to(config_dir()))
+        for d in directories
+        if list(d.glob("*.yaml")) and all("_target_" in OmegaConf.load(f) for f in d.glob("*.yaml"))
+    ]
+
+
 def _options():
-    return [(group, p.stem) for group in COMPONENT_GROUPS for p in sorted((config_dir() / group).glob("*.yaml"))]
+    return [(group, p.stem) for group in _component_groups() for p in sorted((config_dir() / group).glob("*.yaml"))]
+
+
+def _owner(group: str) -> list[str]:
+    """For a trainer's own group (``trainer/driver``), a trainer whose defaults list holds it and whose body
+    leaves its values alone."""
+    if not group.startswith("trainer/"):
+        return []
+    name = group.split("/", 1)[1]
+    texts = {p.stem: p.read_text() for p in sorted((config_dir() / "trainer").glob("*.yaml"))}
+    owner = next(stem for stem, text in texts.items() if f"- {name}:" in text and f"\n{name}:" not in text)
+    return [f"trainer={owner}"]
 
 
 def _node(group: str, option: str) -> DictConfig:
-    base = {"trainer/initialisation": ["trainer=profile_lbfgs"], "trainer/e_step": ["trainer=em"]}.get(group, [])
-    cfg = sparse_elbo.compose([*base, f"{group}={option}", *(["dataset.path=x.npy"] if option == "file" else [])])
-    return OmegaConf.select(
-        cfg,
-        {"prior": "model.prior", "trainer/initialisation": "trainer.initialisation", "trainer/e_step": "trainer.e_step"}.get(
-            group, group
-        ),
+    cfg = sparse_elbo.compose([*_owner(group), f"{group}={option}", *(["dataset.path=x.npy"] if option == "file" else [])])
+    return OmegaConf.select(cfg, "model.prior" if group == "prior" else group.replace("/", "."))
+
+
+def test_every_component_group_is_checked():
+    assert {"dataset", "posterior", "trainer", "trainer/driver", "trainer/restarts", "trainer/statistics"} <= set(
+        _component_groups()
     )
 
 

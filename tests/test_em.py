@@ -10,16 +10,16 @@ import torch
 
 from sparse_elbo.annealing import AnnealingWeights, NoAnnealing
 from sparse_elbo.data import make_bars
-from sparse_elbo.evaluation import evaluate_problem, full_data_statistics
+from sparse_elbo.evaluation import evaluate_problem
 from sparse_elbo.inference.e_step import AnalyticEStep, BatchEntropyEStep, BlockLBFGS, EntropyEStep
 from sparse_elbo.inference.statistics import SufficientStatistics
 from sparse_elbo.model import SparseCodingModel
-from sparse_elbo.objectives import AnalyticELBO, EntropyELBO
+from sparse_elbo.objectives import AnalyticELBO, EntropyELBO, entropy_statistics
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.authors import AuthorsEMTrainer
-from sparse_elbo.trainers.base import fit
-from sparse_elbo.trainers.em import EMState, EMTrainer
+from sparse_elbo.trainers.base import NoState, fit
+from sparse_elbo.trainers.em import EMTrainer
 
 POSTERIORS = {"diag": DiagonalPosterior, "full": FullCovariancePosterior}
 
@@ -134,7 +134,7 @@ def test_closed_form_m_step_is_the_maximiser_of_the_expected_log_likelihood():
 @pytest.mark.parametrize("family", ["diag", "full"])
 def test_em_never_decreases_the_elbo_without_annealing(family, variant):
     problem = small_problem(family, n_data=80, seed=2)
-    trainer = EMTrainer(max_epochs=12, em_iterations_per_epoch=2, e_step_iterations=20, e_step_block_size=32, **variant)
+    trainer = EMTrainer(max_epochs=12, em_iterations_per_epoch=2, driver=BlockLBFGS(iterations=20, block_size=32), **variant)
     elbos = []
     fit(trainer, problem, lambda e, w, t: elbos.append(evaluate_problem(problem, w)) or elbos[-1])
     values = np.array([float(v.elbo) for v in elbos])
@@ -144,7 +144,7 @@ def test_em_never_decreases_the_elbo_without_annealing(family, variant):
 
 def test_gauge_fix_of_the_m_step_leaves_the_elbo_unchanged():
     problem = small_problem("full", n_data=50, seed=4)
-    trainer = EMTrainer(e_step_iterations=30)
+    trainer = EMTrainer(driver=BlockLBFGS(iterations=30))
     set_full_data_optima(problem)
     e_step(problem, torch.arange(50), iterations=30)
     # the unconstrained maximiser in the gauge lambda = model.lam, evaluated without normalising
@@ -193,7 +193,10 @@ def test_batch_statistics_optimise_each_batchs_own_entropy_objective():
 def test_authors_reference_procedure_improves_the_elbo(scale_parameterisation):
     problem = small_problem("diag", n_data=200, seed=6)
     trainer = AuthorsEMTrainer(
-        max_epochs=3, batch_size=50, e_step_iterations=100, fresh_std=0.3, scale_parameterisation=scale_parameterisation
+        max_epochs=3,
+        driver=BlockLBFGS(iterations=100, block_size=50),
+        fresh_std=0.3,
+        scale_parameterisation=scale_parameterisation,
     )
     values = []
     fit(trainer, problem, lambda e, w, t: values.append(float(evaluate_problem(problem, w).elbo)) or evaluate_problem(problem, w))
@@ -209,18 +212,20 @@ def test_authors_reference_procedure_improves_the_elbo(scale_parameterisation):
 @pytest.mark.parametrize(
     "trainer,kwargs,message",
     [
-        (EMTrainer, {"e_step_iterations": 0}, "trainer.e_step_iterations must be >= 1"),
-        (EMTrainer, {"m_step_overrelaxation": 2.5}, "trainer.m_step_overrelaxation must be in (0, 2]"),
-        (EMTrainer, {"m_step_overrelaxation": 0.0}, "trainer.m_step_overrelaxation must be in (0, 2]"),
-        (AuthorsEMTrainer, {"learning_rate": 0}, "trainer.learning_rate must be > 0"),
-        (AuthorsEMTrainer, {"fresh_std": -1.0}, "trainer.fresh_std must be > 0"),
-        (AuthorsEMTrainer, {"e_step_iterations": 0}, "trainer.e_step_iterations must be >= 1"),
+        (EMTrainer, {"max_epochs": 0}, "max_epochs must be >= 1"),
+        (EMTrainer, {"m_step_overrelaxation": 2.5}, "m_step_overrelaxation must be in (0, 2]"),
+        (EMTrainer, {"m_step_overrelaxation": 0.0}, "m_step_overrelaxation must be in (0, 2]"),
+        (AuthorsEMTrainer, {"learning_rate": 0}, "learning_rate must be > 0"),
+        (AuthorsEMTrainer, {"fresh_std": -1.0}, "fresh_std must be > 0"),
+        (BlockLBFGS, {"iterations": 0}, "iterations must be >= 1"),
+        (BlockLBFGS, {"block_size": 0}, "block_size must be >= 1"),
     ],
 )
-def test_bad_em_settings_are_rejected(trainer, kwargs, message):
+def test_bad_em_settings_are_rejected_naming_the_argument_as_the_caller_wrote_it(trainer, kwargs, message):
     with pytest.raises(ValueError) as error:
         trainer(**kwargs)
-    assert message in str(error.value)
+    assert str(error.value).startswith(message)  # the component's own argument; the runner adds the config path
+    assert error.value.under("trainer").key == f"trainer.{message.split()[0]}"
 
 
 @pytest.mark.parametrize("kwargs", [{"m_step": "gradient"}, {"statistics": "batch"}, {"e_step_objective": "entropy"}])
@@ -362,13 +367,13 @@ def test_fused_entropy_e_step_equals_autograd_of_the_full_data_entropy_objective
 @pytest.mark.parametrize("fused_e_step", [True, False])
 def test_entropy_em_iteration_raises_the_full_data_elbo_and_ends_at_exact_sigma2_lambda(fused_e_step):
     problem = small_problem("diag", n_data=70, seed=8)
-    trainer = EMTrainer(e_step=EntropyEStep(fused=fused_e_step), e_step_iterations=15, e_step_block_size=20)
-    trainer.initialise_means(problem)
+    trainer = EMTrainer(e_step=EntropyEStep(fused=fused_e_step), driver=BlockLBFGS(iterations=15, block_size=20))
+    trainer.start(problem, None)  # the least-squares codes of the start
     before = float(evaluate_problem(problem, AnnealingWeights()).elbo)
-    trainer.train_epoch(problem, EMState(), 0, AnnealingWeights())  # one EM iteration
+    trainer.train_epoch(problem, NoState(), 0, AnnealingWeights())  # one EM iteration
     after = float(evaluate_problem(problem, AnnealingWeights()).elbo)
     assert after > before + 0.1
-    statistics, _ = full_data_statistics(problem, block_size=16)
+    statistics, _ = entropy_statistics(problem.x, problem.q, problem.model, block_size=16)
     torch.testing.assert_close(problem.model.sigma2.detach(), statistics.residual / problem.x.shape[1], rtol=1e-10, atol=0)
     torch.testing.assert_close(problem.model.lam.detach(), statistics.prior_statistic, rtol=1e-10, atol=0)
 
@@ -433,7 +438,7 @@ def test_overrelaxed_m_step_moves_along_the_em_step_by_omega_and_never_raises_th
     Residuals come from the per-point closed form (not from the trainer's sums), after each M-step's
     gauge fix (which leaves them unchanged)."""
     problem = small_problem(family, n_data=50, seed=7)
-    trainer = EMTrainer(e_step_iterations=30)
+    trainer = EMTrainer(driver=BlockLBFGS(iterations=30))
     set_full_data_optima(problem)
     e_step(problem, torch.arange(50), iterations=30)
     state = (
@@ -447,7 +452,7 @@ def test_overrelaxed_m_step_moves_along_the_em_step_by_omega_and_never_raises_th
         if omega is not None:
             trainer.m_step_overrelaxation = omega
             closed_form_m_step(trainer, problem)
-        statistics, _ = full_data_statistics(problem, block_size=16)
+        statistics, _ = entropy_statistics(problem.x, problem.q, problem.model, block_size=16)
         return float(statistics.residual)
 
     start, plain = residual_after(None), residual_after(1.0)
@@ -463,10 +468,10 @@ def test_entropy_em_iteration_ends_at_the_closed_form_dictionary_of_its_final_po
     with the gauge fix): W is the closed-form maximiser for the final q of all points, in the unit-norm
     gauge, so a closed-form M-step from scratch changes neither W nor the stored posteriors."""
     problem = small_problem(family, n_data=60, seed=6)
-    trainer = EMTrainer(e_step=EntropyEStep(), em_iterations_per_epoch=2, e_step_iterations=10, e_step_block_size=16)
-    trainer.initialise_means(problem)
+    trainer = EMTrainer(e_step=EntropyEStep(), em_iterations_per_epoch=2, driver=BlockLBFGS(iterations=10, block_size=16))
+    trainer.start(problem, None)
     W_start = problem.model.W.detach().clone()
-    trainer.train_epoch(problem, EMState(), 0, AnnealingWeights())  # two EM iterations
+    trainer.train_epoch(problem, NoState(), 0, AnnealingWeights())  # two EM iterations
     W, mean = problem.model.W.detach().clone(), problem.posterior().mean.detach().clone()
     assert float((W - W_start).abs().max()) > 1e-2  # it did learn
     closed_form_m_step(trainer, problem)
@@ -485,7 +490,7 @@ def test_em_starts_from_its_initialisation_and_a_resumed_run_keeps_its_dictionar
     problem = small_problem(n_data=40)
     own = problem.model.W.detach().clone()
     trainer = EMTrainer(initialisation=SparseCodingDictionary(iterations=20))
-    trainer.start(problem, {"annealing_scale": None} if resumed else None)
+    trainer.start(problem, {} if resumed else None)
     if resumed:
         assert torch.equal(problem.model.W.detach(), own)
         return

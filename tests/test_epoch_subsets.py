@@ -1,6 +1,6 @@
-"""EM on epoch subsets (trainers/em.py, ``epoch_subset_size``): which points each epoch uses, the subset's own
-σ²*, λ*, the tail-averaged dictionary, the final fit of every posterior, the records over a subset and the
-settings it needs."""
+"""EM on epoch subsets (trainers/subsets.py, ``trainer=em_subsets``): which points each epoch uses, the subset's
+own σ²*, λ*, the tail-averaged dictionary, the final fit of every posterior, the records over a subset and the
+settings it refuses."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from test_em import small_problem
 
 from sparse_elbo.annealing import AnnealingWeights, StepAnnealing
 from sparse_elbo.errors import ConfigError
-from sparse_elbo.evaluation import evaluate_problem, full_data_statistics, score_dictionary
-from sparse_elbo.inference.e_step import EntropyEStep
+from sparse_elbo.evaluation import evaluate_problem
+from sparse_elbo.inference.e_step import BlockLBFGS, EntropyEStep
+from sparse_elbo.inference.fit import score_dictionary
+from sparse_elbo.objectives import entropy_statistics
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.em import EMTrainer
-
-SUBSETS = {"posterior_restarts": "every_epoch", "epoch_subset_size": 40}
+from sparse_elbo.trainers.restarts import RestartEveryEpoch
+from sparse_elbo.trainers.subsets import EpochSubsetEM
 
 
 def annealed_problem(n_data=100, seed=0):
@@ -27,7 +29,7 @@ def annealed_problem(n_data=100, seed=0):
 
 def test_the_annealed_epochs_share_one_subset_and_every_later_epoch_draws_a_fresh_one():
     problem = annealed_problem()
-    trainer = EMTrainer(max_epochs=6, **SUBSETS)
+    trainer = EpochSubsetEM(max_epochs=6, subset_size=40)
     points = [trainer.epoch_points(problem, epoch) for epoch in range(6)]
     for p in points:
         assert len(p) == 40 and len(torch.unique(p)) == 40 and bool((p[1:] > p[:-1]).all())  # sorted, distinct
@@ -35,7 +37,7 @@ def test_the_annealed_epochs_share_one_subset_and_every_later_epoch_draws_a_fres
     for a in range(1, 6):
         for b in range(a + 1, 6):
             assert not torch.equal(points[a], points[b])
-    again = EMTrainer(max_epochs=6, **SUBSETS)  # a resumed run draws the same subsets
+    again = EpochSubsetEM(max_epochs=6, subset_size=40)  # a resumed run draws the same subsets
     assert all(torch.equal(p, again.epoch_points(problem, e)) for e, p in enumerate(points))
     other_seed = annealed_problem(seed=1)
     assert not torch.equal(trainer.epoch_points(other_seed, 3), points[3])
@@ -43,10 +45,10 @@ def test_the_annealed_epochs_share_one_subset_and_every_later_epoch_draws_a_fres
 
 def test_a_subset_at_least_the_datas_size_is_em_on_every_point_without_averaging_or_final_fit():
     problem = annealed_problem(n_data=100, seed=5)
-    kwargs = {"max_epochs": 3, "e_step": EntropyEStep(), "e_step_iterations": 5, "posterior_restarts": "every_epoch"}
-    trainer = EMTrainer(**kwargs, epoch_subset_size=100, average_last_epochs=2)
+    kwargs = {"max_epochs": 3, "e_step": EntropyEStep(), "driver": BlockLBFGS(iterations=5)}
+    trainer = EpochSubsetEM(**kwargs, subset_size=100, average_last_epochs=2)
     reference = annealed_problem(n_data=100, seed=5)
-    plain = EMTrainer(**kwargs)
+    plain = EMTrainer(**kwargs, restarts=RestartEveryEpoch())
     states = trainer.start(problem, None), plain.start(reference, None)
     for epoch in range(3):
         assert torch.equal(trainer.epoch_points(problem, epoch), torch.arange(100))
@@ -62,11 +64,13 @@ def test_a_subset_epoch_fits_only_its_points_and_ends_at_the_subsets_own_optima(
     """σ², λ after a subset epoch are σ²*, λ* of the subset's q (computed here by the evaluation's own pass
     over those points), and the posteriors of the other points are those of the gauge-fixed start."""
     problem = annealed_problem(n_data=100, seed=3)
-    trainer = EMTrainer(max_epochs=6, e_step=EntropyEStep(), e_step_iterations=10, em_iterations_per_epoch=2, **SUBSETS)
+    trainer = EpochSubsetEM(
+        max_epochs=6, subset_size=40, e_step=EntropyEStep(), driver=BlockLBFGS(iterations=10), em_iterations_per_epoch=2
+    )
     state = trainer.start(problem, None)
     trainer.train_epoch(problem, state, 2, AnnealingWeights())  # the first unannealed epoch: a fresh subset
     points = trainer.epoch_points(problem, 2)
-    statistics, _ = full_data_statistics(problem, block_size=16, points=points)
+    statistics, _ = entropy_statistics(problem.x, problem.q, problem.model, block_size=16, points=points)
     torch.testing.assert_close(problem.model.sigma2.detach(), statistics.residual / problem.x.shape[1], rtol=1e-10, atol=0)
     torch.testing.assert_close(problem.model.lam.detach(), statistics.prior_statistic, rtol=1e-10, atol=0)
     untouched = torch.ones(100, dtype=torch.bool)
@@ -94,8 +98,13 @@ def test_evaluation_over_points_equals_the_evaluation_of_those_points_alone():
 
 def test_the_run_ends_at_the_mean_of_the_last_dictionaries_with_every_posterior_fitted_there():
     problem = annealed_problem(n_data=100, seed=4)
-    trainer = EMTrainer(
-        max_epochs=5, e_step=EntropyEStep(), e_step_iterations=10, em_iterations_per_epoch=3, average_last_epochs=2, **SUBSETS
+    trainer = EpochSubsetEM(
+        max_epochs=5,
+        subset_size=40,
+        e_step=EntropyEStep(),
+        driver=BlockLBFGS(iterations=10),
+        em_iterations_per_epoch=3,
+        average_last_epochs=2,
     )
     state = trainer.start(problem, None)
     for epoch in range(5):
@@ -114,16 +123,23 @@ def test_the_run_ends_at_the_mean_of_the_last_dictionaries_with_every_posterior_
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"epoch_subset_size": 40}, "trainer.epoch_subset_size needs trainer.posterior_restarts=every_epoch, got never"),
-        ({**SUBSETS, "relative_tolerance": 1e-3}, "needs trainer.relative_tolerance=0.0, got 0.001"),
-        ({**SUBSETS, "train_dictionary": False}, "needs trainer.train_dictionary=True, got False"),
-        ({**SUBSETS, "epoch_subset_size": 0}, "trainer.epoch_subset_size must be >= 1"),
-        ({**SUBSETS, "average_last_epochs": 11}, "trainer.average_last_epochs must be at most trainer.max_epochs (10)"),
-        ({"average_last_epochs": 2}, "trainer.average_last_epochs > 1 needs trainer.epoch_subset_size"),
-        ({"average_last_epochs": 0}, "trainer.average_last_epochs must be >= 1"),
+        ({"subset_size": 0}, "subset_size must be >= 1"),
+        ({"average_last_epochs": 11}, "average_last_epochs must be at most max_epochs (10)"),
+        ({"average_last_epochs": 0}, "average_last_epochs must be >= 1"),
     ],
 )
 def test_subset_settings_that_cannot_work_are_rejected_naming_the_key(kwargs, message):
     with pytest.raises(ConfigError) as error:
-        EMTrainer(max_epochs=10, **kwargs)
-    assert message in str(error.value)
+        EpochSubsetEM(max_epochs=10, **kwargs)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("setting", [{"restarts": None}, {"relative_tolerance": 1e-3}, {"train_dictionary": False}])
+def test_what_subsets_need_is_not_a_setting_that_could_be_wrong(setting):
+    """Fresh posteriors for each subset, a run of exactly max_epochs epochs and a trained W are what the
+    trainer is: none of them can be set otherwise (plain EM has no subsets, and EM's trainer has no such flag)."""
+    with pytest.raises(TypeError):
+        EpochSubsetEM(**setting)
+    assert EpochSubsetEM().stop_rule is None and isinstance(EpochSubsetEM().restarts, RestartEveryEpoch)
+    with pytest.raises(TypeError):
+        EMTrainer(subset_size=40)

@@ -1,4 +1,5 @@
-"""The fixed-point posterior fit (trainers/fixed_point.py) and the prior derivatives it rests on, in float64.
+"""The fixed-point posterior fit (inference/fixed_point.py, through inference/fit.py) and the prior derivatives
+it rests on, in float64.
 
 Oracles: Bonnet's and Price's theorems against autograd of the priors' closed-form ``E_q[log p]``
 (itself tested against quadrature); stationarity of ``L_H`` in every posterior parameter through the
@@ -16,15 +17,14 @@ import torch
 import sparse_elbo
 from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.data import make_bars
-from sparse_elbo.evaluation import evaluate_problem, ground_truth_elbo
+from sparse_elbo.evaluation import evaluate_problem, ground_truth_elbo, ground_truth_elbo_by_trainer
+from sparse_elbo.inference.fit import FitSettings, fit_at_dictionary, fit_posteriors
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import EntropyELBO
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 from sparse_elbo.priors import GaussianPrior, LaplacePrior
 from sparse_elbo.problem import Problem
 from sparse_elbo.runner import build
-from sparse_elbo.trainers.base import fit
-from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer
 from sparse_elbo.trainers.lbfgs import LBFGSTrainer
 
 PRIORS = {"laplace": LaplacePrior, "gaussian": GaussianPrior}
@@ -61,13 +61,8 @@ def _problem(family: str, prior: str, exact_bars: bool, n_data: int = 300, seed:
 
 
 def _fit(problem):
-    reported = []
-    outcome = fit(
-        FixedPointPosteriorTrainer(),
-        problem,
-        lambda epoch, weights, t: reported.append(evaluate_problem(problem, weights)) or reported[-1],
-    )
-    return outcome, reported
+    converged = fit_posteriors(problem.x, problem.posterior, problem.model)
+    return converged, [evaluate_problem(problem, problem.annealing(0))]
 
 
 @pytest.mark.parametrize("exact_bars", [True, False], ids=["rank_deficient_bars", "perturbed_full_rank"])
@@ -75,8 +70,8 @@ def _fit(problem):
 @pytest.mark.parametrize("family", POSTERIORS)
 def test_fixed_point_fit_is_a_stationary_point_of_the_entropy_objective(family, prior, exact_bars):
     problem = _problem(family, prior, exact_bars)
-    outcome, reported = _fit(problem)
-    assert outcome.converged and outcome.stop_reason == "converged"
+    converged, reported = _fit(problem)
+    assert converged
     params = list(problem.posterior.parameters())
     value = EntropyELBO()(problem.x, problem.q(), problem.model)
     gradients = torch.autograd.grad(problem.x.shape[0] * value.elbo, params)  # ∂(N L_H)/∂ each q_n parameter
@@ -98,8 +93,8 @@ def test_fixed_point_ground_truth_elbo_matches_lbfgs_on_the_posteriors(family):
     lbfgs = LBFGSTrainer(
         max_epochs=60, iterations_per_epoch=50, relative_tolerance=1e-12, gradient_tolerance=1e-7, train_dictionary=False
     )
-    reference = ground_truth_elbo(x, W, factory, LaplacePrior(), lbfgs, seed=2)
-    fixed_point = ground_truth_elbo(x, W, factory, LaplacePrior(), FixedPointPosteriorTrainer(), seed=2)
+    reference = ground_truth_elbo_by_trainer(x, W, factory, LaplacePrior(), lbfgs, seed=2)
+    fixed_point = ground_truth_elbo(x, W, factory, LaplacePrior(), FitSettings(), seed=2)
     assert fixed_point == pytest.approx(reference, abs=1e-7)
 
 
@@ -112,25 +107,22 @@ def test_fixed_point_converges_where_an_undamped_curvature_step_cycles():
     lbfgs = LBFGSTrainer(
         max_epochs=40, iterations_per_epoch=50, relative_tolerance=1e-8, gradient_tolerance=1e-3, train_dictionary=False
     )
-    reference = ground_truth_elbo(x, W, factory, LaplacePrior(), lbfgs, seed=16)
-    outcomes = []
-
-    class Recording(FixedPointPosteriorTrainer):
-        def train_epoch(self, *args, **kwargs):
-            outcomes.append(super().train_epoch(*args, **kwargs))
-            return outcomes[-1]
-
-    fixed_point = ground_truth_elbo(x, W, factory, LaplacePrior(), Recording(), seed=16)
-    assert outcomes[0].converged
+    reference = ground_truth_elbo_by_trainer(x, W, factory, LaplacePrior(), lbfgs, seed=16)
+    _, _, converged = fit_at_dictionary(x, W, factory, LaplacePrior(), FitSettings(), seed=16)
+    fixed_point = ground_truth_elbo(x, W, factory, LaplacePrior(), FitSettings(), seed=16)
+    assert converged
     assert fixed_point >= reference - 1e-8
 
 
-def test_fixed_point_trainer_rejects_bad_settings_and_amortised_posteriors_go_to_the_encoder_trainer():
-    with pytest.raises(TypeError, match="train_dictionary"):  # it never trains W: the setting does not exist
-        FixedPointPosteriorTrainer(train_dictionary=True)
-    with pytest.raises(ValueError, match="max_iterations"):
-        FixedPointPosteriorTrainer(max_iterations=0)
-    assert "amortized" not in FixedPointPosteriorTrainer.capabilities.families
+def test_the_fit_settings_reject_bad_values_and_amortised_posteriors_go_to_the_encoder_trainer():
+    with pytest.raises(TypeError, match="train_dictionary"):  # the fit never trains W: the setting does not exist
+        FitSettings(train_dictionary=True)
+    with pytest.raises(ValueError, match="^max_iterations must be >= 1"):
+        FitSettings(max_iterations=0)
+    with pytest.raises(ValueError, match=r"family must be one of \['diag', 'full'\], got 'amortized'"):
+        fit_at_dictionary(
+            torch.zeros(3, 9, dtype=torch.float64), torch.eye(9, 6, dtype=torch.float64), "amortized", LaplacePrior()
+        )
     with pytest.raises(ValueError, match="evaluation.ground_truth_encoder_trainer.train_dictionary=false"):
         build(
             sparse_elbo.compose(
@@ -142,14 +134,16 @@ def test_fixed_point_trainer_rejects_bad_settings_and_amortised_posteriors_go_to
                 ]
             )
         )
-    with pytest.raises(ValueError, match="evaluation.ground_truth=false"):
+    with pytest.raises(ValueError, match="needs evaluation.ground_truth_encoder_trainer.*evaluation.ground_truth=false"):
         build(
             sparse_elbo.compose(
                 ["posterior=amortized", "trainer=adam", "dataset.n_data=50", "evaluation.ground_truth_encoder_trainer=null"]
             )
         )
     components = build(sparse_elbo.compose(["posterior=amortized", "trainer=adam", "dataset.n_data=50"]))
-    assert isinstance(components.ground_truth_trainer, LBFGSTrainer)  # the encoder is fitted by L-BFGS
+    assert isinstance(components.ground_truth, LBFGSTrainer)  # the encoder is fitted by L-BFGS
+    components = build(sparse_elbo.compose(["posterior=diag", "dataset.n_data=50"]))
+    assert isinstance(components.ground_truth, FitSettings)  # per-data-point posteriors: the fixed-dictionary fit
 
 
 def test_an_amortised_ground_truth_fit_runs_on_the_encoder_trainer():
@@ -166,5 +160,5 @@ def test_an_amortised_ground_truth_fit_runs_on_the_encoder_trainer():
     x, W = torch.as_tensor(data.x), torch.as_tensor(data.W_true)
     factory = partial(AmortizedPosterior, covariance="diag")
     trainer = RecordingLBFGS(max_epochs=2, iterations_per_epoch=5, train_dictionary=False)
-    value = ground_truth_elbo(x, W, factory, LaplacePrior(), trainer, seed=0)
+    value = ground_truth_elbo_by_trainer(x, W, factory, LaplacePrior(), trainer, seed=0)
     assert calls and math.isfinite(value)  # the fallback ran and returned a finite ELBO

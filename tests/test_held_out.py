@@ -10,7 +10,9 @@ import pytest
 import torch
 from scipy import integrate
 
-from sparse_elbo.held_out import held_out_metrics, importance_log_weights, importance_sampled_log_px, refine
+from sparse_elbo.held_out import held_out_metrics, importance_log_weights, importance_sampled_log_px
+from sparse_elbo.inference.e_step import BlockLBFGS
+from sparse_elbo.inference.fit import refine
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.objectives import AnalyticELBO
 from sparse_elbo.posteriors import DiagonalPosterior
@@ -59,7 +61,7 @@ def test_importance_sampled_log_px_is_above_the_elbo_and_converges_to_quadrature
     g = torch.Generator().manual_seed(1)
     x = torch.tensor([[1.2, -0.4, 0.5], [0.05, 0.1, -0.2], [-2.0, 1.1, -0.4], [0.6, -0.2, 0.9]], dtype=F64)
     exact = _exact_log_px(x.numpy(), model)
-    posterior = refine(x, DiagonalPosterior(4, 1).double(), model, iterations=100)
+    posterior = refine(x, DiagonalPosterior(4, 1).double(), model, BlockLBFGS(iterations=100, tolerance=1e-12))
     q = posterior()
     with torch.no_grad():
         elbo = AnalyticELBO()(x, q, model).per_point.numpy()
@@ -86,7 +88,7 @@ def test_refining_raises_the_elbo_and_the_held_out_metrics_are_consistent():
     fresh = DiagonalPosterior(30, 1).double()
     with torch.no_grad():
         before = float(AnalyticELBO()(x, fresh(), model).elbo)
-    refined = refine(x, fresh, model, iterations=100)
+    refined = refine(x, fresh, model, BlockLBFGS(iterations=100, tolerance=1e-12))
     with torch.no_grad():
         after = float(AnalyticELBO()(x, refined(), model).elbo)
     assert after > before

@@ -235,8 +235,11 @@ def test_exponential_schedule_values():
     ],
 )
 def test_invalid_annealing_arguments_raise_value_error_naming_the_key(build, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+    """The schedule names its own argument; the runner names it by its config path (``annealing.``)."""
+    with pytest.raises(ValueError) as error:
         build()
+    name = key.split(".", 1)[1]
+    assert str(error.value).startswith(name) and error.value.under("annealing").key == key
 
 
 @pytest.mark.parametrize("schedule", [StepAnnealing(["prior", "entropy"]), ExponentialAnnealing(("prior", "entropy"))])
@@ -248,5 +251,5 @@ def test_a_schedule_may_weight_several_terms_alike(schedule):
 
 @pytest.mark.parametrize("term", [[], ["prior", "posterior"]])
 def test_a_list_of_terms_must_name_known_terms(term):
-    with pytest.raises(ValueError, match=r"annealing\.term"):
+    with pytest.raises(ValueError, match=r"^term must"):
         StepAnnealing(term)

@@ -92,7 +92,7 @@ def test_stop_rule_verdicts():
     assert rule.decide(-10.0, -10.0 + 1e-8, 5.0, 1) == EpochDecision("stalled", 2, True)
     assert rule.decide(-10.0, -9.9, 5.0, 1) == EpochDecision(None, 0, False)
     assert rule.decide(-10.0, -10.0 + 1e-8, 0.1, 1).stop_reason == "converged"
-    with pytest.raises(ValueError, match="trainer.gradient_tolerance must be >= 0"):
+    with pytest.raises(ValueError, match="^gradient_tolerance must be >= 0"):
         StopRule(1e-7, -1.0)
 
 
@@ -190,5 +190,5 @@ def test_the_sparse_coding_start_on_a_subset_is_the_start_learned_from_those_row
     assert not torch.allclose(start, SparseCodingDictionary(iterations=15)(x, W, torch.Generator().manual_seed(6)))
     whole = SparseCodingDictionary(iterations=15, n_points=50)(x, W, torch.Generator().manual_seed(6))
     assert torch.equal(whole, SparseCodingDictionary(iterations=15)(x, W, torch.Generator().manual_seed(6)))
-    with pytest.raises(ConfigError, match="trainer.initialisation.n_points"):
+    with pytest.raises(ConfigError, match="^n_points must be >= 1"):
         SparseCodingDictionary(n_points=0)

@@ -39,7 +39,10 @@ import torch
 
 from sparse_elbo import closed_forms
 from sparse_elbo.inference.kernels import capped_density
+from sparse_elbo.inference.registry import POSTERIOR_FITS
+from sparse_elbo.inference.statistics import block_size as default_block_size
 from sparse_elbo.objectives import DataStatistics, EntropyELBO
+from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.priors import LaplacePrior
 
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -251,3 +254,10 @@ class DiagonalNewtonFit:
         posterior.mean.copy_(self.mean)
         posterior.set_std(self.log_std.exp())
         model.set_noise_and_prior_scale(self.sigma2, self.lam)
+
+
+@POSTERIOR_FITS.register(DiagonalPosterior, LaplacePrior)
+def _diagonal_laplace_fit(x: torch.Tensor, W: torch.Tensor, prior, posterior, block_size: int | None) -> DiagonalNewtonFit:
+    """Diagonal posteriors under the Laplace prior: this fit, in blocks of ``block_size`` points (None: all on
+    CUDA, 16,384 on a CPU)."""
+    return DiagonalNewtonFit(x, W, default_block_size(x, block_size))

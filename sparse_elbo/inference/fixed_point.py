@@ -47,7 +47,9 @@ from __future__ import annotations
 import torch
 
 from sparse_elbo import closed_forms
+from sparse_elbo.inference.registry import POSTERIOR_FITS
 from sparse_elbo.objectives import DataStatistics, EntropyELBO
+from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 
 _ARMIJO = 1e-4
 _RESOLVABLE = 16  # in rounding units of |F_n|: smaller Newton decrements are noise
@@ -95,9 +97,10 @@ class FixedPointFit:
 
     @torch.no_grad()
     def write_to(self, posterior, model) -> None:
-        """Store the current q in ``posterior`` (per data point, diag or full) and σ²*, λ* in ``model``."""
+        """Store the current q in ``posterior`` (a full-covariance one, or a diagonal one for a diagonal fit)
+        and σ²*, λ* in ``model``."""
         posterior.mean.copy_(self.mean)
-        if posterior.family == "full":
+        if self.full:
             posterior.set_scale_tril(torch.linalg.cholesky(self.covariance))
         else:
             posterior.set_std(torch.diagonal(self.covariance, dim1=-2, dim2=-1).sqrt())
@@ -183,3 +186,15 @@ class FixedPointFit:
                 return True
             previous = value
         return False
+
+
+@POSTERIOR_FITS.register(FullCovariancePosterior)
+def _full_covariance_fit(x: torch.Tensor, W: torch.Tensor, prior, posterior, block_size: int | None) -> FixedPointFit:
+    """Full covariances under any prior: the fixed-point fit (in one block)."""
+    return FixedPointFit(x, W, prior, full=True)
+
+
+@POSTERIOR_FITS.register(DiagonalPosterior)
+def _diagonal_fit(x: torch.Tensor, W: torch.Tensor, prior, posterior, block_size: int | None) -> FixedPointFit:
+    """Diagonal posteriors under a prior without a faster fit: the fixed-point fit with diagonal covariances."""
+    return FixedPointFit(x, W, prior, full=False)

@@ -29,6 +29,7 @@ import torch
 
 from sparse_elbo import closed_forms
 from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.inference.registry import E_STEP_KERNELS
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.priors import LaplacePrior
 
@@ -47,8 +48,10 @@ def capped_density(ratio: torch.Tensor) -> torch.Tensor:
     return ratio.square().clamp_(max=NEGLIGIBLE_TAIL_RATIO_SQUARED).mul_(-0.5).exp_().mul_(_SQRT_2_OVER_PI)
 
 
+@E_STEP_KERNELS.register(DiagonalPosterior, LaplacePrior)
 class DiagonalLaplaceEStep:
-    """``-Σ_n (F_n - c_n)`` and its gradient for the data points ``x (N,D)``; W, σ², λ, β fixed."""
+    """``-Σ_n (F_n - c_n)`` and its gradient for the data points ``x (N,D)``; W, σ², λ, β fixed (λ: the
+    model's, or ``weights.prior_scale`` when the schedule holds it at λ_0)."""
 
     def __init__(self, x: torch.Tensor, model, weights: AnnealingWeights):
         with torch.no_grad():
@@ -57,13 +60,12 @@ class DiagonalLaplaceEStep:
             self.gram = W.T @ W  # G (H,H)
             self.gram_diagonal = torch.diagonal(self.gram).clone()  # (H,)
             self.sigma2 = model.sigma2.detach()
-            self.inverse_lambda = model.lam.detach().reciprocal()  # (H,)
+            lam = model.lam.detach()
+            if weights.prior_scale is not None:
+                lam = torch.full_like(lam, weights.prior_scale)
+            self.inverse_lambda = lam.reciprocal()  # (H,)
         self.weights = weights
         self.x = x  # (N,D), only read by constant()
-
-    @staticmethod
-    def applies_to(posterior, model) -> bool:
-        return isinstance(posterior, DiagonalPosterior) and isinstance(model.prior, LaplacePrior)
 
     @torch.no_grad()
     def _terms(self, mean: torch.Tensor, log_std: torch.Tensor):

@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.problem import Problem
 from sparse_elbo.results import ResultsWriter, read_checkpoint
-from sparse_elbo.runner.build import checkpoint_interval
+from sparse_elbo.runner.checks import checkpoint_interval
 
-FORMAT = 2  # the layout of checkpoint.pt: {"format", "model", "posterior", "fit": {"loop", "trainer"}, "torch_rng"}
+FORMAT = 3  # the layout of checkpoint.pt: {"format", "model", "posterior", "fit": {"loop", "trainer"}, "torch_rng"}
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -10,10 +10,10 @@ import torch
 from omegaconf import DictConfig
 
 from sparse_elbo import metrics
-from sparse_elbo.evaluation import evaluate_problem, ground_truth_elbo
+from sparse_elbo.evaluation import evaluate_problem, ground_truth_elbo, ground_truth_elbo_by_trainer
 from sparse_elbo.held_out import held_out_metrics
 from sparse_elbo.runner.build import Components
-from sparse_elbo.trainers.base import FitOutcome
+from sparse_elbo.trainers.base import FitOutcome, Trainer
 
 
 @dataclass
@@ -81,11 +81,12 @@ def _recovery(cfg: DictConfig, components: Components) -> dict:
         "matched_cosines": match.cosines,
         "assignment": match.assignment,
     }
-    if components.ground_truth_trainer is not None:
-        W_true = torch.as_tensor(dataset.W_true, dtype=problem.x.dtype, device=problem.x.device)
-        out["ground_truth_elbo"] = ground_truth_elbo(
-            problem.x, W_true, components.posterior_factory, problem.model.prior, components.ground_truth_trainer, int(cfg.seed)
-        )
+    truth, factory, prior, seed = components.ground_truth, components.posterior_factory, problem.model.prior, int(cfg.seed)
+    W_true = torch.as_tensor(dataset.W_true, dtype=problem.x.dtype, device=problem.x.device)
+    if isinstance(truth, Trainer):  # an amortised family: its encoder trained at W_true
+        out["ground_truth_elbo"] = ground_truth_elbo_by_trainer(problem.x, W_true, factory, prior, truth, seed)
+    elif truth is not None:
+        out["ground_truth_elbo"] = ground_truth_elbo(problem.x, W_true, factory, prior, truth, seed)
     return out
 
 

@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 from sparse_elbo import metrics
 from sparse_elbo.evaluation import evaluate_problem, sparseness
 from sparse_elbo.gradients import gradient_variance
-from sparse_elbo.held_out import ModelAt, encoder_elbo
+from sparse_elbo.held_out import encoder_elbo
+from sparse_elbo.model import ModelAt
 from sparse_elbo.objectives import ObjectiveValue
 from sparse_elbo.results import ResultsWriter
 from sparse_elbo.runner.build import Components

@@ -3,8 +3,10 @@
 A trainer is a learning algorithm. It declares once, as data, what it can train (``capabilities``); it
 makes its state for a run (``start``: a fresh state and the run's start, or the saved state of a run being
 resumed); and it trains one epoch at a time (``train_epoch``). Everything around the epochs is ``fit``'s,
-written once for every trainer: the stopwatch, the evaluation after each epoch, the stop rule, checkpoints,
-and resuming from one.
+written once for every trainer: the stopwatch, the annealing weights of each epoch (with ``λ_0``, computed
+once after the trainer's start where the schedule holds the prior's scale), the evaluation after each epoch,
+the stop rule, checkpoints, and resuming from one. A variant of a trainer is a new class that extends it
+(``trainers/subsets.py`` extends EM, ``trainers/semi_amortized.py`` extends Adam), with its own capabilities.
 
     outcome = fit(trainer, problem, evaluate)            # evaluate(epoch, weights, train_time) -> ObjectiveValue
     outcome = fit(trainer, problem, evaluate, checkpoint=save, saved=state)   # save(epoch, state); resume
@@ -20,22 +22,26 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from sparse_elbo.annealing import AnnealingWeights
+from sparse_elbo.annealing import AnnealingWeights, initial_prior_scale
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.convergence import StopRule
 
-FAMILIES = ("diag", "full", "amortized")
+KINDS = ("per_data_point", "amortized")  # the kinds of posterior family (``Posterior.kind``)
 OBJECTIVES = ("sampled", "analytic", "entropy")
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a trainer can train: posterior families, objectives (by name), and whether it follows an
-    annealing schedule (False: it maximises the unweighted objective only)."""
+    """What a trainer can train: kinds of posterior family (``per_data_point``, ``amortized``), objectives (by
+    name), whether it follows an annealing schedule (False: it maximises the unweighted objective only), the
+    schedules' ``prior_scale`` settings it can follow (``fixed``: it passes ``λ_0`` on to its E-step or
+    objective), and the family features it needs (``Posterior.features``)."""
 
-    families: tuple[str, ...]
+    posteriors: tuple[str, ...]
     objectives: tuple[str, ...]
     annealing: bool
+    prior_scales: tuple[str, ...] = ("optimal",)
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,10 @@ class Trainer(ABC):
     def train_epoch(self, problem: Problem, state: TrainerState, epoch: int, weights: AnnealingWeights) -> EpochReport | None:
         """Train one epoch with the annealing weights of that epoch."""
 
+    def required_features(self) -> tuple[str, ...]:
+        """The family features this trainer needs (its capabilities', unless a setting adds some)."""
+        return self.capabilities.features
+
     @abstractmethod
     def working_memory(self, sizes: Sizes) -> int:
         """A lower bound on the numbers (not bytes) training holds at once beyond the data: parameters,
@@ -135,12 +145,14 @@ class Stopwatch:
 @dataclass
 class LoopState:
     """The loop's own bookkeeping, saved with every checkpoint: the last completed epoch, its unweighted
-    objective, the no-progress count, the training time and the outcome once decided."""
+    objective, the no-progress count, the training time, ``λ_0`` (where the schedule holds the prior's scale)
+    and the outcome once decided."""
 
     epoch: int = -1
     previous: float | None = None
     stalled_epochs: int = 0
     train_time: float = 0.0
+    prior_scale: float | None = None
     outcome: FitOutcome | None = None
 
     @classmethod
@@ -164,9 +176,11 @@ def fit(
     stopwatch = Stopwatch(total=loop.train_time)
     with stopwatch:
         state = trainer.start(problem, None if saved is None else saved["trainer"])
+        if saved is None and problem.annealing.holds_prior_scale:  # λ_0 of the run's start (annealing.py)
+            loop.prior_scale = initial_prior_scale(problem.x, problem.model.W.detach(), problem.model.prior)
     final_annealed_epoch = problem.annealing.final_epoch()
     for epoch in range(loop.epoch + 1, trainer.max_epochs):
-        weights = problem.annealing(epoch)
+        weights = problem.annealing(epoch, loop.prior_scale)
         with stopwatch:
             report = trainer.train_epoch(problem, state, epoch, weights) or EpochReport()
             if problem.x.is_cuda:

@@ -52,9 +52,9 @@ class StopRule:
     gradient_tolerance: float | None = None
 
     def __post_init__(self):
-        require_at_least("trainer", 0, relative_tolerance=self.relative_tolerance)
+        require_at_least(0, relative_tolerance=self.relative_tolerance)
         if self.gradient_tolerance is not None:
-            require_at_least("trainer", 0, gradient_tolerance=self.gradient_tolerance)
+            require_at_least(0, gradient_tolerance=self.gradient_tolerance)
 
     @property
     def needs_gradient(self) -> bool:

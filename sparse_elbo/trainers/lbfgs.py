@@ -23,7 +23,7 @@ import torch
 
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.problem import Problem
-from sparse_elbo.trainers.base import FAMILIES, OBJECTIVES, Capabilities, Sizes, Trainer
+from sparse_elbo.trainers.base import KINDS, OBJECTIVES, Capabilities, Sizes, Trainer
 from sparse_elbo.trainers.convergence import StopRule, full_batch_lbfgs
 from sparse_elbo.validation import require_at_least
 
@@ -40,7 +40,7 @@ class LBFGSState:
 
 
 class LBFGSTrainer(Trainer):
-    capabilities = Capabilities(families=FAMILIES, objectives=OBJECTIVES, annealing=True)
+    capabilities = Capabilities(posteriors=KINDS, objectives=OBJECTIVES, annealing=True)
 
     def __init__(
         self,
@@ -51,9 +51,7 @@ class LBFGSTrainer(Trainer):
         gradient_tolerance: float = 1e-2,
         train_dictionary: bool = True,
     ):
-        require_at_least(
-            "trainer", 1, max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch, history_size=history_size
-        )
+        require_at_least(1, max_epochs=max_epochs, iterations_per_epoch=iterations_per_epoch, history_size=history_size)
         self.stop_rule = StopRule(float(relative_tolerance), float(gradient_tolerance))
         self.max_epochs = int(max_epochs)
         self.iterations_per_epoch = int(iterations_per_epoch)

@@ -5,9 +5,10 @@ The entropy objective's profile in ``W``,
     P(W) = max_q L_H(W, q),
 
 is maximised with ``torch.optim.LBFGS`` (strong Wolfe) on ``W`` alone (its raw parameters under the
-unit-norm gauge). Every evaluation of ``P`` solves for all posteriors at that ``W`` with the batched fit
-(``trainers.fixed_point.posterior_fit``: the O(N·H²) diagonal Newton fit for diagonal posteriors under the
-Laplace prior, the fixed-point iteration otherwise), warm-started from the previous evaluation's ``q``,
+unit-norm gauge). Every evaluation of ``P`` solves for all posteriors at that ``W`` with the family's
+fixed-dictionary fit (``inference.fit.posterior_fit``: the O(N·H²) diagonal Newton fit for diagonal
+posteriors under the Laplace prior, the fixed-point iteration for full covariances or other priors, the
+generic block fit otherwise), warm-started from the previous evaluation's ``q``,
 until ``L_H`` changes by less than ``inner_tolerance`` (relative) per iteration. By the envelope theorem
 ``∇P(W) = ∂L_H/∂W`` at that ``q``, which is in closed form (only σ²* depends on W at fixed q).
 
@@ -23,8 +24,8 @@ One *epoch* is ``iterations_per_epoch`` L-BFGS iterations, then ``q`` is refitte
 ``σ²*, λ*`` into the model. Stop rule: ``convergence.StopRule`` on ``P`` and the largest entry of
 ``∇(N P)`` in the raw dictionary, or ``max_epochs``.
 
-Supports the entropy objective with per-data-point diagonal or full-covariance posteriors and no
-annealing (both fits maximise the unweighted ``L_H``). With diagonal posteriors at a
+Supports the entropy objective with per-data-point posteriors and no annealing (the fits maximise the
+unweighted ``L_H``). With diagonal posteriors at a
 rank-deficient dictionary ``max_q L_H`` has several nearby stationary points in q, and the warm-started
 fits follow one of them.
 """
@@ -36,19 +37,17 @@ from dataclasses import dataclass
 import torch
 
 from sparse_elbo.annealing import AnnealingWeights
-from sparse_elbo.inference.diagonal_newton import DiagonalNewtonFit
-from sparse_elbo.inference.fixed_point import FixedPointFit
-from sparse_elbo.initialisation import SparseCodingDictionary, start_dictionary
+from sparse_elbo.inference.fit import PosteriorFit, fit_memory, posterior_fit
+from sparse_elbo.initialisation import DictionaryStart, SparseCodingDictionary, start_dictionary
 from sparse_elbo.problem import Problem
 from sparse_elbo.trainers.base import Capabilities, Sizes, Trainer
 from sparse_elbo.trainers.convergence import StopRule, full_batch_lbfgs
-from sparse_elbo.trainers.fixed_point import FixedPointPosteriorTrainer, posterior_fit
 from sparse_elbo.validation import require_at_least
 
 
 @dataclass
 class ProfileState:
-    fit: DiagonalNewtonFit | FixedPointFit  # q at the current W, and the warm start of the next fit
+    fit: PosteriorFit  # q at the current W, and the warm start of the next fit
     optimizer: torch.optim.LBFGS
     largest_gradient: float = float("nan")  # of ∇(N P) at the end of the last epoch
 
@@ -57,7 +56,7 @@ class ProfileState:
 
 
 class ProfileLBFGSTrainer(Trainer):
-    capabilities = Capabilities(families=("diag", "full"), objectives=("entropy",), annealing=False)
+    capabilities = Capabilities(posteriors=("per_data_point",), objectives=("entropy",), annealing=False)
 
     def __init__(
         self,
@@ -69,10 +68,9 @@ class ProfileLBFGSTrainer(Trainer):
         inner_tolerance: float = 1e-8,
         inner_max_iterations: int = 200,
         line_search_steps: int = 30,
-        initialisation=None,
+        initialisation: DictionaryStart | None = None,
     ):
         require_at_least(
-            "trainer",
             1,
             max_epochs=max_epochs,
             iterations_per_epoch=iterations_per_epoch,
@@ -80,7 +78,7 @@ class ProfileLBFGSTrainer(Trainer):
             inner_max_iterations=inner_max_iterations,
             line_search_steps=line_search_steps,
         )
-        require_at_least("trainer", 0, inner_tolerance=inner_tolerance)
+        require_at_least(0, inner_tolerance=inner_tolerance)
         self.stop_rule = StopRule(float(relative_tolerance), float(gradient_tolerance))
         self.max_epochs = int(max_epochs)
         self.iterations_per_epoch = int(iterations_per_epoch)
@@ -95,7 +93,7 @@ class ProfileLBFGSTrainer(Trainer):
         with torch.no_grad():
             if saved is None:
                 start_dictionary(self.initialisation, problem)
-            fit = posterior_fit(problem, model.W)
+            fit = posterior_fit(problem.x, model.W, problem.posterior, model.prior)
             if saved is not None:
                 fit.load_state(saved["fixed_point"])
         optimizer = full_batch_lbfgs([model.W_raw], self.iterations_per_epoch, self.history_size)
@@ -132,5 +130,5 @@ class ProfileLBFGSTrainer(Trainer):
         )
 
     def working_memory(self, sizes: Sizes) -> int:
-        """The posteriors and the fit's temporaries (``FixedPointPosteriorTrainer.working_memory``)."""
-        return FixedPointPosteriorTrainer().working_memory(sizes)
+        """The posteriors and the fit's temporaries (``inference.fit.fit_memory``)."""
+        return fit_memory(sizes.n_data, sizes.n_latents, sizes.posterior_numbers)
