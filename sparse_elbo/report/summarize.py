@@ -3,7 +3,7 @@ seed aside) and write ``summary.csv`` (one row per configuration: the swept keys
 count of each quantity), ``runs.csv`` (one row per run) and ``summary.md`` (a Markdown table, printed
 too, with the runs that did not finish listed under it with their reason).
 
-    python -m sparse_elbo.summarize outputs/paper/bars_recovery [--out DIR]
+    python -m sparse_elbo.report.summarize outputs/paper/bars_recovery [--out DIR]
 
 Quantities (those the runs have): final ELBO, ELBO − ground-truth ELBO and recovery rate (bars), σ,
 final Gini, median localisation (patches), held-out log p(x) and amortisation gap (held-out data),
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from sparse_elbo.cli import report_user_errors
-from sparse_elbo.sweeps import (
+from sparse_elbo.report.sweeps import (
     QUANTITIES,
     group_runs,
     load_runs,

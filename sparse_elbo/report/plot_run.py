@@ -1,7 +1,7 @@
 """Figures from one results file: the dictionary ordered by λ (largest first), the ELBO and its three
 terms per epoch, and the Gini sparseness per epoch. Writes PNG and PDF next to the file (or to --out).
 
-    python -m sparse_elbo.plot_run outputs/runs/<date>/<time>/results.h5 [--out DIR]
+    python -m sparse_elbo.report.plot_run outputs/runs/<date>/<time>/results.h5 [--out DIR]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the same group when their configs agree on every key except the seed (``seed`` a
 is the set of keys that differ between the groups of the sweep (``posterior=DiagonalPosterior``,
 ``objective.n_samples=10``, ...), so that a table shows what was swept and nothing else.
 
-    from sparse_elbo.sweeps import load_runs, group_runs, summary_rows
+    from sparse_elbo.report.sweeps import load_runs, group_runs, summary_rows
     runs = load_runs("outputs/paper/bars_recovery")
     for group in group_runs(runs): print(group.name, len(group.finished), len(group.failed))
 """

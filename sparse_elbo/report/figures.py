@@ -1,6 +1,6 @@
 """Redraw the paper's figures from a sweep directory. Reads only results files (every ``results.h5``
 under DIR, via ``sparse_elbo.results.read_results``) and groups runs by their stored config, the seed
-aside (``sparse_elbo.sweeps``); writes PNG and PDF to DIR/figures (or --out). Which figures are drawn
+aside (``sparse_elbo.report.sweeps``); writes PNG and PDF to DIR/figures (or --out). Which figures are drawn
 depends on what the sweep holds:
 
 - bars (runs with a generating dictionary): ``bars_fields`` (data examples, the generating bars, and
@@ -10,10 +10,10 @@ depends on what the sweep holds:
   run, the configuration's mean in bold), ``gini`` (Gini of |z| per epoch), and ``entropies`` (the
   three entropies of the entropy ELBO per epoch) where runs used the entropy objective;
 - image patches: ``dictionary_<k>`` (each configuration's fields ordered by λ, largest first, from
-  ``sparse_elbo.plot_run``) and ``annealing`` (ELBO, Gini and median localisation per epoch with
+  ``sparse_elbo.report.plot_run``) and ``annealing`` (ELBO, Gini and median localisation per epoch with
   annealed epochs shaded, and every field's final localisation per configuration).
 
-    python -m sparse_elbo.figures outputs/paper/bars_recovery [--out DIR]
+    python -m sparse_elbo.report.figures outputs/paper/bars_recovery [--out DIR]
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sparse_elbo.cli import report_user_errors  # noqa: E402
-from sparse_elbo.plot_run import field_shape, plot_dictionary  # noqa: E402  (one run's dictionary ordered by λ)
-from sparse_elbo.sweeps import Group, group_runs, load_runs  # noqa: E402
+from sparse_elbo.report.plot_run import field_shape, plot_dictionary  # noqa: E402  (one run's dictionary ordered by λ)
+from sparse_elbo.report.sweeps import Group, group_runs, load_runs  # noqa: E402
 
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7, "figure.dpi": 100})
 
