@@ -68,13 +68,19 @@ def report_user_errors(main: Callable[[], object]) -> None:
     """Run a command-line ``main`` (a Hydra entry point or an argparse tool): user errors become one line on
     stderr and exit status 2 (module docstring). Errors inside a single run's task are reported there
     (``exit_on_user_error``), before Hydra prints its own line about the failed job."""
-    _SHOW_TRACEBACKS["value"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    _SHOW_TRACEBACKS["value"] = before == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing, so the error can be classified
     try:
         main()
     except Exception as error:
         exit_on_user_error(error)
         raise
+    finally:  # as the user set it: a tool called in-process leaves the environment as it was
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
 
 
 def settings_from_arguments(schema: type, arguments: list[str]):
@@ -106,6 +112,7 @@ def run_tool(main: Callable[[list[str]], object], arguments: list[str] | None = 
     if any(argument in ("-h", "--help") for argument in arguments):
         print(sys.modules[main.__module__].__doc__)
         return
+    _SHOW_TRACEBACKS["value"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         main(arguments)
     except Exception as error:

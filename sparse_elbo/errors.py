@@ -33,6 +33,10 @@ class UnreadableFileError(UserError, OSError):
     """A file that exists but cannot be read: one a run is still writing, or a damaged one."""
 
 
+class MissingExtraError(UserError, ImportError):
+    """A tool whose optional dependencies are not installed: the message names the extra to install."""
+
+
 class InsufficientMemoryError(UserError, MemoryError):
     """A run whose arrays cannot fit in the memory of its device, found before allocating them."""
 

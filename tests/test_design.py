@@ -73,6 +73,35 @@ def test_layers_import_one_way(path):
         )
 
 
+def _matplotlib_imports(tree: ast.AST) -> list[ast.AST]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        found += [node for name in names if name.split(".")[0] == "matplotlib"]
+    return found
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_the_figure_tools_import_matplotlib_and_only_when_drawing(path):
+    """matplotlib is an optional extra (``figures``): the library, and the reporting's modules themselves,
+    import without it; only report/plot_run.py and report/figures.py use it, inside functions."""
+    tree = ast.parse(path.read_text())
+    imports = _matplotlib_imports(tree)
+    if path.relative_to(PACKAGE).as_posix() not in ("report/plot_run.py", "report/figures.py"):
+        assert not imports, f"{path.name} imports matplotlib"
+    in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)}
+    assert all(id(node) in in_functions for node in imports), f"{path.name} imports matplotlib when it is imported"
+
+
+def test_the_matplotlib_check_can_fail():
+    assert _matplotlib_imports(ast.parse("import matplotlib.pyplot as plt\nfrom matplotlib import cm\n"))
+
+
 def test_the_layer_check_can_fail():
     tree = ast.parse("def f():\n    from sparse_elbo.runner import run\n")
     assert LAYER[next(iter(_imported_components(tree)))] > LAYER["trainers"]

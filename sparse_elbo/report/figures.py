@@ -14,6 +14,8 @@ depends on what the sweep holds:
   annealed epochs shaded, and every field's final localisation per configuration).
 
     python -m sparse_elbo.report.figures outputs/paper/bars_recovery [--out DIR]
+
+Needs matplotlib, the optional extra ``figures``: ``pip install "sparse_elbo[figures]"``.
 """
 
 from __future__ import annotations
@@ -23,21 +25,17 @@ import math
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from sparse_elbo.cli import report_user_errors
+from sparse_elbo.report.plot_run import field_shape, plot_dictionary, pyplot  # one run's dictionary ordered by λ
+from sparse_elbo.report.sweeps import Group, group_runs, load_runs
 
-from sparse_elbo.cli import report_user_errors  # noqa: E402
-from sparse_elbo.report.plot_run import field_shape, plot_dictionary  # noqa: E402  (one run's dictionary ordered by λ)
-from sparse_elbo.report.sweeps import Group, group_runs, load_runs  # noqa: E402
-
-plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7, "figure.dpi": 100})
+STYLE = {"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7, "figure.dpi": 100}  # while drawing
 
 
 def colour(k: int):
-    return plt.get_cmap("tab10")(k % 10)
+    return pyplot().get_cmap("tab10")(k % 10)
 
 
 def best_run(group: Group):
@@ -57,7 +55,7 @@ def is_patches(group: Group) -> bool:
 def save(fig, out: Path, name: str, written: list[Path]) -> None:
     for suffix in ("png", "pdf"):
         fig.savefig(out / f"{name}.{suffix}", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     written.append(out / f"{name}.png")
 
 
@@ -90,7 +88,7 @@ def figure_bars_fields(groups: list[Group]):
     H = W_true.shape[1]
     examples = bars_examples(first, H)
     n_rows = 2 + len(shown)
-    fig, axes = plt.subplots(n_rows, H, figsize=(0.75 * H + 2.6, 0.8 * n_rows + 0.5), squeeze=False)
+    fig, axes = pyplot().subplots(n_rows, H, figsize=(0.75 * H + 2.6, 0.8 * n_rows + 0.5), squeeze=False)
     for ax in axes.ravel():
         ax.set_xticks([]), ax.set_yticks([])
         for side in ax.spines.values():
@@ -127,7 +125,7 @@ def figure_recovery(groups: list[Group]):
     bars = [g for g in groups if is_bars(g) and g.finished]
     if not bars:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 0.35 * len(bars) + 2.8))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 0.35 * len(bars) + 2.8))
     names = [g.name for g in bars]
     y = np.arange(len(bars))
     rates, counts = [], []
@@ -220,9 +218,9 @@ def _elbo_limits(ax, groups) -> None:
 
 
 def figure_elbo(groups: list[Group]):
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(16, 4))
     if not _curves(axes[0], groups, "elbo", "epoch", "full-data ELBO (nats / data point)"):
-        plt.close(fig)
+        pyplot().close(fig)
         return None
     _curves(axes[1], groups, "elbo", "wall_time", "full-data ELBO (nats / data point)")
     _curves(axes[2], groups, "elbo", "wall_time", "full-data ELBO (nats / data point)")
@@ -256,7 +254,7 @@ def figure_entropies(groups: list[Group]):
     ]
     if not entropy_groups:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     for ax, term in zip(axes, terms):
         _curves(ax, entropy_groups, term, "epoch", "nats")
         ax.set_title(term.replace("_", " "))
@@ -267,9 +265,9 @@ def figure_entropies(groups: list[Group]):
 
 
 def figure_gini(groups: list[Group]):
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
     if not _curves(ax, groups, "gini_mean", "epoch", "Gini coefficient of |z| (posterior samples)"):
-        plt.close(fig)
+        pyplot().close(fig)
         return None
     ax.set_title("sparseness per epoch (higher = sparser)")
     ax.legend()
@@ -290,7 +288,7 @@ def figure_annealing(groups: list[Group]):
     patches = [g for g in groups if is_patches(g)]
     if not patches:
         return None
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, axes = pyplot().subplots(1, 4, figsize=(16, 3.8))
     _curves(axes[0], patches, "elbo", "epoch", "full-data ELBO (nats / patch)")
     _elbo_limits(axes[0], patches)
     _curves(axes[1], patches, "gini_mean", "epoch", "Gini of |z|")
@@ -330,6 +328,12 @@ def draw_all(root: Path, out: Path) -> list[Path]:
     written: list[Path] = []
     if not groups:
         return written
+    with pyplot().rc_context(STYLE):
+        _draw_groups(groups, out, written)
+    return written
+
+
+def _draw_groups(groups: list[Group], out: Path, written: list[Path]) -> None:
     for name, make in (
         ("bars_fields", figure_bars_fields),
         ("recovery", figure_recovery),
@@ -348,14 +352,14 @@ def draw_all(root: Path, out: Path) -> list[Path]:
         fig = plot_dictionary(run.results)
         fig.suptitle(f"{g.name} (seed {run.results.config.get('seed')}): fields ordered by λ, largest first", fontsize=8)
         save(fig, out, f"dictionary_{k}", written)
-    return written
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="a sweep directory (searched recursively for results.h5), or one results file")
     parser.add_argument("--out", type=Path, default=None, help="default: SWEEP/figures (beside the file for one results file)")
-    args = parser.parse_args()
+    args = parser.parse_args(arguments)
+    pyplot()  # matplotlib (an optional extra) before anything is read
     if not args.sweep.exists():
         parser.error(f"{args.sweep}: no such directory or file")
     written = draw_all(args.sweep, args.out or (args.sweep.parent if args.sweep.is_file() else args.sweep) / "figures")

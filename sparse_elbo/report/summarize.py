@@ -86,11 +86,11 @@ def summarize(root: Path, out: Path | None = None, quiet: bool = False) -> str:
     return text
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="a sweep directory (searched recursively for results.h5), or one results file")
     parser.add_argument("--out", type=Path, default=None, help="where to write the tables (default: the sweep directory)")
-    args = parser.parse_args()
+    args = parser.parse_args(arguments)
     if not args.sweep.exists():
         parser.error(f"{args.sweep}: no such directory or file")
     summarize(args.sweep, args.out)
