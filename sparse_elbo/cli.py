@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from sparse_elbo.errors import UserError
+from sparse_elbo.errors import ConfigError, MissingFileError, UserError
 
 USER_ERROR_STATUS = 2
 
@@ -89,8 +90,6 @@ def settings_from_arguments(schema: type, arguments: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from sparse_elbo.errors import ConfigError
-
     bad = [argument for argument in arguments if "=" not in argument]
     if bad:
         raise ConfigError(f"arguments are key=value pairs, got {bad[0]!r}")
@@ -118,3 +117,14 @@ def run_tool(main: Callable[[list[str]], object], arguments: list[str] | None = 
     except Exception as error:
         exit_on_user_error(error)
         raise
+
+
+def output_folder(path: str | Path, option: str = "--out") -> Path:
+    """The folder a tool's ``option`` names for its output: it must exist, checked before any work, so that a
+    mistyped path is neither created nor found out after the work is done."""
+    folder = Path(path)
+    if not folder.exists():
+        raise MissingFileError(f"{option} {str(folder)!r}: no such folder; create it first or choose another {option}")
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {str(folder)!r}: not a folder; {option} names the folder to write into")
+    return folder

@@ -160,6 +160,7 @@ def test_figures_are_written_from_a_sweep(sweep, tmp_path):
         ]
     )
     run(cfg, directory / "patches", progress=False)
+    (tmp_path / "figures").mkdir()  # --out names an existing folder
     out = _tool("report.figures", directory, "--out", tmp_path / "figures", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for name in ("bars_fields", "recovery", "elbo", "entropies", "gini", "annealing", "dictionary_0"):

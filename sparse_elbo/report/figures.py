@@ -15,21 +15,26 @@ depends on what the sweep holds:
 
     python -m sparse_elbo.report.figures outputs/paper/bars_recovery [--out DIR]
 
+A DIR that does not exist, holds no results file or none that can be read, one file that is not a results
+file, and an --out folder that does not exist are one-line errors (exit status 2).
+
 Needs matplotlib, the optional extra ``figures``: ``pip install "sparse_elbo[figures]"``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from sparse_elbo.cli import report_user_errors
+from sparse_elbo.cli import output_folder, report_user_errors
+from sparse_elbo.errors import UnreadableFileError
 from sparse_elbo.report.plot_run import field_shape, plot_dictionary, pyplot  # one run's dictionary ordered by λ
-from sparse_elbo.report.sweeps import Group, group_runs, load_runs
+from sparse_elbo.report.sweeps import Group, group_runs, load_sweep, relative, sweep_path
 
 STYLE = {"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7, "figure.dpi": 100}  # while drawing
 
@@ -68,13 +73,20 @@ def show_field(ax, field, title: str = "") -> None:
 
 
 def bars_examples(results, n: int) -> np.ndarray | None:
-    """A few data points, regenerated from the stored dataset config (bars are seeded and cheap)."""
-    try:
-        from hydra.utils import instantiate
-
-        return np.asarray(instantiate(results.config["dataset"], n_data=n).x)
-    except Exception:
+    """A few data points, regenerated from the stored dataset config (bars are seeded and cheap); None when
+    this version cannot rebuild them: the config names a data builder, or arguments, that no longer exist."""
+    node = results.config.get("dataset")
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str) or not target.startswith("sparse_elbo."):
         return None
+    settings = {**{k: v for k, v in node.items() if not k.startswith("_")}, "n_data": n}
+    module, _, name = target.rpartition(".")
+    try:
+        make = getattr(importlib.import_module(module), name)
+        inspect.signature(make).bind(**settings)
+    except (ImportError, AttributeError, TypeError):  # a results file of another version: no data row
+        return None
+    return np.asarray(make(**settings).x)
 
 
 def figure_bars_fields(groups: list[Group]):
@@ -322,12 +334,18 @@ def figure_annealing(groups: list[Group]):
 
 
 def draw_all(root: Path, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(load_runs(root))
-    groups = [g for g in groups if any(r.results is not None for r in g.runs)]
-    written: list[Path] = []
+    """The figures of the runs under ``root`` (a sweep directory, or one results file), written to ``out``.
+    A folder without results files, or none of whose results files can be read, is a user error."""
+    runs = load_sweep(root)
+    groups = group_runs(runs)
     if not groups:
-        return written
+        first = runs[0]
+        raise UnreadableFileError(
+            f"{str(root)!r}: none of its {len(runs)} results files could be read "
+            f"({relative(first.path, root)}: {first.reason}); no figures"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     with pyplot().rc_context(STYLE):
         _draw_groups(groups, out, written)
     return written
@@ -357,16 +375,17 @@ def _draw_groups(groups: list[Group], out: Path, written: list[Path]) -> None:
 def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="a sweep directory (searched recursively for results.h5), or one results file")
-    parser.add_argument("--out", type=Path, default=None, help="default: SWEEP/figures (beside the file for one results file)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="an existing folder; default: SWEEP/figures, created (beside the file for one results file)",
+    )
     args = parser.parse_args(arguments)
     pyplot()  # matplotlib (an optional extra) before anything is read
-    if not args.sweep.exists():
-        parser.error(f"{args.sweep}: no such directory or file")
-    written = draw_all(args.sweep, args.out or (args.sweep.parent if args.sweep.is_file() else args.sweep) / "figures")
-    if not written:
-        print(f"{args.sweep}: no readable results files, no figures", file=sys.stderr)
-        sys.exit(1)
-    for path in written:
+    root = sweep_path(args.sweep)
+    out = output_folder(args.out, "--out") if args.out is not None else (root.parent if root.is_file() else root) / "figures"
+    for path in draw_all(root, out):
         print(path)
 
 

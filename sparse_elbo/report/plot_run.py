@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_elbo.cli import report_user_errors
-from sparse_elbo.errors import MissingExtraError
+from sparse_elbo.cli import output_folder, report_user_errors
+from sparse_elbo.errors import ConfigError, MissingExtraError
 from sparse_elbo.results import read_results
 
 INSTALL_FIGURES = 'pip install "sparse_elbo[figures]"'
@@ -93,12 +93,18 @@ def plot_curves(results):
 def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="an existing folder (default: beside the results file)")
     args = parser.parse_args(arguments)
     plt = pyplot()
+    out = output_folder(args.out, "--out") if args.out is not None else args.results.parent
     results = read_results(args.results)
-    out = args.out or args.results.parent
-    out.mkdir(parents=True, exist_ok=True)
+    missing = [key for key in ("W", "lambda") if key not in results.final]
+    if missing:
+        reason = f" ({results.attrs['reason']})" if results.attrs.get("reason") else ""
+        raise ConfigError(
+            f"{str(args.results)!r}: no final {missing[0]} to draw: the run is {results.status or 'of unknown status'}{reason}; "
+            "plot_run draws a finished run"
+        )
     for name, fig in (("dictionary", plot_dictionary(results)), ("curves", plot_curves(results))):
         for suffix in ("png", "pdf"):
             fig.savefig(out / f"{name}.{suffix}", dpi=150)
