@@ -43,3 +43,10 @@ class InsufficientMemoryError(UserError, MemoryError):
 
 class ExistingFileError(UserError, FileExistsError):
     """An output file that already exists: a run never overwrites another."""
+
+
+def reason(error: BaseException) -> str:
+    """The first line of a library's message (e.g. imageio's list of plugins that might read a file), for a
+    one-line user error that quotes why a file could not be read."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
