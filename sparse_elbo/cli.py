@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sparse_elbo.errors import ConfigError, MissingFileError, UserError
+from sparse_elbo.errors import ConfigError, ExistingFileError, MissingFileError, UserError
 
 USER_ERROR_STATUS = 2
 
@@ -128,3 +128,17 @@ def output_folder(path: str | Path, option: str = "--out") -> Path:
     if not folder.is_dir():
         raise ConfigError(f"{option} {str(folder)!r}: not a folder; {option} names the folder to write into")
     return folder
+
+
+def output_file(path: str | Path, key: str = "out", suffixes: tuple[str, ...] | None = None) -> Path:
+    """The file a ``key=value`` tool's ``key`` names for its output: of one of ``suffixes`` (when given), new
+    (never overwritten) and in a folder that exists; checked before any work."""
+    file = Path(path)
+    named = f"{key}={str(file)!r}"
+    if suffixes is not None and file.suffix.lower() not in suffixes:
+        raise ConfigError(f"{named}: unsupported file type {file.suffix!r}; allowed: {list(suffixes)}")
+    if file.exists():
+        raise ExistingFileError(f"{named} already exists: choose another {key}=")
+    if not file.parent.is_dir():
+        raise MissingFileError(f"{named}: no such folder {str(file.parent)!r}; create it first or choose another {key}=")
+    return file

@@ -401,6 +401,7 @@ def test_a_mat_file_that_is_not_one_is_a_one_line_user_error_but_a_bug_is_not_sw
         load_mat_images(tmp_path / "IMAGES.mat")
 
 
+@pytest.mark.filterwarnings("ignore:The legacy `DICOM` plugin:DeprecationWarning")  # imageio trying its plugins
 def test_an_image_file_that_is_not_an_image_is_a_one_line_user_error_but_a_bug_is_not_swallowed(tmp_path, monkeypatch):
     skimage.io.imsave(tmp_path / "a.png", np.zeros((20, 20), dtype=np.uint8), check_contrast=False)
     for name, content in (("notes.png", b"notes, not an image\n"), ("tiny.png", b"x"), ("notes.tif", b"notes")):

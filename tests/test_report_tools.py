@@ -5,7 +5,9 @@ never turned into such a line or into silence."""
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +40,20 @@ def test_the_figure_tools_without_matplotlib_say_how_to_install_it(tool, sweep, 
     line = one_line_error(lambda: report_user_errors(lambda: tool.main([str(sweep / "run" / "results.h5")])))
     assert line == f"error: the figures need matplotlib, which is not installed: {INSTALL}"
     assert not list(sweep.rglob("*.png"))
+
+
+def test_python_m_figures_without_matplotlib_is_one_line_and_status_2(sweep):
+    """The command as a user runs it, in a process where matplotlib cannot be imported: nothing the module
+    imports needs it, and the error is the one line (the only subprocess of these tests)."""
+    hide = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; runpy.run_module('sparse_elbo.report.figures', run_name='__main__')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run(
+        [sys.executable, "-c", hide, str(sweep)], cwd=sweep, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"error: the figures need matplotlib, which is not installed: {INSTALL}\n"
 
 
 def test_summaries_need_no_matplotlib(sweep, monkeypatch, capsys):
