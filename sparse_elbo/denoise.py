@@ -38,7 +38,7 @@ from sparse_elbo.config import compose
 from sparse_elbo.data import NUMPY_UNREADABLE, reading
 from sparse_elbo.errors import ConfigError, MissingFileError
 from sparse_elbo.images import IMAGE_UNREADABLE, to_grey_float
-from sparse_elbo.runner import run
+from sparse_elbo.runner import memory, run
 from sparse_elbo.runner.build import resolve_device
 from sparse_elbo.trained import TrainedModel
 
@@ -179,6 +179,7 @@ def write_image(path: Path, image: np.ndarray) -> None:
 
 def main(arguments: list[str]) -> None:
     settings = settings_from_arguments(DenoiseSettings, arguments)
+    memory.retain_freed_memory()  # the command line's choice for its process (runner/memory.py)
     if settings.out:
         output_file(settings.out, "out", OUT_SUFFIXES)  # before the image is read
     noisy = read_image(settings.image)

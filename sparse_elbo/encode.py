@@ -27,6 +27,7 @@ import torch
 from sparse_elbo.cli import output_file, run_tool, settings_from_arguments
 from sparse_elbo.data import read_data_file
 from sparse_elbo.errors import ConfigError
+from sparse_elbo.runner import memory
 from sparse_elbo.runner.build import resolve_device, resolve_dtype
 from sparse_elbo.trained import TrainedModel
 from sparse_elbo.version import __version__
@@ -74,7 +75,9 @@ def encode_file(settings: EncodeSettings) -> Path:
 
 
 def main(arguments: list[str]) -> None:
-    out = encode_file(settings_from_arguments(EncodeSettings, arguments))
+    settings = settings_from_arguments(EncodeSettings, arguments)
+    memory.retain_freed_memory()  # the command line's choice for its process (runner/memory.py)
+    out = encode_file(settings)
     print(out)
 
 
