@@ -20,9 +20,12 @@ FILE_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".mat")
 
 # What each reader raises for a file that is not what its name says, or that is cut short or damaged;
 # anything else is a bug and keeps its traceback.
-NUMPY_UNREADABLE = (ValueError, EOFError)  # numpy's format checks: a foreign, truncated or pickled .npy
-NPZ_UNREADABLE = (*NUMPY_UNREADABLE, zipfile.BadZipFile, zlib.error)  # a .npz that is no zip archive, or a damaged one
+NUMPY_UNREADABLE = (ValueError, EOFError, OSError)  # numpy's format checks (a truncated .npy), or no access
+NPZ_UNREADABLE = (*NUMPY_UNREADABLE, zipfile.BadZipFile, zlib.error)  # a damaged zip archive
 HDF5_UNREADABLE = (OSError, RuntimeError)  # h5py: no HDF5 signature, a truncated file, damaged metadata
+# How a .npy file and a .npz archive (a zip file) start: without it numpy would speak of pickled data, or
+# hand back an array for a .npz.
+NPY_HEADER, ZIP_HEADER = b"\x93NUMPY", b"PK\x03\x04"
 
 
 def mat_unreadable() -> tuple[type[BaseException], ...]:
@@ -43,6 +46,20 @@ def reading(path: Path, argument: str, unreadable: tuple[type[BaseException], ..
         raise
     except unreadable as error:
         raise ConfigError(f"{argument}={str(path)!r}: could not read {what} ({reason(error)})") from error
+
+
+def require_header(path: str | Path, argument: str, header: bytes, what: str) -> None:
+    """A file of a format that starts with ``header`` (a .npy array, a zip archive) must start with it."""
+    with open(path, "rb") as handle:
+        if handle.read(len(header)) != header:
+            raise ConfigError(f"{argument}={str(path)!r}: could not read {what} (it does not start as one)")
+
+
+def load_npy(path: str | Path, argument: str) -> np.ndarray:
+    """The array in a user's .npy file; a file that is not one is a one-line user error naming ``argument``."""
+    with reading(path, argument, NUMPY_UNREADABLE, "the file as a .npy array"):
+        require_header(path, argument, NPY_HEADER, "the file as a .npy array")
+        return np.load(path, allow_pickle=False)
 
 
 @dataclass
@@ -134,10 +151,10 @@ def _read_array(path: Path, key: str | None, argument: str, key_argument: str) -
 
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        with reading(path, argument, NUMPY_UNREADABLE, "the file as a .npy array"):
-            return np.load(path, allow_pickle=False)
+        return load_npy(path, argument)
     if suffix == ".npz":
         with reading(path, argument, NPZ_UNREADABLE, "the file as a .npz archive"):
+            require_header(path, argument, ZIP_HEADER, "the file as a .npz archive")
             with np.load(path, allow_pickle=False) as archive:
                 arrays = dict(archive)
         return _pick(arrays, key, path, key_argument)

@@ -35,7 +35,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from sparse_elbo.cli import output_file, run_tool, settings_from_arguments
 from sparse_elbo.config import compose
-from sparse_elbo.data import NUMPY_UNREADABLE, reading
+from sparse_elbo.data import load_npy, reading
 from sparse_elbo.errors import ConfigError, MissingFileError
 from sparse_elbo.images import IMAGE_UNREADABLE, to_grey_float
 from sparse_elbo.runner import memory, run
@@ -156,8 +156,7 @@ def read_image(path: str) -> np.ndarray:
     if not file.is_file():
         raise MissingFileError(f"image={path!r}: no such file")
     if file.suffix.lower() == ".npy":
-        with reading(path, "image", NUMPY_UNREADABLE, "the file as a .npy array"):
-            array = np.load(file, allow_pickle=False)
+        array = load_npy(path, "image")
         if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise ConfigError(f"image={path!r}: expected a real numeric array, got dtype {array.dtype}")
         return array.astype(np.float64)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from sparse_elbo.data import HDF5_UNREADABLE, NUMPY_UNREADABLE, Dataset, mat_unreadable, reading, validate_data
+from sparse_elbo.data import HDF5_UNREADABLE, Dataset, load_npy, mat_unreadable, reading, validate_data
 from sparse_elbo.errors import ConfigError, ConfigKeyError, MissingFileError
 
 SOURCES = ("builtin", "mat", "npy", "folder", "vanhateren")
@@ -318,8 +318,7 @@ def extract_patches(
 def load_npy_images(path, axis: int = -1) -> list[np.ndarray]:
     """Images from a ``.npy`` file: one 2-D image (R, C), or a 3-D stack with the images along ``axis``."""
     file = _require_path(path, "a .npy file")
-    with reading(path, "dataset.path", NUMPY_UNREADABLE, "the .npy file"):
-        array = np.load(file, allow_pickle=False)
+    array = load_npy(file, "dataset.path")
     origin = f"dataset.path={str(path)!r}"
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array) or array.ndim not in (2, 3):
         raise ConfigError(

@@ -419,7 +419,9 @@ def test_an_image_file_that_is_not_an_image_is_a_one_line_user_error_but_a_bug_i
 def test_a_npy_file_that_is_not_an_array_is_a_one_line_user_error_but_a_bug_is_not_swallowed(tmp_path, monkeypatch):
     path = tmp_path / "images.npy"
     path.write_text("notes, not an array\n")
-    with pytest.raises(ConfigError, match=rf"^dataset\.path='{re.escape(str(path))}': could not read the \.npy file \("):
+    with pytest.raises(
+        ConfigError, match=rf"^dataset\.path='{re.escape(str(path))}': could not read the file as a \.npy array \("
+    ):
         images.load_npy_images(path)
     np.save(path, np.zeros((20, 20)))
     monkeypatch.setattr(np, "load", _broken)
