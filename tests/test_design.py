@@ -102,6 +102,13 @@ def test_the_matplotlib_check_can_fail():
     assert _matplotlib_imports(ast.parse("import matplotlib.pyplot as plt\nfrom matplotlib import cm\n"))
 
 
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_library_never_imports_the_reporting(path):
+    """``sparse_elbo/report/`` reads runs back and draws them; nothing outside it depends on it."""
+    if _component(path) != "report":
+        assert "report" not in _imported_components(ast.parse(path.read_text())), f"{path.name} imports sparse_elbo.report"
+
+
 def test_the_layer_check_can_fail():
     tree = ast.parse("def f():\n    from sparse_elbo.runner import run\n")
     assert LAYER[next(iter(_imported_components(tree)))] > LAYER["trainers"]

@@ -1,5 +1,5 @@
-"""Reading runs back and reporting them, apart from the library that trains them (nothing below
-``sparse_elbo.report`` imports it):
+"""Reading runs back and reporting them, apart from the library that trains them: the reporting imports the
+library, never the other way round (tests/test_design.py).
 
 - ``sweeps``: every ``results.h5`` under a directory, grouped by its stored config (the seed aside);
 - ``summarize``: ``python -m sparse_elbo.report.summarize DIR`` writes a sweep's tables;
