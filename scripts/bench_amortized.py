@@ -36,7 +36,6 @@ import torch
 
 import sparse_elbo
 from sparse_elbo.runner import build
-from sparse_elbo.runner.memory import retain_freed_memory
 from sparse_elbo.trainers.base import fit
 
 OBJECTIVES = {
@@ -219,7 +218,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides; default experiment=patches_amortized_small")
     args = parser.parse_args()
-    retain_freed_memory()  # as a run does (sparse_elbo/runner/memory.py)
+    sparse_elbo.retain_freed_memory()  # as the command line does (sparse_elbo/runner/memory.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = (

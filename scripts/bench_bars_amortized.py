@@ -65,4 +65,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sparse_elbo.retain_freed_memory()  # as the command line does (sparse_elbo/runner/memory.py)
     main()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import sparse_elbo
 from sparse_elbo.denoise import denoise_image, learn_from_image, psnr
 
 IMAGES = ("camera", "astronaut", "coffee", "chelsea")
@@ -187,4 +188,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sparse_elbo.retain_freed_memory()  # as the command line does (sparse_elbo/runner/memory.py)
     main()

@@ -28,7 +28,6 @@ from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.inference import kernels
 from sparse_elbo.inference.statistics import SufficientStatistics, data_blocks, total
 from sparse_elbo.runner.build import build
-from sparse_elbo.runner.memory import retain_freed_memory
 
 
 def synchronize() -> None:
@@ -111,7 +110,7 @@ def main() -> None:
     parser.add_argument("--skip-score", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    retain_freed_memory()  # as a run does (sparse_elbo/runner/memory.py)
+    sparse_elbo.retain_freed_memory()  # as the command line does (sparse_elbo/runner/memory.py)
     cfg = sparse_elbo.compose(
         [
             "experiment=patches_em_prior_annealing",  # no start to learn before the epoch

@@ -31,7 +31,6 @@ from sparse_elbo.inference.statistics import block_size
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.priors import LaplacePrior
 from sparse_elbo.runner.build import build
-from sparse_elbo.runner.memory import retain_freed_memory
 from sparse_elbo.trainers.em import EMTrainer
 
 
@@ -76,7 +75,7 @@ def main() -> None:
     parser.add_argument("--newton-iterations", type=int, default=15)
     parser.add_argument("--lbfgs-seconds", type=float, default=120.0)
     args = parser.parse_args()
-    retain_freed_memory()  # as a run does (sparse_elbo/runner/memory.py)
+    sparse_elbo.retain_freed_memory()  # as the command line does (sparse_elbo/runner/memory.py)
     cfg = sparse_elbo.compose(["experiment=patches_em", f"dataset.n_patches={args.n_patches}", f"device={args.device}"])
     problem = build(cfg).problem
     x = problem.x

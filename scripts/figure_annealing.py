@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sparse_elbo.plot_run import field_shape  # noqa: E402
+from sparse_elbo.report.plot_run import field_shape  # noqa: E402
 from sparse_elbo.results import read_results  # noqa: E402
 
 

@@ -61,13 +61,13 @@ for SWEEP in $SWEEPS; do
   T0=$(date +%s)
   python -m sparse_elbo.train "paper=$NAME" "${LAUNCH[@]}" "$@" || echo "!!! $NAME: some jobs failed (listed in $DIR/summary.md)"
   T1=$(date +%s)
-  python -m sparse_elbo.summarize "$DIR" > /dev/null || echo "!!! $NAME: summary failed"
-  python -m sparse_elbo.figures "$DIR" > /dev/null || echo "!!! $NAME: figures failed"
+  python -m sparse_elbo.report.summarize "$DIR" > /dev/null || echo "!!! $NAME: summary failed"
+  python -m sparse_elbo.report.figures "$DIR" > /dev/null || echo "!!! $NAME: figures failed"
   T2=$(date +%s)
   TIMES+=("$NAME|$((T1 - T0))|$((T2 - T1))")
   echo "=== $NAME: sweep $((T1 - T0)) s, summary and figures $((T2 - T1)) s"
 done
 END_ALL=$(date +%s)
 
-python -m sparse_elbo.report "$MODE" "$REPORT" "$((END_ALL - START_ALL))" "$JOBS" "$THREADS" "${TIMES[@]}"
+python -m sparse_elbo.report.reproduce "$MODE" "$REPORT" "$((END_ALL - START_ALL))" "$JOBS" "$THREADS" "${TIMES[@]}"
 cat "$REPORT"

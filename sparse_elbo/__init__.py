@@ -9,12 +9,24 @@ The path the command line takes, as functions::
 
 ``resume(path)`` continues an interrupted run from its checkpoint; ``load(path)`` gives the trained model
 (encode, reconstruct and score new data); ``score_dictionary(x, W)`` is ``max_q L_H`` of any dictionary on
-data; ``denoise_image(noisy)`` denoises a grey image.
+data; ``denoise_image(noisy)`` denoises a grey image. None of them changes a setting of the process;
+``retain_freed_memory()`` makes malloc keep freed memory for reuse, as the command line does
+(``sparse_elbo/runner/memory.py``): a script that trains may call it first.
 """
 
 from sparse_elbo.version import __version__
 
-__all__ = ["compose", "denoise_image", "load", "read_results", "resume", "run", "score_dictionary", "__version__"]
+__all__ = [
+    "compose",
+    "denoise_image",
+    "load",
+    "read_results",
+    "resume",
+    "retain_freed_memory",
+    "run",
+    "score_dictionary",
+    "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -40,6 +52,10 @@ def __getattr__(name: str):
         from sparse_elbo.inference.fit import score_dictionary
 
         return score_dictionary
+    if name == "retain_freed_memory":
+        from sparse_elbo.runner.memory import retain_freed_memory
+
+        return retain_freed_memory
     if name == "denoise_image":
         from sparse_elbo.denoise import denoise_image
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from sparse_elbo.errors import UserError
+from sparse_elbo.errors import ConfigError, ExistingFileError, MissingFileError, UserError
 
 USER_ERROR_STATUS = 2
 
@@ -68,13 +69,19 @@ def report_user_errors(main: Callable[[], object]) -> None:
     """Run a command-line ``main`` (a Hydra entry point or an argparse tool): user errors become one line on
     stderr and exit status 2 (module docstring). Errors inside a single run's task are reported there
     (``exit_on_user_error``), before Hydra prints its own line about the failed job."""
-    _SHOW_TRACEBACKS["value"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    _SHOW_TRACEBACKS["value"] = before == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing, so the error can be classified
     try:
         main()
     except Exception as error:
         exit_on_user_error(error)
         raise
+    finally:  # as the user set it: a tool called in-process leaves the environment as it was
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
 
 
 def settings_from_arguments(schema: type, arguments: list[str]):
@@ -82,8 +89,6 @@ def settings_from_arguments(schema: type, arguments: list[str]):
     the wrong type or a missing required one is a user error naming the key."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from sparse_elbo.errors import ConfigError
 
     bad = [argument for argument in arguments if "=" not in argument]
     if bad:
@@ -106,8 +111,34 @@ def run_tool(main: Callable[[list[str]], object], arguments: list[str] | None = 
     if any(argument in ("-h", "--help") for argument in arguments):
         print(sys.modules[main.__module__].__doc__)
         return
+    _SHOW_TRACEBACKS["value"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         main(arguments)
     except Exception as error:
         exit_on_user_error(error)
         raise
+
+
+def output_folder(path: str | Path, option: str = "--out") -> Path:
+    """The folder a tool's ``option`` names for its output: it must exist, checked before any work, so that a
+    mistyped path is neither created nor found out after the work is done."""
+    folder = Path(path)
+    if not folder.exists():
+        raise MissingFileError(f"{option} {str(folder)!r}: no such folder; create it first or choose another {option}")
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {str(folder)!r}: not a folder; {option} names the folder to write into")
+    return folder
+
+
+def output_file(path: str | Path, key: str = "out", suffixes: tuple[str, ...] | None = None) -> Path:
+    """The file a ``key=value`` tool's ``key`` names for its output: of one of ``suffixes`` (when given), new
+    (never overwritten) and in a folder that exists; checked before any work."""
+    file = Path(path)
+    named = f"{key}={str(file)!r}"
+    if suffixes is not None and file.suffix.lower() not in suffixes:
+        raise ConfigError(f"{named}: unsupported file type {file.suffix!r}; allowed: {list(suffixes)}")
+    if file.exists():
+        raise ExistingFileError(f"{named} already exists: choose another {key}=")
+    if not file.parent.is_dir():
+        raise MissingFileError(f"{named}: no such folder {str(file.parent)!r}; create it first or choose another {key}=")
+    return file

@@ -4,16 +4,62 @@ about how it was made. Data are validated here, before any compute.
 
 from __future__ import annotations
 
+import contextlib
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from sparse_elbo.errors import ConfigError, ConfigKeyError, MissingFileError
+from sparse_elbo.errors import ConfigError, ConfigKeyError, MissingFileError, UserError, reason
 from sparse_elbo.validation import require_one_of
 
 SOURCES = ("laplace", "bernoulli")
 FILE_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".mat")
+
+# What each reader raises for a file that is not what its name says, or that is cut short or damaged;
+# anything else is a bug and keeps its traceback.
+NUMPY_UNREADABLE = (ValueError, EOFError, OSError)  # numpy's format checks (a truncated .npy), or no access
+NPZ_UNREADABLE = (*NUMPY_UNREADABLE, zipfile.BadZipFile, zlib.error)  # a damaged zip archive
+HDF5_UNREADABLE = (OSError, RuntimeError)  # h5py: no HDF5 signature, a truncated file, damaged metadata
+# How a .npy file and a .npz archive (a zip file) start: without it numpy would speak of pickled data, or
+# hand back an array for a .npz.
+NPY_HEADER, ZIP_HEADER = b"\x93NUMPY", b"PK\x03\x04"
+
+
+def mat_unreadable() -> tuple[type[BaseException], ...]:
+    """What ``scipy.io.loadmat`` raises for a file that is not a MATLAB file, or is cut short or damaged
+    (IndexError: a foreign file shorter than MATLAB's 128-byte header, as of scipy 1.17)."""
+    from scipy.io.matlab import MatReadError
+
+    return (MatReadError, ValueError, OSError, EOFError, IndexError, zlib.error)
+
+
+@contextlib.contextmanager
+def reading(path: Path, argument: str, unreadable: tuple[type[BaseException], ...], what: str = "the file"):
+    """Reading a user's file: the library's ``unreadable`` exceptions become one-line user errors naming the
+    ``argument`` the user set; anything else (a bug) propagates."""
+    try:
+        yield
+    except UserError:
+        raise
+    except unreadable as error:
+        raise ConfigError(f"{argument}={str(path)!r}: could not read {what} ({reason(error)})") from error
+
+
+def require_header(path: str | Path, argument: str, header: bytes, what: str) -> None:
+    """A file of a format that starts with ``header`` (a .npy array, a zip archive) must start with it."""
+    with open(path, "rb") as handle:
+        if handle.read(len(header)) != header:
+            raise ConfigError(f"{argument}={str(path)!r}: could not read {what} (it does not start as one)")
+
+
+def load_npy(path: str | Path, argument: str) -> np.ndarray:
+    """The array in a user's .npy file; a file that is not one is a one-line user error naming ``argument``."""
+    with reading(path, argument, NUMPY_UNREADABLE, "the file as a .npy array"):
+        require_header(path, argument, NPY_HEADER, "the file as a .npy array")
+        return np.load(path, allow_pickle=False)
 
 
 @dataclass
@@ -100,62 +146,73 @@ def make_bars(
     )
 
 
-def _read_array(path: Path, key: str | None) -> np.ndarray:
+def _read_array(path: Path, key: str | None, argument: str, key_argument: str) -> np.ndarray:
+    import h5py
+
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        return load_npy(path, argument)
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            return _pick(dict(archive), key, path)
-    if suffix in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            names: list[str] = []
-            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-            chosen = _pick_name(names, key, path)
-            return f[chosen][()]
+        with reading(path, argument, NPZ_UNREADABLE, "the file as a .npz archive"):
+            require_header(path, argument, ZIP_HEADER, "the file as a .npz archive")
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = dict(archive)
+        return _pick(arrays, key, path, key_argument)
+    if suffix in (".h5", ".hdf5") or h5py.is_hdf5(path):  # a MATLAB v7.3 .mat file is HDF5
+        with reading(path, argument, HDF5_UNREADABLE, "the file as HDF5"):
+            with h5py.File(path, "r") as f:
+                names: list[str] = []
+                f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+                names = [name for name in names if not name.startswith("#")]  # MATLAB's #refs#, #subsystem#
+                array = f[_pick_name(names, key, path, key_argument)][()]
+        return array.T if suffix == ".mat" else array  # h5py sees MATLAB's arrays transposed
     import scipy.io
 
-    variables = {k: v for k, v in scipy.io.loadmat(path).items() if not k.startswith("__")}
-    return _pick(variables, key, path)
+    with reading(path, argument, mat_unreadable(), "the file as a MATLAB .mat file"):
+        variables = scipy.io.loadmat(path)
+    return _pick({k: v for k, v in variables.items() if not k.startswith("__")}, key, path, key_argument)
 
 
-def _pick_name(names: list[str], key: str | None, path: Path) -> str:
+def _pick_name(names: list[str], key: str | None, path: Path, key_argument: str = "dataset.key") -> str:
     if key is not None:
         if key not in names:
-            raise ConfigKeyError(f"dataset.key={key!r} not found in {path}; available keys: {sorted(names)}")
+            raise ConfigKeyError(f"{key_argument}={key!r} not found in {path}; available keys: {sorted(names)}")
         return key
     if len(names) != 1:
-        raise ConfigKeyError(f"{path} holds {len(names)} arrays {sorted(names)}: set dataset.key to one of them")
+        raise ConfigKeyError(f"{path} holds {len(names)} arrays {sorted(names)}: set {key_argument} to one of them")
     return names[0]
 
 
-def _pick(arrays: dict, key: str | None, path: Path) -> np.ndarray:
-    return np.asarray(arrays[_pick_name(list(arrays), key, path)])
+def _pick(arrays: dict, key: str | None, path: Path, key_argument: str = "dataset.key") -> np.ndarray:
+    return np.asarray(arrays[_pick_name(list(arrays), key, path, key_argument)])
 
 
 def load_file(path: str, key: str | None = None, max_data: int | None = None) -> Dataset:
-    """A user's ``(N, D)`` array from ``.npy``, ``.npz``, ``.h5``/``.hdf5`` (dataset name) or ``.mat`` (variable)."""
-    if path is None or str(path) == "":
-        raise ConfigError("dataset.path must name a data file (dataset=file)")
-    file = Path(str(path)).expanduser()
-    if file.suffix.lower() not in FILE_SUFFIXES:
-        raise ConfigError(f"dataset.path={str(path)!r}: unsupported file type {file.suffix!r}; allowed: {list(FILE_SUFFIXES)}")
-    if not file.is_file():
-        raise MissingFileError(f"dataset.path={str(path)!r}: no such file")
-    if file.stat().st_size == 0:
-        raise ConfigError(f"dataset.path={str(path)!r}: the file is empty")
-    try:
-        raw = _read_array(file, key)
-    except KeyError:
-        raise
-    except Exception as error:  # corrupt or unreadable container
-        raise ConfigError(f"dataset.path={str(path)!r}: could not read the file ({error})") from error
-    x = validate_data(raw, f"dataset.path={str(path)!r}")
+    """A user's ``(N, D)`` array (``dataset=file``) from ``.npy``, ``.npz``, ``.h5``/``.hdf5`` (dataset name) or
+    ``.mat`` (variable; MATLAB v7.3 files too)."""
+    x = read_data_file(path, key)
     if max_data is not None:
         x = x[: int(max_data)]
-    return Dataset(name="file", x=x, info={"path": str(file.resolve()), "key": key})
+    return Dataset(name="file", x=x, info={"path": str(Path(str(path)).expanduser().resolve()), "key": key})
+
+
+def read_data_file(
+    path: str, key: str | None = None, argument: str = "dataset.path", key_argument: str = "dataset.key"
+) -> np.ndarray:
+    """The validated ``(N, D)`` float64 array in a user's file (``load_file``). Every error is one line naming
+    ``argument`` / ``key_argument``, the settings the user wrote (``dataset.path`` / ``dataset.key`` in a run,
+    ``data`` / ``key`` for ``sparse_elbo.encode``)."""
+    if path is None or str(path) == "":
+        raise ConfigError(f"{argument} must name a data file")
+    named = f"{argument}={str(path)!r}"
+    file = Path(str(path)).expanduser()
+    if file.suffix.lower() not in FILE_SUFFIXES:
+        raise ConfigError(f"{named}: unsupported file type {file.suffix!r}; allowed: {list(FILE_SUFFIXES)}")
+    if not file.is_file():
+        raise MissingFileError(f"{named}: no such file")
+    if file.stat().st_size == 0:
+        raise ConfigError(f"{named}: the file is empty")
+    return validate_data(_read_array(file, key, argument, key_argument), named)
 
 
 def split_held_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:

@@ -14,9 +14,14 @@ Command line: ``python -m sparse_elbo.denoise image=PATH [results=PATH] [out=PAT
     image         a grey or colour image file (read as grey, scaled to [0, 1]) or a .npy array (required)
     results       a trained model's results.h5; none: learn one from the image's own patches (blind)
     refit_scales  with results=: learn σ², λ afresh from this image's patches (true) or keep the model's
-    out           the denoised image (.png or .npy; default: beside the image); never overwritten
+    out           the denoised image (.png, .tif, .bmp, .jpg or .npy; default: beside the image), in a folder
+                  that exists; never overwritten
     patch_size    p of the p×p patches (blind model);  stride: pixels between patches
     iterations    L-BFGS iterations per block when encoding;  seed: the blind model's run seed
+
+The output path, the image and the results file are checked before anything is learned or fitted; a wrong
+one (an image file that is not an image, a folder that does not exist, ...) is one line ``error: …`` naming
+the setting, and exit status 2.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from sparse_elbo.cli import run_tool, settings_from_arguments
+from sparse_elbo.cli import output_file, run_tool, settings_from_arguments
 from sparse_elbo.config import compose
-from sparse_elbo.errors import ConfigError, ExistingFileError, MissingFileError
-from sparse_elbo.runner import run
+from sparse_elbo.data import load_npy, reading
+from sparse_elbo.errors import ConfigError, MissingFileError
+from sparse_elbo.images import IMAGE_UNREADABLE, to_grey_float
+from sparse_elbo.runner import memory, run
 from sparse_elbo.runner.build import resolve_device
 from sparse_elbo.trained import TrainedModel
 
@@ -139,17 +146,25 @@ class DenoiseSettings:
     seed: int = 0
 
 
+OUT_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg", ".npy")
+
+
 def read_image(path: str) -> np.ndarray:
+    """The image ``image=`` names, as float64: a .npy array as stored; any other file read with
+    ``skimage.io.imread``, as grey in [0, 1]. A file that is not what its name says is a one-line user error."""
     file = Path(path)
     if not file.is_file():
         raise MissingFileError(f"image={path!r}: no such file")
     if file.suffix.lower() == ".npy":
-        return np.load(file, allow_pickle=False).astype(np.float64)
+        array = load_npy(path, "image")
+        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+            raise ConfigError(f"image={path!r}: expected a real numeric array, got dtype {array.dtype}")
+        return array.astype(np.float64)
     import skimage.io
 
-    from sparse_elbo.images import to_grey_float
-
-    return to_grey_float(skimage.io.imread(file), f"image={path!r}")
+    with reading(path, "image", IMAGE_UNREADABLE, "the file as an image"):
+        raw = skimage.io.imread(file)
+    return to_grey_float(raw, f"image={path!r}")
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
@@ -163,10 +178,11 @@ def write_image(path: Path, image: np.ndarray) -> None:
 
 def main(arguments: list[str]) -> None:
     settings = settings_from_arguments(DenoiseSettings, arguments)
-    out = Path(settings.out) if settings.out else Path(settings.image).with_suffix(".denoised.png")
-    if out.exists():
-        raise ExistingFileError(f"out={str(out)!r} already exists: choose another out=")
+    memory.retain_freed_memory()  # the command line's choice for its process (runner/memory.py)
+    if settings.out:
+        output_file(settings.out, "out", OUT_SUFFIXES)  # before the image is read
     noisy = read_image(settings.image)
+    out = output_file(settings.out or Path(settings.image).with_suffix(".denoised.png"), "out", OUT_SUFFIXES)
     model = TrainedModel.load(settings.results) if settings.results else None
     denoised = denoise_image(
         noisy,

@@ -6,10 +6,13 @@ beside the data as ``<data>.codes.h5`` or where ``out=`` says. Settings (``key=v
 
     results     the trained run's results.h5 (required)
     data        an (N, D) array file: .npy, .npz, .h5/.hdf5, .mat (required); key: the array's name in it
-    out         the output file (default: beside the data); an existing file is never overwritten
-    device      cpu | cuda;  dtype: float32 | float64
+    out         the output file (default: beside the data), in a folder that exists; never overwritten
+    device      cpu | cuda | auto (cuda when there is one);  dtype: float32 | float64
     batch_size  rows fitted at once (memory stays bounded);  iterations: L-BFGS iterations per block
     refine      amortised models: refine the encoder's q per row (true) or keep it (false)
+
+Every setting, the output path, the results file and the data are checked before anything is fitted; a
+wrong one is one line ``error: …`` naming it, and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import h5py
 import numpy as np
 import torch
 
-from sparse_elbo.cli import run_tool, settings_from_arguments
-from sparse_elbo.data import load_file
-from sparse_elbo.errors import ExistingFileError
+from sparse_elbo.cli import output_file, run_tool, settings_from_arguments
+from sparse_elbo.data import read_data_file
+from sparse_elbo.runner import memory
+from sparse_elbo.runner.build import resolve_device, resolve_dtype
 from sparse_elbo.trained import TrainedModel
-from sparse_elbo.validation import require_at_least, require_one_of
+from sparse_elbo.validation import require_at_least
 from sparse_elbo.version import __version__
 
 
@@ -42,21 +46,16 @@ class EncodeSettings:
     refine: bool = True
 
 
-def output_path(settings: EncodeSettings) -> Path:
-    out = Path(settings.out) if settings.out else Path(settings.data).with_suffix(".codes.h5")
-    if out.exists():
-        raise ExistingFileError(f"out={str(out)!r} already exists: choose another out=")
-    return out
-
-
 def encode_file(settings: EncodeSettings) -> Path:
-    """Fit and write the codes of ``settings.data`` (module docstring); returns the output path."""
-    require_one_of("device", settings.device, ("cpu", "cuda"))
-    require_one_of("dtype", settings.dtype, ("float32", "float64"))
+    """Fit and write the codes of ``settings.data`` (module docstring); returns the output path. Every
+    setting, the output path, the results file and the data are checked before anything is fitted."""
+    device, dtype = resolve_device(settings.device), resolve_dtype(settings.dtype)  # as sparse_elbo.train checks them
     require_at_least(1, batch_size=settings.batch_size, iterations=settings.iterations)
-    out = output_path(settings)
-    x = load_file(settings.data, settings.key).x
-    model = TrainedModel.load(settings.results, settings.device, getattr(torch, settings.dtype))
+    if settings.out:
+        output_file(settings.out, "out")
+    model = TrainedModel.load(settings.results, device, dtype)
+    x = read_data_file(settings.data, settings.key, argument="data", key_argument="key")
+    out = output_file(settings.out or Path(settings.data).with_suffix(".codes.h5"), "out")
     codes = model.encode(x, refine=settings.refine, iterations=settings.iterations, batch_size=settings.batch_size)
     with h5py.File(out, "w-") as f:
         f.attrs.update(
@@ -74,7 +73,9 @@ def encode_file(settings: EncodeSettings) -> Path:
 
 
 def main(arguments: list[str]) -> None:
-    out = encode_file(settings_from_arguments(EncodeSettings, arguments))
+    settings = settings_from_arguments(EncodeSettings, arguments)
+    memory.retain_freed_memory()  # the command line's choice for its process (runner/memory.py)
+    out = encode_file(settings)
     print(out)
 
 

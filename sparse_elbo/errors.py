@@ -45,9 +45,20 @@ class UnreadableFileError(UserError, OSError):
     """A file that exists but cannot be read: one a run is still writing, or a damaged one."""
 
 
+class MissingExtraError(UserError, ImportError):
+    """A tool whose optional dependencies are not installed: the message names the extra to install."""
+
+
 class InsufficientMemoryError(UserError, MemoryError):
     """A run whose arrays cannot fit in the memory of its device, found before allocating them."""
 
 
 class ExistingFileError(UserError, FileExistsError):
     """An output file that already exists: a run never overwrites another."""
+
+
+def reason(error: BaseException) -> str:
+    """The first line of a library's message (e.g. imageio's list of plugins that might read a file), for a
+    one-line user error that quotes why a file could not be read."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__

@@ -12,12 +12,13 @@ Every loader returns a list of 2-D float64 images (they may differ in size).
 from __future__ import annotations
 
 import functools
+import struct
 from pathlib import Path
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from sparse_elbo.data import Dataset, validate_data
+from sparse_elbo.data import HDF5_UNREADABLE, Dataset, load_npy, mat_unreadable, reading, validate_data
 from sparse_elbo.errors import ConfigError, ConfigKeyError, MissingFileError
 
 SOURCES = ("builtin", "mat", "npy", "folder", "vanhateren")
@@ -29,6 +30,11 @@ BUILTIN_IMAGES = ("camera", "astronaut", "coffee", "chelsea", "rocket", "motorcy
 
 # File types read by ``load_folder_images`` (through ``skimage.io.imread``).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".pgm", ".ppm", ".pnm", ".webp")
+# What ``skimage.io.imread`` (imageio, with Pillow and tifffile) raises for a file that is not an image of its
+# type, or is cut short: OSError (no plugin can read it, Pillow's UnidentifiedImageError, "image file is
+# truncated"), ValueError (tifffile's TiffFileError), struct.error (a file of a few bytes), and Pillow's
+# SyntaxError and EOFError for a broken file. Anything else is a bug.
+IMAGE_UNREADABLE = (OSError, ValueError, struct.error, SyntaxError, EOFError)
 
 # van Hateren & van der Schaaf (1998) natural images: 1536 wide × 1024 high, big-endian uint16.
 VANHATEREN_SHAPE = (1024, 1536)
@@ -179,19 +185,19 @@ def load_mat_images(path, key: str = "IMAGES", axis: int = -1) -> list[np.ndarra
         raise ConfigError(f"dataset.path={str(path)!r} is a folder; dataset.source=mat needs a .mat file")
     import h5py
 
-    try:
-        if h5py.is_hdf5(file):
+    if h5py.is_hdf5(file):
+        with reading(path, "dataset.path", HDF5_UNREADABLE, "the .mat file"):
             with h5py.File(file, "r") as f:
                 names = [n for n, obj in f.items() if isinstance(obj, h5py.Dataset) and not n.startswith("#")]
                 array = f[key][()].T if key in names else None  # h5py sees MATLAB arrays transposed
-        else:
-            import scipy.io
+    else:
+        import scipy.io
 
-            variables = {k: v for k, v in scipy.io.loadmat(file).items() if not k.startswith("__")}
-            names = list(variables)
-            array = variables.get(key)
-    except Exception as error:  # corrupt or not a .mat file
-        raise ConfigError(f"dataset.path={str(path)!r}: could not read the .mat file ({error})") from error
+        with reading(path, "dataset.path", mat_unreadable(), "the .mat file"):
+            variables = scipy.io.loadmat(file)
+        variables = {k: v for k, v in variables.items() if not k.startswith("__")}
+        names = list(variables)
+        array = variables.get(key)
     if key not in names:
         raise ConfigKeyError(f"dataset.key={key!r} not found in {file}; available keys: {sorted(names)}")
     array = np.asarray(array)
@@ -220,10 +226,8 @@ def load_folder_images(path, pattern: str = "*") -> list[np.ndarray]:
 
     images = []
     for file in _match_files(path, pattern, IMAGE_SUFFIXES, "image files"):
-        try:
+        with reading(file, "dataset.path", IMAGE_UNREADABLE, "the image"):
             raw = skimage.io.imread(file)
-        except Exception as error:
-            raise ConfigError(f"dataset.path: could not read image {file} ({error})") from error
         images.append(to_grey_float(raw, f"dataset.path: image {file}"))
     return images
 
@@ -314,10 +318,7 @@ def extract_patches(
 def load_npy_images(path, axis: int = -1) -> list[np.ndarray]:
     """Images from a ``.npy`` file: one 2-D image (R, C), or a 3-D stack with the images along ``axis``."""
     file = _require_path(path, "a .npy file")
-    try:
-        array = np.load(file, allow_pickle=False)
-    except Exception as error:  # not a .npy file
-        raise ConfigError(f"dataset.path={str(path)!r}: could not read the .npy file ({error})") from error
+    array = load_npy(file, "dataset.path")
     origin = f"dataset.path={str(path)!r}"
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array) or array.ndim not in (2, 3):
         raise ConfigError(

@@ -1,7 +1,8 @@
 """Command-line entry point: ``python -m sparse_elbo.train [overrides]`` (also ``sparse-elbo``; Hydra).
 
 Only assembles: composes the config, hands it to ``sparse_elbo.runner.run``, prints the summary and
-returns the final ELBO (so that a Hydra sweeper such as Optuna can maximise it). User errors print one
+returns the final ELBO (so that a Hydra sweeper such as Optuna can maximise it). It keeps freed memory in
+malloc's heap for reuse (``runner/memory.py``), which ``run`` itself leaves alone. User errors print one
 line and exit with status 2 (``sparse_elbo.cli``); a run stopped by SIGTERM or Ctrl-C prints one line
 naming its results file (marked ``interrupted``) and how to resume it, and exits with 128 + the signal.
 """
@@ -18,12 +19,15 @@ from omegaconf import DictConfig
 
 from sparse_elbo.cli import exit_on_user_error, report_user_errors
 from sparse_elbo.config import config_dir
-from sparse_elbo.runner import run
+from sparse_elbo.runner import memory, run
 from sparse_elbo.runner.checkpoint import RunInterrupted
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
+    # the command line's choice for its process (runner/memory.py), here rather than in main(): launchers
+    # (joblib, submitit) run this function in each job's own process
+    memory.retain_freed_memory()
     hydra_cfg = HydraConfig.get()
     try:
         summary = run(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))

@@ -21,3 +21,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_line_error(capsys, monkeypatch):
+    """Run a command-line tool in-process (``lambda: run_tool(main, arguments)`` or ``lambda:
+    report_user_errors(lambda: main(arguments))``): it must exit with status 2 and print exactly one line
+    ``error: …`` on stderr, which is returned."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # the user's setting would show tracebacks
+
+    def run(call) -> str:
+        capsys.readouterr()  # what earlier steps of the test printed
+        with pytest.raises(SystemExit) as exit_info:
+            call()
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert exit_info.value.code == 2, err
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        return lines[0]
+
+    return run

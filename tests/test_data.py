@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
 import scipy.io
 
-from sparse_elbo.data import bars_dictionary, load_file, make_bars
+from sparse_elbo.cli import user_error_message
+from sparse_elbo.data import bars_dictionary, load_file, make_bars, read_data_file
+from sparse_elbo.errors import ConfigError
 
 
 def test_bars_dictionary_has_g_vertical_and_g_horizontal_bars():
@@ -97,3 +101,62 @@ def test_unsupported_suffix_is_rejected(tmp_path):
     path.write_text("1,2\n")
     with pytest.raises(ValueError, match=r"unsupported file type '.csv'; allowed: \['.npy'"):
         load_file(str(path))
+
+
+# ------------------------------------------------------------------ files that are not what their name says
+
+
+def _cut_short(path, write):
+    write(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _h5(path):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.ones((500, 40)))
+
+
+FOREIGN = {  # per reader: a file that is not what its suffix says, and one cut short (as by a full disk)
+    ".npy": [lambda p: p.write_text("notes\n" * 20), lambda p: _cut_short(p, lambda q: np.save(q, np.ones((50, 40))))],
+    ".npz": [lambda p: p.write_text("notes\n"), lambda p: _cut_short(p, lambda q: np.savez(q, x=np.ones((50, 40))))],
+    ".h5": [lambda p: p.write_text("notes\n"), lambda p: _cut_short(p, _h5)],
+    ".mat": [
+        lambda p: p.write_text("notes\n" * 20),
+        lambda p: _cut_short(p, lambda q: scipy.io.savemat(q, {"x": np.ones((50, 40))})),
+    ],
+}
+READERS = {".npy": (np, "load"), ".npz": (np, "load"), ".h5": (h5py, "File"), ".mat": (scipy.io, "loadmat")}
+
+
+@pytest.mark.parametrize("suffix,kind", [(s, k) for s in FOREIGN for k in (0, 1)], ids=lambda v: str(v))
+def test_a_file_that_is_not_what_its_suffix_says_is_a_one_line_user_error_naming_the_setting(tmp_path, suffix, kind):
+    path = tmp_path / f"x{suffix}"
+    FOREIGN[suffix][kind](path)
+    with pytest.raises(ConfigError, match=rf"^dataset\.path='{re.escape(str(path))}': could not read the file as ") as caught:
+        load_file(str(path))
+    assert user_error_message(caught.value) == str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(ConfigError, match=rf"^data='{re.escape(str(path))}': could not read"):  # as sparse_elbo.encode names it
+        read_data_file(str(path), argument="data", key_argument="key")
+
+
+@pytest.mark.parametrize("suffix", list(READERS))
+def test_a_bug_while_reading_a_data_file_is_not_turned_into_a_user_error(tmp_path, monkeypatch, suffix):
+    path = tmp_path / f"x{suffix}"
+    FOREIGN[suffix][1](path)  # a file the reader would refuse
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug in the reader")
+
+    module, name = READERS[suffix]
+    monkeypatch.setattr(module, name, broken)
+    with pytest.raises(ZeroDivisionError, match="a bug in the reader"):
+        load_file(str(path))
+
+
+def test_a_matlab_v73_file_is_read_in_matlab_axis_order(tmp_path, array):
+    path = tmp_path / "x.mat"
+    with h5py.File(path, "w") as f:
+        f["patches"] = array.T  # what MATLAB's -v7.3 writes: column-major, seen transposed by HDF5
+        f.create_group("#refs#").create_dataset("a", data=np.ones(2))  # MATLAB's bookkeeping is not a variable
+    np.testing.assert_array_equal(load_file(str(path)).x, array)

@@ -20,7 +20,8 @@ from sparse_elbo.trainers.base import KINDS, OBJECTIVES, Capabilities, Trainer
 
 PACKAGE = Path(sparse_elbo.__file__).resolve().parent
 # closed forms -> distributions -> model -> objectives -> problem -> inference -> trainers -> evaluation ->
-# runner and trained models -> the API and tools. A module imports only from its own layer or the layers before it.
+# runner and trained models -> the API, the tools and the reporting (report/). A module imports only from its
+# own layer or the layers before it.
 LAYERS = [
     {"version", "errors", "validation", "config", "closed_forms", "annealing", "data", "images", "results", "metrics"},
     {"gaussians", "priors"},
@@ -31,7 +32,7 @@ LAYERS = [
     {"trainers", "initialisation"},
     {"evaluation", "held_out", "gradients"},
     {"runner", "trained"},
-    {"__init__", "cli", "train", "sweeps", "summarize", "figures", "plot_run", "report", "encode", "denoise"},
+    {"__init__", "cli", "train", "encode", "denoise", "report"},
 ]
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}
 
@@ -70,6 +71,42 @@ def test_layers_import_one_way(path):
         assert LAYER[imported] <= LAYER[importer], (
             f"{importer} (layer {LAYER[importer]}) imports {imported} (layer {LAYER[imported]})"
         )
+
+
+def _matplotlib_imports(tree: ast.AST) -> list[ast.AST]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        found += [node for name in names if name.split(".")[0] == "matplotlib"]
+    return found
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_the_figure_tools_import_matplotlib_and_only_when_drawing(path):
+    """matplotlib is an optional extra (``figures``): the library, and the reporting's modules themselves,
+    import without it; only report/plot_run.py and report/figures.py use it, inside functions."""
+    tree = ast.parse(path.read_text())
+    imports = _matplotlib_imports(tree)
+    if path.relative_to(PACKAGE).as_posix() not in ("report/plot_run.py", "report/figures.py"):
+        assert not imports, f"{path.name} imports matplotlib"
+    in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)}
+    assert all(id(node) in in_functions for node in imports), f"{path.name} imports matplotlib when it is imported"
+
+
+def test_the_matplotlib_check_can_fail():
+    assert _matplotlib_imports(ast.parse("import matplotlib.pyplot as plt\nfrom matplotlib import cm\n"))
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_library_never_imports_the_reporting(path):
+    """``sparse_elbo/report/`` reads runs back and draws them; nothing outside it depends on it."""
+    if _component(path) != "report":
+        assert "report" not in _imported_components(ast.parse(path.read_text())), f"{path.name} imports sparse_elbo.report"
 
 
 def test_the_layer_check_can_fail():
@@ -247,7 +284,7 @@ def test_the_defaults_check_can_fail():
 def test_a_results_file_written_before_the_redesign_can_still_be_read():
     """tests/data/results_v0.1.h5: a 3x3 bars run of version 0.1 (commit cebe455), read with today's reader
     and summarised with today's tools."""
-    from sparse_elbo.sweeps import load_runs, run_quantities
+    from sparse_elbo.report.sweeps import load_runs, run_quantities
 
     path = Path(__file__).parent / "data" / "results_v0.1.h5"
     results = sparse_elbo.read_results(path)

@@ -4,6 +4,7 @@ the builtin (offline) images, the .mat / folder / van Hateren loaders, and clear
 from __future__ import annotations
 
 import inspect
+import re
 import socket
 
 import h5py
@@ -15,7 +16,9 @@ from hydra.utils import instantiate
 
 import sparse_elbo
 from sparse_elbo import images
+from sparse_elbo.cli import user_error_message
 from sparse_elbo.data import Dataset
+from sparse_elbo.errors import ConfigError
 from sparse_elbo.images import (
     BUILTIN_IMAGES,
     builtin_images,
@@ -370,3 +373,57 @@ def test_config_lists_every_argument_with_the_function_defaults():
     data = instantiate(cfg.dataset)
     assert data.x.shape == (64, 16) and cfg.dataset.seed == 3
     np.testing.assert_array_equal(data.x, make_image_patches(patch_size=4, n_patches=64, seed=3).x)
+
+
+# ------------------------------------------------------------------ files that are not what their name says
+
+
+def _broken(*args, **kwargs):
+    raise ZeroDivisionError("a bug in the reader")
+
+
+def test_a_mat_file_that_is_not_one_is_a_one_line_user_error_but_a_bug_is_not_swallowed(tmp_path, cube, monkeypatch):
+    text = tmp_path / "notes.mat"
+    text.write_text("notes, not a MATLAB file\n" * 20)
+    cut = tmp_path / "IMAGES73.mat"
+    with h5py.File(cut, "w") as f:  # a v7.3 (HDF5) file cut short, as by a full disk
+        f["IMAGES"] = np.random.default_rng(0).random((3, 256, 256))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    for path in (text, cut):
+        with pytest.raises(
+            ConfigError, match=rf"^dataset\.path='{re.escape(str(path))}': could not read the \.mat file \("
+        ) as caught:
+            load_mat_images(path)
+        assert user_error_message(caught.value) == str(caught.value) and "\n" not in str(caught.value)
+    scipy.io.savemat(tmp_path / "IMAGES.mat", {"IMAGES": cube})
+    monkeypatch.setattr(scipy.io, "loadmat", _broken)
+    with pytest.raises(ZeroDivisionError, match="a bug in the reader"):
+        load_mat_images(tmp_path / "IMAGES.mat")
+
+
+@pytest.mark.filterwarnings("ignore:The legacy `DICOM` plugin:DeprecationWarning")  # imageio trying its plugins
+def test_an_image_file_that_is_not_an_image_is_a_one_line_user_error_but_a_bug_is_not_swallowed(tmp_path, monkeypatch):
+    skimage.io.imsave(tmp_path / "a.png", np.zeros((20, 20), dtype=np.uint8), check_contrast=False)
+    for name, content in (("notes.png", b"notes, not an image\n"), ("tiny.png", b"x"), ("notes.tif", b"notes")):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).write_bytes(content)
+        with pytest.raises(ConfigError, match=rf"^dataset\.path='.*{re.escape(name)}': could not read the image \(") as caught:
+            load_folder_images(folder)
+        assert user_error_message(caught.value) == str(caught.value) and "\n" not in str(caught.value)
+    monkeypatch.setattr(skimage.io, "imread", _broken)
+    with pytest.raises(ZeroDivisionError, match="a bug in the reader"):
+        load_folder_images(tmp_path / "a.png")
+
+
+def test_a_npy_file_that_is_not_an_array_is_a_one_line_user_error_but_a_bug_is_not_swallowed(tmp_path, monkeypatch):
+    path = tmp_path / "images.npy"
+    path.write_text("notes, not an array\n")
+    with pytest.raises(
+        ConfigError, match=rf"^dataset\.path='{re.escape(str(path))}': could not read the file as a \.npy array \("
+    ):
+        images.load_npy_images(path)
+    np.save(path, np.zeros((20, 20)))
+    monkeypatch.setattr(np, "load", _broken)
+    with pytest.raises(ZeroDivisionError, match="a bug in the reader"):
+        images.load_npy_images(path)

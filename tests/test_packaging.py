@@ -76,7 +76,7 @@ def test_the_installed_default_and_an_experiment_run_from_outside_the_checkout(i
     )
     assert experiment.returncode == 0, experiment.stderr
     assert "final ELBO" in experiment.stdout
-    for tool, args in (("summarize", [work]), ("plot_run", [work / "patches" / "results.h5"])):
+    for tool, args in (("report.summarize", [work]), ("report.plot_run", [work / "patches" / "results.h5"])):
         out = _run([environment / "bin" / "python", "-m", f"sparse_elbo.{tool}", *args], work)
         assert out.returncode == 0, (tool, out.stderr)
     assert (work / "summary.md").is_file() and (work / "patches" / "dictionary.png").stat().st_size > 1000

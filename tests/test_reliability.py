@@ -3,11 +3,13 @@ bitwise determinism, the numerical guard, and finite closed forms at extreme inp
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import h5py
@@ -295,7 +297,8 @@ def test_objectives_stay_finite_with_finite_gradients_for_extreme_inputs(log_sig
 
 _PAGE_FAULTS = """
 import resource, sys, torch
-from sparse_elbo.runner.memory import retain_freed_memory
+import sparse_elbo
+from sparse_elbo.train import main
 
 def faults(n=6):
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -305,25 +308,80 @@ def faults(n=6):
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
 
 before = faults()
-changed = retain_freed_memory()
+sys.argv = ["sparse-elbo", *sys.argv[1:]]
+main()  # a run from the command line: python -m sparse_elbo.train OVERRIDES
 faults(20)  # the heap grows to its working size
-print(changed, before, faults())
+after = faults()
+print(sparse_elbo.retain_freed_memory(), before, after)  # whether malloc takes the settings (not where the user set their own)
 """
+TINY_RUN = ["trainer=lbfgs", "dataset.grid=3", "dataset.n_data=30", "trainer.max_epochs=1", "evaluation.ground_truth=false"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.parametrize("user_setting", [None, "MALLOC_TOP_PAD_"])
-def test_a_run_keeps_freed_arrays_for_reuse_unless_the_user_tuned_malloc(user_setting):
-    """``retain_freed_memory`` (called by every run): freed 64 MiB arrays are reused instead of being faulted
-    in again page by page (16,384 pages each of six times before); with a user's own malloc setting nothing
-    changes."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+def test_a_command_line_run_keeps_freed_arrays_for_reuse_unless_the_user_tuned_malloc(tmp_path, user_setting):
+    """``retain_freed_memory``, called by the command line (not by ``sparse_elbo.run``): after a run from
+    ``sparse_elbo.train``'s entry point, freed 64 MiB arrays are reused instead of being faulted in again page
+    by page (16,384 pages each of six times before); with a user's own malloc setting nothing changes."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "HYDRA_FULL_ERROR"}
     if user_setting is not None:
         env[user_setting] = str(1 << 20)
-    out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], env=env, capture_output=True, text=True, check=True).stdout
-    changed, before, after = out.split()
+    arguments = [*TINY_RUN, f"hydra.run.dir={tmp_path / 'run'}"]
+    out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, *arguments], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert read_results(tmp_path / "run" / "results.h5").status == "finished"
+    changed, before, after = out.stdout.splitlines()[-1].split()
     assert int(before) >= 6 * 16384 * 0.9  # every allocation faulted in afresh
     if user_setting is None:
         assert changed == "True" and int(after) < 16384  # not one array's pages afresh
     else:
         assert changed == "False" and int(after) >= 6 * 16384 * 0.9
+
+
+@pytest.fixture
+def mallopt_calls(monkeypatch):
+    """Every ``mallopt`` call made through ``runner/memory.py``, recorded instead of made."""
+    from sparse_elbo.runner import memory
+
+    for name in memory.USER_TUNABLES:
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+
+    def mallopt(parameter, value):
+        calls.append((parameter, value))
+        return 1
+
+    monkeypatch.setattr(
+        memory, "ctypes", types.SimpleNamespace(CDLL=lambda name: types.SimpleNamespace(mallopt=mallopt), c_int=ctypes.c_int)
+    )
+    return calls
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_run_and_resume_leave_malloc_and_the_signal_handlers_as_they_found_them(tmp_path, monkeypatch, mallopt_calls):
+    """``sparse_elbo.run`` and ``resume`` are library calls: a setting of the whole process (malloc's) is the
+    caller's to make, and the SIGTERM handler of a run is the caller's again afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            sparse_elbo.run(sparse_elbo.compose([*LBFGS_SMALL, "trainer.max_epochs=3"]), tmp_path / "run", progress=False)
+    summary = sparse_elbo.resume(tmp_path / "run" / "results.h5", progress=False)
+    assert read_results(summary.results_path).status == "finished"
+    assert mallopt_calls == [] and signal.getsignal(signal.SIGTERM) is handler
+    assert sparse_elbo.retain_freed_memory() is True and len(mallopt_calls) == 3  # what a script asks for, recorded
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("tool", ["encode", "denoise"])
+def test_the_encode_and_denoise_commands_keep_freed_memory_for_reuse(tool, tmp_path, mallopt_calls):
+    """The tools' mains tune malloc for their process, as ``sparse_elbo.train`` does, before their work."""
+    import importlib
+
+    from sparse_elbo.cli import run_tool
+
+    module = importlib.import_module(f"sparse_elbo.{tool}")
+    arguments = {"encode": ["results=r.h5", "data=x.npy"], "denoise": ["image=x.npy"]}[tool]
+    with pytest.raises(SystemExit):  # the files do not exist: one line, after malloc was tuned
+        run_tool(module.main, [*arguments, f"out={tmp_path / 'nowhere' / 'out.npy'}"])
+    assert len(mallopt_calls) == 3

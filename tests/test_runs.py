@@ -330,10 +330,10 @@ def test_an_existing_results_file_is_a_user_error_and_is_left_alone(tmp_path):
     [
         ("train", ["resume={junk}"], "not a results file (not HDF5)"),
         ("train", ["resume={missing}"], "no such results file"),
-        ("plot_run", ["{junk}"], "not a results file (not HDF5)"),
-        ("plot_run", ["{missing}"], "no such results file"),
+        ("report.plot_run", ["{junk}"], "not a results file (not HDF5)"),
+        ("report.plot_run", ["{missing}"], "no such results file"),
         ("encode", ["results={junk}", "data={data}"], "not a results file (not HDF5)"),
-        ("plot_run", ["{truncated}"], "could not read the results file"),
+        ("report.plot_run", ["{truncated}"], "could not read the results file"),
     ],
 )
 def test_a_file_that_is_not_a_results_file_is_a_one_line_user_error(tmp_path, tool, arguments, message):

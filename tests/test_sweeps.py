@@ -1,4 +1,4 @@
-"""Sweeps: paper sweep configs, a multirun with a failing job read back by ``python -m sparse_elbo.summarize``,
+"""Sweeps: paper sweep configs, a multirun with a failing job read back by ``python -m sparse_elbo.report.summarize``,
 figures from a sweep, and the joblib, submitit_local and Optuna plugins driving sparse_elbo.train."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from hydra.utils import instantiate
 
 import sparse_elbo
 from sparse_elbo.config import config_dir
+from sparse_elbo.report.sweeps import group_runs, load_runs
 from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
-from sparse_elbo.sweeps import group_runs, load_runs
 
 CONFIGS = config_dir()
 PAPER = sorted(p.stem for p in (CONFIGS / "paper").glob("*.yaml"))
@@ -113,7 +113,7 @@ def test_summary_has_one_row_per_configuration_with_counts_and_lists_failures(sw
     root, _ = sweep
     (root / "sweep" / "junk").mkdir()
     (root / "sweep" / "junk" / "results.h5").write_bytes(b"not an HDF5 file")  # reported, not a crash
-    out = _tool("summarize", root / "sweep", cwd=root)
+    out = _tool("report.summarize", root / "sweep", cwd=root)
     assert out.returncode == 0, out.stderr
     with open(root / "sweep" / "summary.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -160,7 +160,8 @@ def test_figures_are_written_from_a_sweep(sweep, tmp_path):
         ]
     )
     run(cfg, directory / "patches", progress=False)
-    out = _tool("figures", directory, "--out", tmp_path / "figures", cwd=tmp_path)
+    (tmp_path / "figures").mkdir()  # --out names an existing folder
+    out = _tool("report.figures", directory, "--out", tmp_path / "figures", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for name in ("bars_fields", "recovery", "elbo", "entropies", "gini", "annealing", "dictionary_0"):
         for suffix in ("png", "pdf"):
@@ -173,7 +174,7 @@ def test_one_results_file_is_summarised_beside_it(sweep, tmp_path):
     copy = tmp_path / "one" / "results.h5"
     copy.parent.mkdir()
     shutil.copy(finished, copy)
-    out = _tool("summarize", copy, cwd=tmp_path)
+    out = _tool("report.summarize", copy, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     with open(tmp_path / "one" / "runs.csv") as handle:
         (row,) = csv.DictReader(handle)
@@ -245,7 +246,7 @@ def test_reproduce_table_reports_each_sweeps_headline_and_time(sweep):
     paper.mkdir(parents=True, exist_ok=True)
     if not (paper / "bars_recovery_quick").exists():
         (paper / "bars_recovery_quick").symlink_to(root / "sweep")
-    out = _tool("report", "quick", "report.md", 42, 2, 1, "bars_recovery_quick|40|2", cwd=root)
+    out = _tool("report.reproduce", "quick", "report.md", 42, 2, 1, "bars_recovery_quick|40|2", cwd=root)
     assert out.returncode == 0, out.stderr
     report = (root / "report.md").read_text()
     row = next(line for line in report.splitlines() if "paper=bars_recovery_quick" in line)

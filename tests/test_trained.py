@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import sparse_elbo
+from sparse_elbo import denoise, encode
+from sparse_elbo.cli import run_tool
 from sparse_elbo.denoise import average_patches, denoise_image, image_patches, psnr
 from sparse_elbo.model import SparseCodingModel
 from sparse_elbo.posteriors import DiagonalPosterior
@@ -261,3 +263,81 @@ def test_denoising_rejects_a_model_of_another_patch_size(trained):
         denoise_image(np.zeros((20, 20)), sparse_elbo.load(path), patch_size=5)
     with pytest.raises(ValueError, match="image holds NaN/Inf values"):
         denoise_image(np.full((20, 20), np.nan), sparse_elbo.load(path))
+
+
+# ---------------------------------------------------------------------------- the tools' user errors, in-process
+
+
+def test_encode_checks_the_device_as_train_does(trained, tmp_path, monkeypatch, one_line_error):
+    path, x = trained
+    np.save(tmp_path / "new.npy", x[:5])
+    given = [f"results={path}", f"data={tmp_path / 'new.npy'}"]
+    line = one_line_error(lambda: run_tool(encode.main, [*given, "device=tpu"]))
+    assert line == "error: device must be one of ['cpu', 'cuda', 'auto'], got 'tpu'"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
+    line = one_line_error(lambda: run_tool(encode.main, [*given, "device=cuda"]))
+    assert line == "error: device=cuda but no CUDA device is available; use device=cpu or device=auto"
+    run_tool(encode.main, [*given, "device=auto", f"out={tmp_path / 'auto.h5'}"])  # auto: the CPU here
+    with h5py.File(tmp_path / "auto.h5", "r") as f:
+        assert f["codes/mean"].shape == (5, 6)
+
+
+def test_encode_refuses_a_missing_output_folder_and_files_that_are_not_arrays_before_any_fit(
+    trained, tmp_path, monkeypatch, one_line_error
+):
+    path, x = trained
+    np.save(tmp_path / "new.npy", x[:5])
+    fits = []
+    monkeypatch.setattr(TrainedModel, "encode", lambda self, *args, **kwargs: fits.append(args))
+    out = tmp_path / "nowhere" / "codes.h5"
+    line = one_line_error(lambda: run_tool(encode.main, [f"results={path}", f"data={tmp_path / 'new.npy'}", f"out={out}"]))
+    assert line == f"error: out={str(out)!r}: no such folder {str(out.parent)!r}; create it first or choose another out="
+    notes = tmp_path / "notes.npy"
+    notes.write_text("notes, not an array\n")
+    line = one_line_error(lambda: run_tool(encode.main, [f"results={path}", f"data={notes}"]))
+    assert line.startswith(f"error: data={str(notes)!r}: could not read the file as a .npy array (")
+    np.savez(tmp_path / "two.npz", a=x[:5], b=x[:5])
+    line = one_line_error(lambda: run_tool(encode.main, [f"results={path}", f"data={tmp_path / 'two.npz'}", "key=c"]))
+    assert line == f"error: key='c' not found in {tmp_path / 'two.npz'}; available keys: ['a', 'b']"
+    junk = tmp_path / "results.h5"
+    junk.write_text("not HDF5")
+    line = one_line_error(lambda: run_tool(encode.main, [f"results={junk}", f"data={tmp_path / 'new.npy'}"]))
+    assert line == f"error: {str(junk)!r}: not a results file (not HDF5)"
+    assert (
+        fits == []
+        and not out.parent.exists()
+        and sorted(p.name for p in tmp_path.iterdir())
+        == [
+            "new.npy",
+            "notes.npy",
+            "results.h5",
+            "two.npz",
+        ]
+    )
+
+
+@pytest.mark.filterwarnings("ignore:The legacy `DICOM` plugin:DeprecationWarning")  # imageio trying its plugins
+def test_denoise_refuses_what_is_not_an_image_and_a_missing_output_folder_before_learning(tmp_path, monkeypatch, one_line_error):
+    learned = []
+    monkeypatch.setattr(denoise, "denoise_image", lambda *args, **kwargs: learned.append(args))
+    notes = tmp_path / "notes.png"
+    notes.write_text("notes, not an image\n")
+    line = one_line_error(lambda: run_tool(denoise.main, [f"image={notes}"]))
+    assert line.startswith(f"error: image={str(notes)!r}: could not read the file as an image (")
+    (tmp_path / "notes.npy").write_text("notes, not an array\n")
+    line = one_line_error(lambda: run_tool(denoise.main, [f"image={tmp_path / 'notes.npy'}"]))
+    assert line.startswith(f"error: image={str(tmp_path / 'notes.npy')!r}: could not read the file as a .npy array (")
+    image = tmp_path / "noisy.npy"
+    np.save(image, _synthetic_image())
+    out = tmp_path / "nowhere" / "clean.png"
+    line = one_line_error(lambda: run_tool(denoise.main, [f"image={image}", f"out={out}"]))
+    assert line == f"error: out={str(out)!r}: no such folder {str(out.parent)!r}; create it first or choose another out="
+    line = one_line_error(lambda: run_tool(denoise.main, [f"image={image}", f"out={tmp_path / 'clean.txt'}"]))
+    assert (
+        line == f"error: out={str(tmp_path / 'clean.txt')!r}: unsupported file type '.txt'; allowed: {list(denoise.OUT_SUFFIXES)}"
+    )
+    junk = tmp_path / "results.h5"
+    junk.write_text("not HDF5")
+    line = one_line_error(lambda: run_tool(denoise.main, [f"image={image}", f"results={junk}"]))
+    assert line == f"error: {str(junk)!r}: not a results file (not HDF5)"
+    assert learned == [] and not out.parent.exists()

@@ -6,9 +6,11 @@ times a second — an E-step evaluation's temporaries, a minibatch step's activa
 every page of them is faulted in and zero-filled by the kernel again and again (system time and page faults
 measured in docs/benchmarks.md, "Freed memory"). ``retain_freed_memory`` asks malloc (``mallopt``) to serve
 arrays up to 1 GiB from its heap and never to trim it, so that freed arrays are reused. The computations are
-unchanged; the process keeps its peak heap until it exits. Called by ``runner.run`` and ``runner.resume`` (so
-by every command-line run) and by the benchmark scripts; a no-op where glibc's ``mallopt`` is missing or where
-the user tuned malloc through glibc's own environment variables.
+unchanged; the process keeps its peak heap until it exits. A setting of the whole process, so the library
+never makes it: ``sparse_elbo.run`` and ``resume`` leave malloc as they find it. The command-line entry
+points call it (``sparse_elbo.train``, in each job's process, and the ``encode`` and ``denoise`` tools), and
+scripts that want it call ``sparse_elbo.retain_freed_memory()`` (the benchmark scripts do). A no-op where
+glibc's ``mallopt`` is missing or where the user tuned malloc through glibc's own environment variables.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """One run, start to end: build, train with the shared epoch loop, evaluate, write ``results.h5``; or
 resume a run from its checkpoint. Every exit leaves the results file readable and marked
-``finished``, ``failed`` or ``interrupted``. A run also sets what belongs to its process: handlers for
-SIGTERM and SIGINT while it trains, and malloc keeping freed memory for reuse (``memory.py``)."""
+``finished``, ``failed`` or ``interrupted``. A run changes no process-wide setting for good: its SIGTERM
+handler is in place only while it trains (the caller's is put back). Tuning malloc to keep freed memory
+for reuse (``memory.py``) is the process's owner's choice: the command line makes it
+(``sparse_elbo.train``, ``encode``, ``denoise``), a script calls ``sparse_elbo.retain_freed_memory()``."""
 
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from sparse_elbo.results import ResultsWriter, read_results, require_new_results
 from sparse_elbo.runner.build import Components, build, results_path
 from sparse_elbo.runner.checkpoint import Checkpointer, RunInterrupted, SignalGuard, read_checkpoint_state, restore
 from sparse_elbo.runner.final import RunSummary, final_evaluation
-from sparse_elbo.runner.memory import retain_freed_memory
 from sparse_elbo.runner.record import EpochRecorder
 from sparse_elbo.trainers.base import fit
 from sparse_elbo.version import __version__
@@ -41,7 +42,6 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     continue the run stored in ``PATH`` from its last checkpoint, in the same file; return the summary."""
     if cfg.get("resume"):
         return resume(cfg.resume, progress=progress)
-    retain_freed_memory()
     path = results_path(output_dir)
     require_new_results_file(path)
     components = build(cfg)
@@ -71,7 +71,6 @@ def resume(path: str | Path, progress: bool | None = None) -> RunSummary:
         raise MissingFileError(f"resume={str(path)!r}: no such results file")
     cfg = OmegaConf.create(read_results(path).config)
     state = read_checkpoint_state(path)
-    retain_freed_memory()
     components = build(cfg)
     saved = restore(state, components.problem)
     writer = ResultsWriter(path, resume=True)

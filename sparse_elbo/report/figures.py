@@ -1,6 +1,6 @@
 """Redraw the paper's figures from a sweep directory. Reads only results files (every ``results.h5``
 under DIR, via ``sparse_elbo.results.read_results``) and groups runs by their stored config, the seed
-aside (``sparse_elbo.sweeps``); writes PNG and PDF to DIR/figures (or --out). Which figures are drawn
+aside (``sparse_elbo.report.sweeps``); writes PNG and PDF to DIR/figures (or --out). Which figures are drawn
 depends on what the sweep holds:
 
 - bars (runs with a generating dictionary): ``bars_fields`` (data examples, the generating bars, and
@@ -10,34 +10,37 @@ depends on what the sweep holds:
   run, the configuration's mean in bold), ``gini`` (Gini of |z| per epoch), and ``entropies`` (the
   three entropies of the entropy ELBO per epoch) where runs used the entropy objective;
 - image patches: ``dictionary_<k>`` (each configuration's fields ordered by λ, largest first, from
-  ``sparse_elbo.plot_run``) and ``annealing`` (ELBO, Gini and median localisation per epoch with
+  ``sparse_elbo.report.plot_run``) and ``annealing`` (ELBO, Gini and median localisation per epoch with
   annealed epochs shaded, and every field's final localisation per configuration).
 
-    python -m sparse_elbo.figures outputs/paper/bars_recovery [--out DIR]
+    python -m sparse_elbo.report.figures outputs/paper/bars_recovery [--out DIR]
+
+A DIR that does not exist, holds no results file or none that can be read, one file that is not a results
+file, and an --out folder that does not exist are one-line errors (exit status 2).
+
+Needs matplotlib, the optional extra ``figures``: ``pip install "sparse_elbo[figures]"``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import math
-import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from sparse_elbo.cli import output_folder, report_user_errors
+from sparse_elbo.errors import UnreadableFileError
+from sparse_elbo.report.plot_run import field_shape, plot_dictionary, pyplot  # one run's dictionary ordered by λ
+from sparse_elbo.report.sweeps import Group, group_runs, load_sweep, relative, sweep_path
 
-from sparse_elbo.cli import report_user_errors  # noqa: E402
-from sparse_elbo.plot_run import field_shape, plot_dictionary  # noqa: E402  (one run's dictionary ordered by λ)
-from sparse_elbo.sweeps import Group, group_runs, load_runs  # noqa: E402
-
-plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7, "figure.dpi": 100})
+STYLE = {"font.size": 9, "axes.titlesize": 10, "legend.fontsize": 7, "figure.dpi": 100}  # while drawing
 
 
 def colour(k: int):
-    return plt.get_cmap("tab10")(k % 10)
+    return pyplot().get_cmap("tab10")(k % 10)
 
 
 def best_run(group: Group):
@@ -57,7 +60,7 @@ def is_patches(group: Group) -> bool:
 def save(fig, out: Path, name: str, written: list[Path]) -> None:
     for suffix in ("png", "pdf"):
         fig.savefig(out / f"{name}.{suffix}", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     written.append(out / f"{name}.png")
 
 
@@ -70,13 +73,20 @@ def show_field(ax, field, title: str = "") -> None:
 
 
 def bars_examples(results, n: int) -> np.ndarray | None:
-    """A few data points, regenerated from the stored dataset config (bars are seeded and cheap)."""
-    try:
-        from hydra.utils import instantiate
-
-        return np.asarray(instantiate(results.config["dataset"], n_data=n).x)
-    except Exception:
+    """A few data points, regenerated from the stored dataset config (bars are seeded and cheap); None when
+    this version cannot rebuild them: the config names a data builder, or arguments, that no longer exist."""
+    node = results.config.get("dataset")
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str) or not target.startswith("sparse_elbo."):
         return None
+    settings = {**{k: v for k, v in node.items() if not k.startswith("_")}, "n_data": n}
+    module, _, name = target.rpartition(".")
+    try:
+        make = getattr(importlib.import_module(module), name)
+        inspect.signature(make).bind(**settings)
+    except (ImportError, AttributeError, TypeError):  # a results file of another version: no data row
+        return None
+    return np.asarray(make(**settings).x)
 
 
 def figure_bars_fields(groups: list[Group]):
@@ -90,7 +100,7 @@ def figure_bars_fields(groups: list[Group]):
     H = W_true.shape[1]
     examples = bars_examples(first, H)
     n_rows = 2 + len(shown)
-    fig, axes = plt.subplots(n_rows, H, figsize=(0.75 * H + 2.6, 0.8 * n_rows + 0.5), squeeze=False)
+    fig, axes = pyplot().subplots(n_rows, H, figsize=(0.75 * H + 2.6, 0.8 * n_rows + 0.5), squeeze=False)
     for ax in axes.ravel():
         ax.set_xticks([]), ax.set_yticks([])
         for side in ax.spines.values():
@@ -127,7 +137,7 @@ def figure_recovery(groups: list[Group]):
     bars = [g for g in groups if is_bars(g) and g.finished]
     if not bars:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 0.35 * len(bars) + 2.8))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 0.35 * len(bars) + 2.8))
     names = [g.name for g in bars]
     y = np.arange(len(bars))
     rates, counts = [], []
@@ -220,9 +230,9 @@ def _elbo_limits(ax, groups) -> None:
 
 
 def figure_elbo(groups: list[Group]):
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(16, 4))
     if not _curves(axes[0], groups, "elbo", "epoch", "full-data ELBO (nats / data point)"):
-        plt.close(fig)
+        pyplot().close(fig)
         return None
     _curves(axes[1], groups, "elbo", "wall_time", "full-data ELBO (nats / data point)")
     _curves(axes[2], groups, "elbo", "wall_time", "full-data ELBO (nats / data point)")
@@ -256,7 +266,7 @@ def figure_entropies(groups: list[Group]):
     ]
     if not entropy_groups:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     for ax, term in zip(axes, terms):
         _curves(ax, entropy_groups, term, "epoch", "nats")
         ax.set_title(term.replace("_", " "))
@@ -267,9 +277,9 @@ def figure_entropies(groups: list[Group]):
 
 
 def figure_gini(groups: list[Group]):
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
     if not _curves(ax, groups, "gini_mean", "epoch", "Gini coefficient of |z| (posterior samples)"):
-        plt.close(fig)
+        pyplot().close(fig)
         return None
     ax.set_title("sparseness per epoch (higher = sparser)")
     ax.legend()
@@ -290,7 +300,7 @@ def figure_annealing(groups: list[Group]):
     patches = [g for g in groups if is_patches(g)]
     if not patches:
         return None
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, axes = pyplot().subplots(1, 4, figsize=(16, 3.8))
     _curves(axes[0], patches, "elbo", "epoch", "full-data ELBO (nats / patch)")
     _elbo_limits(axes[0], patches)
     _curves(axes[1], patches, "gini_mean", "epoch", "Gini of |z|")
@@ -324,12 +334,24 @@ def figure_annealing(groups: list[Group]):
 
 
 def draw_all(root: Path, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(load_runs(root))
-    groups = [g for g in groups if any(r.results is not None for r in g.runs)]
-    written: list[Path] = []
+    """The figures of the runs under ``root`` (a sweep directory, or one results file), written to ``out``.
+    A folder without results files, or none of whose results files can be read, is a user error."""
+    runs = load_sweep(root)
+    groups = group_runs(runs)
     if not groups:
-        return written
+        first = runs[0]
+        raise UnreadableFileError(
+            f"{str(root)!r}: none of its {len(runs)} results files could be read "
+            f"({relative(first.path, root)}: {first.reason}); no figures"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with pyplot().rc_context(STYLE):
+        _draw_groups(groups, out, written)
+    return written
+
+
+def _draw_groups(groups: list[Group], out: Path, written: list[Path]) -> None:
     for name, make in (
         ("bars_fields", figure_bars_fields),
         ("recovery", figure_recovery),
@@ -348,21 +370,22 @@ def draw_all(root: Path, out: Path) -> list[Path]:
         fig = plot_dictionary(run.results)
         fig.suptitle(f"{g.name} (seed {run.results.config.get('seed')}): fields ordered by λ, largest first", fontsize=8)
         save(fig, out, f"dictionary_{k}", written)
-    return written
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="a sweep directory (searched recursively for results.h5), or one results file")
-    parser.add_argument("--out", type=Path, default=None, help="default: SWEEP/figures (beside the file for one results file)")
-    args = parser.parse_args()
-    if not args.sweep.exists():
-        parser.error(f"{args.sweep}: no such directory or file")
-    written = draw_all(args.sweep, args.out or (args.sweep.parent if args.sweep.is_file() else args.sweep) / "figures")
-    if not written:
-        print(f"{args.sweep}: no readable results files, no figures", file=sys.stderr)
-        sys.exit(1)
-    for path in written:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="an existing folder; default: SWEEP/figures, created (beside the file for one results file)",
+    )
+    args = parser.parse_args(arguments)
+    pyplot()  # matplotlib (an optional extra) before anything is read
+    root = sweep_path(args.sweep)
+    out = output_folder(args.out, "--out") if args.out is not None else (root.parent if root.is_file() else root) / "figures"
+    for path in draw_all(root, out):
         print(path)
 
 

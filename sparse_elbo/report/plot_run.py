@@ -1,7 +1,9 @@
 """Figures from one results file: the dictionary ordered by λ (largest first), the ELBO and its three
 terms per epoch, and the Gini sparseness per epoch. Writes PNG and PDF next to the file (or to --out).
 
-    python -m sparse_elbo.plot_run outputs/runs/<date>/<time>/results.h5 [--out DIR]
+    python -m sparse_elbo.report.plot_run outputs/runs/<date>/<time>/results.h5 [--out DIR]
+
+Needs matplotlib, the optional extra ``figures``: ``pip install "sparse_elbo[figures]"``.
 """
 
 from __future__ import annotations
@@ -10,14 +12,27 @@ import argparse
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from sparse_elbo.cli import output_folder, report_user_errors
+from sparse_elbo.errors import ConfigError, MissingExtraError
+from sparse_elbo.results import read_results
 
-from sparse_elbo.cli import report_user_errors  # noqa: E402
-from sparse_elbo.results import read_results  # noqa: E402
+INSTALL_FIGURES = 'pip install "sparse_elbo[figures]"'
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (the Agg backend). matplotlib is an optional extra: without
+    it, a user error that says how to install it. Imported on first use, so that the reporting reads runs
+    without it; the figure tools and ``scripts/`` are the only places that import matplotlib."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise MissingExtraError(f"the figures need matplotlib, which is not installed: {INSTALL_FIGURES}") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def field_shape(results) -> tuple[int, int]:
@@ -32,6 +47,7 @@ def plot_dictionary(results, ax_grid_figure=None):
     """Fields ordered by λ (largest first), each scaled to its own max |w|, grey = 0."""
     W, lam = np.asarray(results.final["W"]), np.asarray(results.final["lambda"])
     rows, cols = field_shape(results)
+    plt = pyplot()
     order = np.argsort(-lam)
     H = W.shape[1]
     n_cols = math.ceil(math.sqrt(H))
@@ -53,6 +69,7 @@ def plot_dictionary(results, ax_grid_figure=None):
 def plot_curves(results):
     m = results.metrics
     epochs = np.asarray(m["epoch"])
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     axes[0].plot(epochs, m["elbo"], marker="o")
     axes[0].set(xlabel="epoch", ylabel="ELBO (nats / data point)", title="unweighted full-data ELBO")
@@ -73,14 +90,21 @@ def plot_curves(results):
     return fig
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="an existing folder (default: beside the results file)")
+    args = parser.parse_args(arguments)
+    plt = pyplot()
+    out = output_folder(args.out, "--out") if args.out is not None else args.results.parent
     results = read_results(args.results)
-    out = args.out or args.results.parent
-    out.mkdir(parents=True, exist_ok=True)
+    missing = [key for key in ("W", "lambda") if key not in results.final]
+    if missing:
+        reason = f" ({results.attrs['reason']})" if results.attrs.get("reason") else ""
+        raise ConfigError(
+            f"{str(args.results)!r}: no final {missing[0]} to draw: the run is {results.status or 'of unknown status'}{reason}; "
+            "plot_run draws a finished run"
+        )
     for name, fig in (("dictionary", plot_dictionary(results)), ("curves", plot_curves(results))):
         for suffix in ("png", "pdf"):
             fig.savefig(out / f"{name}.{suffix}", dpi=150)

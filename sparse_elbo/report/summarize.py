@@ -3,12 +3,14 @@ seed aside) and write ``summary.csv`` (one row per configuration: the swept keys
 count of each quantity), ``runs.csv`` (one row per run) and ``summary.md`` (a Markdown table, printed
 too, with the runs that did not finish listed under it with their reason).
 
-    python -m sparse_elbo.summarize outputs/paper/bars_recovery [--out DIR]
+    python -m sparse_elbo.report.summarize outputs/paper/bars_recovery [--out DIR]
 
 Quantities (those the runs have): final ELBO, ELBO − ground-truth ELBO and recovery rate (bars), σ,
 final Gini, median localisation (patches), held-out log p(x) and amortisation gap (held-out data),
 epochs and training time. Statistics are over finished runs; failed, interrupted, unfinished (still
-running or killed) and unreadable files are counted and listed separately, never dropped silently.
+running or killed) and unreadable files are counted and listed separately, never dropped silently. A DIR
+that does not exist or holds no results file, one file that is not a results file, and an --out folder
+that does not exist are one-line errors (exit status 2), found before anything is written.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import csv
 import sys
 from pathlib import Path
 
-from sparse_elbo.cli import report_user_errors
-from sparse_elbo.sweeps import (
+from sparse_elbo.cli import output_folder, report_user_errors
+from sparse_elbo.report.sweeps import (
     QUANTITIES,
     group_runs,
-    load_runs,
+    load_sweep,
     markdown_table,
     not_finished,
     relative,
     run_quantities,
     summary_rows,
+    sweep_path,
 )
 
 
@@ -41,11 +44,12 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 def summarize(root: Path, out: Path | None = None, quiet: bool = False) -> str:
     """Tables of the runs under ``root`` (a sweep directory, or one results file) written to ``out``
-    (default: ``root``, or the file's folder)."""
+    (default: ``root``, or the file's folder). A folder without results files, or a single file that is not
+    one, is a user error (``sweeps.load_sweep``)."""
+    runs = load_sweep(root)
     folder = root.parent if root.is_file() else root  # paths in the tables are relative to it
     out = out or folder
     out.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(root)
     groups = group_runs(runs)
     columns, rows = summary_rows(groups)
     write_csv(out / "summary.csv", columns, rows)
@@ -86,14 +90,13 @@ def summarize(root: Path, out: Path | None = None, quiet: bool = False) -> str:
     return text
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="a sweep directory (searched recursively for results.h5), or one results file")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the tables (default: the sweep directory)")
-    args = parser.parse_args()
-    if not args.sweep.exists():
-        parser.error(f"{args.sweep}: no such directory or file")
-    summarize(args.sweep, args.out)
+    parser.add_argument("--out", type=Path, default=None, help="an existing folder for the tables (default: the sweep directory)")
+    args = parser.parse_args(arguments)
+    root = sweep_path(args.sweep)
+    summarize(root, output_folder(args.out, "--out") if args.out is not None else None)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 headline numbers per configuration (from its results files) and the measured times; then each sweep's
 summary table. Called by reproduce.sh; can be rerun on existing sweeps:
 
-    python -m sparse_elbo.report quick outputs/paper/reproduce_quick.md TOTAL_S JOBS THREADS NAME|SWEEP_S|POST_S ...
+    python -m sparse_elbo.report.reproduce quick outputs/paper/reproduce_quick.md TOTAL_S JOBS THREADS NAME|SWEEP_S|POST_S ...
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_elbo.sweeps import QUANTITIES, group_runs, load_runs, statistics
+from sparse_elbo.report.sweeps import QUANTITIES, group_runs, load_runs, statistics
 
 FIGURES = {
     "bars_recovery": (
@@ -63,7 +63,7 @@ def headline(directory: Path, quantities) -> str:
 def main() -> None:
     if len(sys.argv) < 6:
         print(
-            "usage: python -m sparse_elbo.report MODE REPORT TOTAL_S JOBS THREADS [NAME|SWEEP_S|POST_S ...] (called by scripts/reproduce.sh)",
+            "usage: python -m sparse_elbo.report.reproduce MODE REPORT TOTAL_S JOBS THREADS [NAME|SWEEP_S|POST_S ...] (called by scripts/reproduce.sh)",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -6,7 +6,7 @@ the same group when their configs agree on every key except the seed (``seed`` a
 is the set of keys that differ between the groups of the sweep (``posterior=DiagonalPosterior``,
 ``objective.n_samples=10``, ...), so that a table shows what was swept and nothing else.
 
-    from sparse_elbo.sweeps import load_runs, group_runs, summary_rows
+    from sparse_elbo.report.sweeps import load_runs, group_runs, summary_rows
     runs = load_runs("outputs/paper/bars_recovery")
     for group in group_runs(runs): print(group.name, len(group.finished), len(group.failed))
 """
@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from sparse_elbo.errors import ConfigError, MissingFileError, UnreadableFileError
 from sparse_elbo.results import Results, read_results
 
 IGNORED_KEYS = ("resume",)  # never part of a run's setting
@@ -52,18 +54,52 @@ def find_results(root: str | Path) -> list[Path]:
     return sorted(root.rglob("results.h5"), key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.parts])
 
 
+# What read_results raises for a file that is not a results file or cannot be read (a truncated or foreign
+# file, one that vanished since the folder was listed, a config attribute that is not YAML). Anything else
+# is a bug and propagates.
+UNREADABLE = (ConfigError, MissingFileError, UnreadableFileError, yaml.YAMLError)
+
+
 def load_run(path: str | Path) -> Run:
-    """Read one file; a file that cannot be read is a run with status ``unreadable`` (never an error)."""
+    """Read one file; a file that is not a results file or cannot be read is a run with status ``unreadable``
+    and the reason (it must not stop a summary of the others)."""
     path = Path(path)
     try:
-        results = read_results(path)
-    except Exception as error:  # a truncated or foreign file must not stop a summary
+        return _run(path, read_results(path))
+    except UNREADABLE as error:
         return Run(path=path, status="unreadable", reason=f"{type(error).__name__}: {error}")
+
+
+def _run(path: Path, results: Results) -> Run:
+    if not isinstance(results.config, dict):
+        raise ConfigError(f"{str(path)!r}: not a results file (its config attribute is not a mapping)")
     return Run(path=path, status=results.status or "unknown", reason=str(results.attrs.get("reason", "")), results=results)
 
 
 def load_runs(root: str | Path) -> list[Run]:
     return [load_run(p) for p in find_results(root)]
+
+
+def sweep_path(root: str | Path) -> Path:
+    """The folder or results file a tool was given (its DIR): a missing one is a user error."""
+    root = Path(root)
+    if not root.exists():
+        raise MissingFileError(f"{str(root)!r}: no such folder or results file")
+    return root
+
+
+def load_sweep(root: str | Path) -> list[Run]:
+    """The runs a tool reports on: every results file under the folder ``root``, or the one file ``root``.
+    A missing path, a folder without any results file, and a single file that is not a results file are
+    user errors (one line naming the path); in a folder, a file that cannot be read is a run with status
+    ``unreadable``, listed with the others."""
+    root = sweep_path(root)
+    if root.is_file():
+        return [_run(root, read_results(root))]  # the user named this file: one that is not a results file is their error
+    runs = load_runs(root)
+    if not runs:
+        raise MissingFileError(f"{str(root)!r}: no results files (results.h5) in this folder or below it")
+    return runs
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
