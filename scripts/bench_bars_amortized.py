@@ -1,7 +1,7 @@
 """Amortised against per-data-point posteriors on the bars, on the same held-out split (20 % of the points):
 ``experiment=bars_amortized`` (residual encoder, low-rank-plus-diagonal covariance, Adam from the MAP
 sparse-coding dictionary, W's gradient at the encoder's output refined per point: semi-amortised), the same
-with W's gradient at the encoder's output itself (``trainer.dictionary_posterior=encoder``, plain amortised)
+with W's gradient at the encoder's output itself (``trainer=adam``, plain amortised)
 and one full covariance per data point (the default profile L-BFGS). Per seed:
 whether every bar is recovered (min matched |cos| ≥ 0.95), the training time, the held-out ELBO of the
 encoder and after refining q per point (their difference is the amortisation gap) and the importance-sampled
@@ -22,7 +22,7 @@ import sparse_elbo
 
 SETTINGS = {
     "semi-amortised": ["experiment=bars_amortized"],
-    "amortised": ["experiment=bars_amortized", "trainer.dictionary_posterior=encoder"],
+    "amortised": ["experiment=bars_amortized", "trainer=adam"],
     "per-point full": ["posterior=full", "evaluation.held_out_fraction=0.2"],
 }
 

@@ -8,9 +8,9 @@ Measures, in float32 on the chosen device:
    product ``μ G`` and, for a perfectly fused kernel, reading μ, log s, ``Wᵀx`` and writing two gradients;
 3. ``sparse_elbo.score_dictionary`` (``max_q L_H`` at a fixed W, O(N·H²) per iteration) at the initial W;
 4. one unannealed epoch of ``experiment=patches_em_prior_annealing`` (``patches_em``'s EM from its random start)
-   over all of the same data (overrides after ``--``): its time, how many
-   objective evaluations it made, and how that time splits between the evaluations and everything else
-   (L-BFGS's own vector work, the sufficient statistics, the M-step).
+   over all of the same data (overrides after ``--``): its time, how many objective evaluations it made (the
+   E-step driver's own count), and how that time splits, at the measured time of one evaluation, between the
+   evaluations and everything else (L-BFGS's own vector work, the sufficient statistics, the M-step).
 
     python scripts/bench_estep.py                       # N = 40,960 (the epoch part scales linearly in N)
     python scripts/bench_estep.py --n-patches 204800 --skip-epoch
@@ -75,31 +75,16 @@ def one_evaluation(components, block: int) -> float:
     return seconds(lambda: [step.loss_and_gradients(m, s) for step, (m, s) in zip(steps, params)], repeats=3)
 
 
-def one_epoch(components) -> tuple[float, int, float]:
-    """-> seconds for one unannealed epoch, objective evaluations in it, seconds spent in them."""
-    counted = {"calls": 0, "seconds": 0.0}
-    original = kernels.DiagonalLaplaceEntropyEStep.loss_and_gradients
-
-    def timed(self, mean, log_std):
-        synchronize()
-        start = time.perf_counter()
-        result = original(self, mean, log_std)
-        synchronize()
-        counted["seconds"] += time.perf_counter() - start
-        counted["calls"] += 1
-        return result
-
-    kernels.DiagonalLaplaceEntropyEStep.loss_and_gradients = timed
-    try:
-        trainer, problem = components.trainer, components.problem
-        state = trainer.start(problem, None)
-        synchronize()
-        start = time.perf_counter()
-        trainer.train_epoch(problem, state, trainer.max_epochs, AnnealingWeights())
-        synchronize()
-        return time.perf_counter() - start, counted["calls"], counted["seconds"]
-    finally:
-        kernels.DiagonalLaplaceEntropyEStep.loss_and_gradients = original
+def one_epoch(components) -> tuple[float, int]:
+    """-> seconds for one unannealed epoch, and the objective evaluations in it (the E-step driver's count)."""
+    trainer, problem = components.trainer, components.problem
+    state = trainer.start(problem, None)
+    before = trainer.driver.counts.evaluations
+    synchronize()
+    start = time.perf_counter()
+    trainer.train_epoch(problem, state, trainer.max_epochs, AnnealingWeights())
+    synchronize()
+    return time.perf_counter() - start, trainer.driver.counts.evaluations - before
 
 
 def main() -> None:
@@ -114,7 +99,7 @@ def main() -> None:
     cfg = sparse_elbo.compose(
         [
             "experiment=patches_em_prior_annealing",  # no start to learn before the epoch
-            "trainer.epoch_subset_size=null",  # an epoch over every point: the evaluations counted are whole-data ones
+            "trainer.subset_size=null",  # an epoch over every point: the evaluations counted are whole-data ones
             "trainer.average_last_epochs=1",
             f"dataset.n_patches={args.n_patches}",
             f"device={args.device}",
@@ -123,7 +108,7 @@ def main() -> None:
     )
     components = build(cfg)
     n, h = components.problem.x.shape[0], cfg.n_latents
-    block = int(cfg.trainer.e_step_block_size or n)
+    block = int(cfg.trainer.driver.block_size or n)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; N={n}, H={h}, blocks of {block}")
     flops, bandwidth = machine_rates(n, h, args.device)
     print(f"matmul (N,H)@(H,H): {flops / 1e9:.1f} GFLOP/s;  memory bandwidth (c = a + b): {bandwidth / 1e9:.1f} GB/s")
@@ -140,11 +125,12 @@ def main() -> None:
         score = sparse_elbo.score_dictionary(components.problem.x, components.problem.model.W.detach())
         print(f"score_dictionary at the initial W: max_q L_H = {score.elbo:.4f} in {time.perf_counter() - start:.1f} s")
     if not args.skip_epoch:
-        epoch, calls, inside = one_epoch(components)
+        epoch, calls = one_epoch(components)
         per_point = calls * block / n
+        inside = per_point * evaluation  # at the measured time of one whole-data evaluation
         print(
             f"one epoch ({cfg.trainer.em_iterations_per_epoch} EM iterations): {epoch:.2f} s; {calls} block evaluations "
-            f"= {per_point:.0f} whole-data evaluations; {inside:.2f} s in them ({inside / epoch:.0%}), "
+            f"= {per_point:.0f} whole-data evaluations; about {inside:.2f} s in them ({inside / epoch:.0%}), "
             f"{epoch - inside:.2f} s elsewhere; epoch / (evaluations × floor) = {epoch / (per_point * floor):.1f}"
         )
 

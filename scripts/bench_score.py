@@ -6,8 +6,8 @@ On the patches of ``experiment=patches_em`` (``--n-patches``, float32, the chose
 
 1. ``sparse_elbo.score_dictionary`` end to end at its default tolerance: value and time;
 2. the coordinate-ascent Newton fit behind it (``inference/diagonal_newton.py``), iteration by iteration;
-3. the former route, block coordinate ascent with the entropy E-step (10 L-BFGS iterations per block and
-   sweep, ``EMTrainer(train_dictionary=False)``), sweep by sweep for ``--lbfgs-seconds``,
+3. the generic fit any per-data-point family gets, block coordinate ascent with the entropy E-step (10 L-BFGS
+   iterations per block and sweep, ``inference.fit.BlockFit``), sweep by sweep for ``--lbfgs-seconds``,
 
 so that the two fits are compared on value against time, side by side in one run.
 
@@ -24,14 +24,12 @@ import numpy as np
 import torch
 
 import sparse_elbo
-from sparse_elbo.evaluation import evaluate_problem, fit_at_dictionary
 from sparse_elbo.inference.diagonal_newton import DiagonalNewtonFit
-from sparse_elbo.inference.e_step import EntropyEStep
+from sparse_elbo.inference.fit import BlockFit
 from sparse_elbo.inference.statistics import block_size
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.priors import LaplacePrior
 from sparse_elbo.runner.build import build
-from sparse_elbo.trainers.em import EMTrainer
 
 
 def dictionary(path: str | None, initial: torch.Tensor) -> torch.Tensor:
@@ -53,17 +51,16 @@ def newton_trace(x: torch.Tensor, W: torch.Tensor, iterations: int) -> None:
 
 
 def lbfgs_trace(x: torch.Tensor, W: torch.Tensor, budget: float) -> None:
-    """Sweeps of the former route until ``budget`` seconds have passed."""
+    """Sweeps of the generic block fit until ``budget`` seconds have passed."""
     start = time.perf_counter()
-    trainer = EMTrainer(max_epochs=1, e_step=EntropyEStep(), e_step_iterations=10, train_dictionary=False)
-    problem = fit_at_dictionary(x, W, DiagonalPosterior, LaplacePrior(), trainer)  # the first sweep
+    posterior = DiagonalPosterior(x.shape[0], W.shape[1]).to(x)
+    fit = BlockFit(x, W, LaplacePrior(), posterior, iterations=10)
     sweep = 1
     while True:
-        value = float(evaluate_problem(problem, problem.annealing(0)).elbo)
-        print(f"  L-BFGS sweep {sweep:3d}: L_H = {value:.6f}  ({time.perf_counter() - start:6.1f} s)", flush=True)
+        fit.run(1, 0.0)  # one sweep over every block
+        print(f"  L-BFGS sweep {sweep:3d}: L_H = {float(fit.value):.6f}  ({time.perf_counter() - start:6.1f} s)", flush=True)
         if time.perf_counter() - start > budget:
             return
-        trainer.train_epoch(problem, trainer.start(problem, {}), 0, problem.annealing(0))
         sweep += 1
 
 

@@ -46,7 +46,7 @@ print('sparse_elbo', sparse_elbo.__version__, '| torch', torch.__version__, '| C
 if torch.cuda.is_available():
     print(torch.cuda.get_device_name(), f'{torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB')"
 step 1_agreement 150 python3 scripts/device_agreement.py --device "$DEVICE"
-step 2_estep 90 python3 scripts/bench_estep.py --device "$DEVICE" --n-patches 204800 trainer.e_step_block_size=null
+step 2_estep 90 python3 scripts/bench_estep.py --device "$DEVICE" --n-patches 204800 trainer.driver.block_size=null
 step 3_patches_em 180 python3 scripts/bench_patches.py --device "$DEVICE" --reference-fraction 0 --progress \
-    trainer.e_step_block_size=null
+    trainer.driver.block_size=null
 step 4_amortized 120 python3 scripts/bench_amortized.py --time-epochs 3 experiment=patches_amortized "device=$DEVICE"

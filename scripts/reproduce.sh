@@ -18,7 +18,8 @@
 # Output: outputs/paper/<sweep>[_quick]/ with one results.h5 per job, summary.{csv,md}, runs.csv and
 # figures/; outputs/paper/reproduce_<mode>.md collects the summaries and the timing table. A sweep
 # directory that already exists is moved aside to <dir>.old-<time> (results are never overwritten).
-# A sweep with failed jobs does not stop the script: the failures are listed in its summary.
+# A sweep with failed jobs does not stop the script: the failures are listed in its summary, and the script
+# ends with exit status 1 after every sweep, its summary and figures (0 when everything ran).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -46,6 +47,7 @@ fi
 REPORT="outputs/paper/reproduce_${MODE}.md"
 mkdir -p outputs/paper
 TIMES=()
+FAILED=()
 START_ALL=$(date +%s)
 echo "reproduce.sh $MODE: sweeps [$SWEEPS], $JOBS parallel jobs x $THREADS torch threads, launcher: ${LAUNCH[*]:-basic}"
 
@@ -59,10 +61,13 @@ for SWEEP in $SWEEPS; do
   fi
   echo "=== $NAME: python -m sparse_elbo.train paper=$NAME ${LAUNCH[*]} $*"
   T0=$(date +%s)
-  python -m sparse_elbo.train "paper=$NAME" "${LAUNCH[@]}" "$@" || echo "!!! $NAME: some jobs failed (listed in $DIR/summary.md)"
+  if ! python -m sparse_elbo.train "paper=$NAME" "${LAUNCH[@]}" "$@"; then
+    echo "!!! $NAME: some jobs failed (listed in $DIR/summary.md)"
+    FAILED+=("$NAME (jobs)")
+  fi
   T1=$(date +%s)
-  python -m sparse_elbo.report.summarize "$DIR" > /dev/null || echo "!!! $NAME: summary failed"
-  python -m sparse_elbo.report.figures "$DIR" > /dev/null || echo "!!! $NAME: figures failed"
+  python -m sparse_elbo.report.summarize "$DIR" > /dev/null || { echo "!!! $NAME: summary failed"; FAILED+=("$NAME (summary)"); }
+  python -m sparse_elbo.report.figures "$DIR" > /dev/null || { echo "!!! $NAME: figures failed"; FAILED+=("$NAME (figures)"); }
   T2=$(date +%s)
   TIMES+=("$NAME|$((T1 - T0))|$((T2 - T1))")
   echo "=== $NAME: sweep $((T1 - T0)) s, summary and figures $((T2 - T1)) s"
@@ -71,3 +76,7 @@ END_ALL=$(date +%s)
 
 python -m sparse_elbo.report.reproduce "$MODE" "$REPORT" "$((END_ALL - START_ALL))" "$JOBS" "$THREADS" "${TIMES[@]}"
 cat "$REPORT"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  echo "reproduce.sh: failed: ${FAILED[*]}" >&2
+  exit 1
+fi

@@ -450,6 +450,7 @@ def test_the_semi_amortised_dictionary_gradient_is_the_one_at_each_points_own_op
     torch.testing.assert_close(model.W_raw.grad, fixed.W_raw.grad, rtol=0, atol=1e-5 * largest)
 
 
+@pytest.mark.slow
 def test_semi_amortised_adam_recovers_the_bars_where_the_plain_encoder_does_not():
     """3×3 bars, 1,000 points (20 % held out), 60 epochs from the sparse-coding start, seed 1."""
     overrides = ["experiment=bars_amortized", "dataset.grid=3", "dataset.n_data=1000", "trainer.max_epochs=60", "seed=1"]

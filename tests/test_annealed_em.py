@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_em import e_step, small_problem
+from support import e_step, small_problem
 
 from sparse_elbo.annealing import AnnealingWeights, NoAnnealing, StepAnnealing, TemperatureAnnealing, initial_prior_scale
 from sparse_elbo.data import make_bars

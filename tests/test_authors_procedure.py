@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_em import small_problem
+from support import small_problem
 
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.errors import ConfigError

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_em import small_problem
+from support import small_problem
 
 from sparse_elbo.annealing import AnnealingWeights, StepAnnealing
 from sparse_elbo.errors import ConfigError

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a wheel built and installed in a fresh environment
 
 
 def _run(args, cwd, timeout=600):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import sparse_elbo
 from sparse_elbo.metrics import localisation_index
@@ -10,6 +11,7 @@ from sparse_elbo.results import read_results
 from sparse_elbo.runner import run
 
 
+@pytest.mark.slow
 def test_patches_em_small_learns_fields_far_more_localised_than_random(tmp_path):
     cfg = sparse_elbo.compose(["experiment=patches_em_small", "device=cpu"])
     assert cfg.trainer._target_.endswith("EMTrainer") and cfg.annealing._target_.endswith("StepAnnealing")

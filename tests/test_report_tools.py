@@ -42,6 +42,7 @@ def test_the_figure_tools_without_matplotlib_say_how_to_install_it(tool, sweep, 
     assert not list(sweep.rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_python_m_figures_without_matplotlib_is_one_line_and_status_2(sweep):
     """The command as a user runs it, in a process where matplotlib cannot be imported: nothing the module
     imports needs it, and the error is the one line (the only subprocess of these tests)."""

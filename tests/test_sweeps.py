@@ -94,6 +94,7 @@ def sweep(tmp_path_factory):
     return root, out
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_marked_failed_and_the_others_finish(sweep):
     root, out = sweep
     assert out.returncode != 0  # Hydra reports the failed jobs ...
@@ -109,6 +110,7 @@ def test_a_failing_job_is_marked_failed_and_the_others_finish(sweep):
     assert all("non-finite values at epoch 0" in r.attrs["reason"] for r in by_status["failed"])
 
 
+@pytest.mark.slow  # the sweep fixture: eight jobs through the command line
 def test_summary_has_one_row_per_configuration_with_counts_and_lists_failures(sweep):
     root, _ = sweep
     (root / "sweep" / "junk").mkdir()
@@ -140,6 +142,7 @@ def test_summary_has_one_row_per_configuration_with_counts_and_lists_failures(sw
     assert "non-finite values at epoch 0" in failures and "junk/results.h5" in failures
 
 
+@pytest.mark.slow
 def test_figures_are_written_from_a_sweep(sweep, tmp_path):
     root, _ = sweep
     directory = tmp_path / "sweep"
@@ -154,7 +157,7 @@ def test_figures_are_written_from_a_sweep(sweep, tmp_path):
             "posterior=diag",
             "trainer=em",
             "trainer.max_epochs=2",
-            "trainer.e_step_iterations=5",
+            "trainer.driver.iterations=5",
             "annealing=prior",
             "evaluation.ground_truth=false",
         ]
@@ -168,6 +171,7 @@ def test_figures_are_written_from_a_sweep(sweep, tmp_path):
             assert (tmp_path / "figures" / f"{name}.{suffix}").stat().st_size > 1000, (name, suffix)
 
 
+@pytest.mark.slow  # the sweep fixture: eight jobs through the command line
 def test_one_results_file_is_summarised_beside_it(sweep, tmp_path):
     root, _ = sweep
     finished = next(f for f in sorted((root / "sweep").glob("*/results.h5")) if read_results(f).status == "finished")
@@ -185,6 +189,7 @@ def test_one_results_file_is_summarised_beside_it(sweep, tmp_path):
     )
 
 
+@pytest.mark.slow  # the sweep fixture: eight jobs through the command line
 def test_groups_follow_the_stored_config_not_the_directories(sweep, tmp_path):
     root, _ = sweep
     groups = group_runs([r for r in load_runs(root / "sweep") if r.results is not None and "W_true" in r.results.data])
@@ -192,6 +197,7 @@ def test_groups_follow_the_stored_config_not_the_directories(sweep, tmp_path):
     assert all(len({r.results.config["seed"] for r in g.runs}) == 2 for g in groups)
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     out = _cli(
         ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"],
@@ -204,6 +210,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     assert all(r.status == "finished" for r in runs) and sorted(r.config["seed"] for r in runs) == [0, 1]
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     """The Slurm path (hydra/launcher=submitit_slurm) with submitit's local executor: each job in its own
     process, pickled task function, its own directory and results file."""
@@ -231,6 +238,7 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     assert (tmp_path / "sweep" / ".submitit").is_dir()  # submitit's job folders: the jobs went through submitit
 
 
+@pytest.mark.slow
 def test_optuna_sweeper_maximises_the_final_elbo_returned_by_the_entry_point(tmp_path):
     out = _cli(["+search=optuna_bars", "hydra.sweeper.n_trials=2", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -240,6 +248,7 @@ def test_optuna_sweeper_maximises_the_final_elbo_returned_by_the_entry_point(tmp
     assert best["best_value"] == pytest.approx(max(elbos), abs=1e-9)
 
 
+@pytest.mark.slow  # the sweep fixture: eight jobs through the command line
 def test_reproduce_table_reports_each_sweeps_headline_and_time(sweep):
     root, _ = sweep
     paper = root / "outputs" / "paper"

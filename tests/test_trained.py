@@ -192,6 +192,7 @@ def _tool(name, *args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_the_encode_command_writes_codes_and_elbo_beside_the_data(trained, tmp_path):
     path, x = trained
     np.save(tmp_path / "new.npy", x[:25])
@@ -246,6 +247,7 @@ def test_blind_denoising_raises_the_psnr_of_a_noisy_synthetic_image():
     assert psnr(clean, denoised) > psnr(clean, noisy) + 3.0
 
 
+@pytest.mark.slow
 def test_the_denoise_command_writes_the_denoised_image(tmp_path):
     clean = _synthetic_image()
     np.save(tmp_path / "noisy.npy", clean + 0.1 * np.random.default_rng(1).standard_normal(clean.shape))

@@ -7,23 +7,19 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import options, target
 
 import sparse_elbo
 from sparse_elbo.cli import user_error_message
 from sparse_elbo.runner import build
 
-GROUPS = {
-    "posterior": ["diag", "full", "amortized"],
-    "objective": ["sampled", "analytic", "entropy"],
-    "annealing": ["none", "prior", "exponential"],
-    "trainer": ["lbfgs", "profile_lbfgs", "em", "authors_em", "adam"],
-    "prior": ["laplace", "gaussian"],
-}
-# settings with values in and out of range (and keys that only some choices have)
+GROUPS = {group: options(group) for group in ("posterior", "objective", "annealing", "trainer", "prior")}  # from configs/
+# settings with values in and out of range, of the wrong kind (and keys that only some choices have)
 SETTINGS = {
-    "dataset.noise": ["0.2", "0", "-1"],
+    "dataset.noise": ["0.2", "0", "-1", "abc"],
     "dataset.grid": ["3", "1"],
     "n_latents": ["4", "0", "-2"],
     "dtype": ["float32", "float16"],
@@ -33,41 +29,28 @@ SETTINGS = {
     "objective.n_samples": ["2", "0"],
     "annealing.start": ["3.0", "0.5"],
     "annealing.step": ["1.0", "-1.0"],
-    "trainer.max_epochs": ["0"],
+    "annealing.prior_scale": ["fixed", "free"],
+    "trainer.max_epochs": ["0", "two"],
     "trainer.history_size": ["5", "0"],
     "trainer.batch_size": ["7", "0"],
-    "trainer.statistics": ["batch", "mini"],
+    "trainer.statistics": ["mini"],
+    "trainer.driver.iterations": ["3", "0"],
     "trainer.m_step_overrelaxation": ["1.5", "3.0"],
     "model.gauge": ["unit_lambda", "sideways"],
     "evaluation.held_out_fraction": ["0.2", "1.5"],
     "results.snapshot_every": ["-1"],
 }
-# a tiny problem, and one short epoch of each trainer
-TINY = [
-    "dataset.n_data=30",
-    "dataset.grid=3",
-    "trainer.max_epochs=1",
-    "evaluation.ground_truth=false",
-    "evaluation.gini_samples=2",
-    "evaluation.held_out_refine_iterations=5",
-    "evaluation.importance_samples=5",
-]
-SHORT_EPOCH = {
-    "lbfgs": ["trainer.iterations_per_epoch=3"],
-    "profile_lbfgs": ["trainer.iterations_per_epoch=2"],
-    "em": ["trainer.e_step_iterations=3"],
-    "authors_em": ["trainer.e_step_iterations=3", "trainer.batch_size=10"],
-    "adam": ["trainer.batch_size=10"],
-}
+# a tiny problem (configs/debug/smoke.yaml), one epoch
+TINY = ["debug=smoke", "dataset.n_data=30", "dataset.grid=3", "trainer.max_epochs=1"]
 
 
-CAPABLE = {  # combinations each trainer declares it can train
-    "lbfgs": (["diag", "full", "amortized"], ["sampled", "analytic", "entropy"], ["none", "prior", "exponential"]),
-    "profile_lbfgs": (["diag", "full"], ["entropy"], ["none"]),
-    "em": (["diag", "full"], ["entropy"], ["none", "prior", "exponential"]),
-    "authors_em": (["diag", "full"], ["entropy"], ["none", "prior", "exponential"]),
-    "adam": (["diag", "full", "amortized"], ["sampled", "analytic", "entropy"], ["none", "prior", "exponential"]),
-}
+def capable(trainer: str) -> tuple[list[str], list[str], list[str]]:
+    """The posteriors, objectives and schedules the trainer's own capabilities declare (its class's data)."""
+    capabilities = target("trainer", trainer).capabilities
+    posteriors = [name for name in GROUPS["posterior"] if target("posterior", name).kind() in capabilities.posteriors]
+    objectives = [name for name in GROUPS["objective"] if name in capabilities.objectives]
+    schedules = GROUPS["annealing"] if capabilities.annealing else ["none"]
+    return posteriors, objectives, schedules
 
 
 @st.composite
@@ -75,7 +58,7 @@ def overrides(draw):
     """Half the draws are combinations the trainer declares (so that training is exercised), half any."""
     trainer = draw(st.sampled_from(GROUPS["trainer"]))
     if draw(st.booleans()):
-        posteriors, objectives, schedules = CAPABLE[trainer]
+        posteriors, objectives, schedules = capable(trainer)
     else:
         posteriors, objectives, schedules = GROUPS["posterior"], GROUPS["objective"], GROUPS["annealing"]
     choices = {
@@ -88,9 +71,10 @@ def overrides(draw):
     chosen = [f"{group}={option}" for group, option in choices.items()]
     drawn = draw(st.lists(st.sampled_from(sorted(SETTINGS)), max_size=2, unique=True))
     values = [f"{key}={draw(st.sampled_from(SETTINGS[key]))}" for key in drawn]
-    return [*chosen, *TINY, *SHORT_EPOCH[trainer], *values]
+    return [*chosen, *TINY, *values]
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(overrides())
 def test_every_drawn_configuration_trains_or_is_rejected_before_compute_with_one_line(drawn):
@@ -110,14 +94,16 @@ def test_every_drawn_configuration_trains_or_is_rejected_before_compute_with_one
 def test_messages_name_the_key_and_what_is_allowed():
     cases = {
         "dataset.noise=-1": "dataset.noise must be > 0, got -1",
-        "trainer=adam trainer.statistics=mini": "trainer.statistics must be one of ['full', 'batch'], got 'mini'",
+        "trainer=adam trainer.statistics=mini": "trainer.statistics must be a component",
+        "trainer=adam trainer.max_epochs=two": "trainer.max_epochs must be an integer, got 'two'",
+        "trainer=em trainer.driver.iterations=0": "trainer.driver.iterations must be >= 1, got 0",
         "posterior=amortized posterior.covariance=full trainer=adam": "posterior.covariance must be one of ['diag', 'lowrank']",
         "trainer=em posterior=amortized": "posterior=amortized is not supported by trainer EMTrainer; allowed posteriors: ['diag', 'full']",
         "trainer._target_=sparse_elbo.trainers.lbfgs.LBFGSTrainr": "trainer._target_='sparse_elbo.trainers.lbfgs.LBFGSTrainr' cannot be imported",
     }
     for overrides_text, expected in cases.items():
         try:
-            build(sparse_elbo.compose([*overrides_text.split(), *TINY]))
+            build(sparse_elbo.compose([*TINY, *overrides_text.split()]))
         except Exception as error:  # noqa: BLE001
             assert expected in user_error_message(error), (overrides_text, user_error_message(error))
         else:

@@ -145,13 +145,14 @@ class Stopwatch:
 @dataclass
 class LoopState:
     """The loop's own bookkeeping, saved with every checkpoint: the last completed epoch, its unweighted
-    objective, the no-progress count, the training time, ``λ_0`` (where the schedule holds the prior's scale)
-    and the outcome once decided."""
+    objective, the no-progress count, the training time (and the part of it the trainer's start took), ``λ_0``
+    (where the schedule holds the prior's scale) and the outcome once decided."""
 
     epoch: int = -1
     previous: float | None = None
     stalled_epochs: int = 0
     train_time: float = 0.0
+    start_time: float = 0.0
     prior_scale: float | None = None
     outcome: FitOutcome | None = None
 
@@ -178,6 +179,10 @@ def fit(
         state = trainer.start(problem, None if saved is None else saved["trainer"])
         if saved is None and problem.annealing.holds_prior_scale:  # λ_0 of the run's start (annealing.py)
             loop.prior_scale = initial_prior_scale(problem.x, problem.model.W.detach(), problem.model.prior)
+        if problem.x.is_cuda:
+            torch.cuda.synchronize()
+    if saved is None:
+        loop.start_time = stopwatch.total
     final_annealed_epoch = problem.annealing.final_epoch()
     for epoch in range(loop.epoch + 1, trainer.max_epochs):
         weights = problem.annealing(epoch, loop.prior_scale)
