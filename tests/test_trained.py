@@ -166,6 +166,16 @@ def test_bad_data_is_rejected_before_compute(trained, make, message):
         sparse_elbo.load(path).encode(make(x[:10]))
 
 
+def test_the_api_names_its_own_arguments_not_the_run_configs(trained):
+    """``model.log_px(x, samples=1)`` says ``samples``, as the caller wrote it (not ``evaluation.importance_samples``)."""
+    path, x = trained
+    model = sparse_elbo.load(path)
+    with pytest.raises(ValueError, match=r"^samples must be >= 2, got 1$"):
+        model.log_px(x[:3], samples=1)
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1, got 0$"):
+        model.encode(x[:3], batch_size=0)
+
+
 def test_results_of_an_unfinished_run_or_a_missing_file_are_rejected(trained, tmp_path):
     path, _ = trained
     broken = tmp_path / "results.h5"
