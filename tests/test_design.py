@@ -296,3 +296,23 @@ def test_a_results_file_written_before_the_redesign_can_still_be_read():
     (run,) = load_runs(path)
     quantities = run_quantities(run.results)
     assert quantities["elbo"] == pytest.approx(float(results.final["elbo"])) and "recovered" in quantities
+
+
+def test_checking_a_config_leaves_the_runs_random_numbers_alone(monkeypatch):
+    """The checks build a tiny posterior to validate its settings before the data are read; an encoder's
+    initial weights come from the global RNG, so that probe must not draw from it (the run's encoder is the one
+    it would have been without the probe)."""
+    import importlib
+
+    build_module = importlib.import_module("sparse_elbo.runner.build")  # (the package exports a function ``build``)
+    states = []
+    original = build_module.call_at
+
+    def recording(factory, path, **sizes):
+        states.append((path, sizes.get("n_data"), torch.get_rng_state()))
+        return original(factory, path, **sizes)
+
+    monkeypatch.setattr(build_module, "call_at", recording)
+    build_module.build(sparse_elbo.compose(["posterior=amortized", "trainer=adam", "debug=smoke", "dataset.n_data=40"]))
+    probe, real = [state for path, n, state in states if path == "posterior"]
+    assert torch.equal(probe, real)  # nothing between the probe and the real posterior drew a random number

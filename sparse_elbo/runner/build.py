@@ -139,7 +139,8 @@ def build(cfg: DictConfig) -> Components:
     torch.manual_seed(int(cfg.seed))
     objective, annealing = instantiate_at(cfg.objective, "objective"), instantiate_at(cfg.annealing, "annealing")
     trainer, posterior_factory = instantiate_at(cfg.trainer, "trainer"), instantiate_at(cfg.posterior, "posterior")
-    call_at(posterior_factory, "posterior", n_data=1, n_latents=1, n_observed=1)  # its settings, checked before any data
+    with torch.random.fork_rng(devices=[]):  # its settings, checked before any data, leaving the run's random numbers alone
+        call_at(posterior_factory, "posterior", n_data=1, n_latents=1, n_observed=1)
     family_class = posterior_factory.func
     check_capabilities(trainer, family_class, objective, annealing)
     dataset = instantiate_at(cfg.dataset, "dataset")
