@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,3 +75,23 @@ def localisation_index(W: np.ndarray, image_shape: tuple[int, int]) -> np.ndarra
     spread = np.sqrt((energy.T * squared_distance).sum(-1))  # (H,)
     uniform = np.sqrt((rows**2 - 1) / 12 + (cols**2 - 1) / 12)
     return spread / uniform
+
+
+def field_grid(W: np.ndarray, lam: np.ndarray, image_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The dictionary as one grey image: the fields ordered by λ (largest first), each scaled to its own
+    max |w| (0.5 = 0), tiled row by row in a near-square grid with one-pixel borders. ``image_shape``: a field's
+    (rows, cols); None: square fields (or one row of D pixels).  W (D,H), lam (H,)  ->  (R,C) in [0, 1]"""
+    D, H = W.shape
+    side = int(round(math.sqrt(D)))
+    rows, cols = image_shape if image_shape is not None else ((side, side) if side * side == D else (1, D))
+    n_cols = math.ceil(math.sqrt(H))
+    n_rows = math.ceil(H / n_cols)
+    grid = np.full((n_rows * (rows + 1) + 1, n_cols * (cols + 1) + 1), 0.5)
+    for k, h in enumerate(np.argsort(-np.asarray(lam))):
+        field = W[:, h].reshape(rows, cols)
+        limit = float(np.abs(field).max()) or 1.0
+        r, c = divmod(k, n_cols)
+        grid[1 + r * (rows + 1) : 1 + r * (rows + 1) + rows, 1 + c * (cols + 1) : 1 + c * (cols + 1) + cols] = (
+            0.5 + 0.5 * field / limit
+        )
+    return grid

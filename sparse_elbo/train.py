@@ -30,7 +30,8 @@ def hydra_main(cfg: DictConfig) -> float:
     memory.retain_freed_memory()
     hydra_cfg = HydraConfig.get()
     try:
-        summary = run(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task))
+        group = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None  # a sweep's jobs are logged together
+        summary = run(cfg, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task), group=group)
     except RunInterrupted as error:
         if hydra_cfg.mode == RunMode.RUN:
             exit_interrupted(error)

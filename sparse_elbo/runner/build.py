@@ -21,6 +21,7 @@ from sparse_elbo.inference.fit import FitSettings, fit_memory
 from sparse_elbo.objectives import EntropyELBO
 from sparse_elbo.problem import Problem
 from sparse_elbo.runner.checks import check_capabilities, check_memory, check_run_settings, check_settings
+from sparse_elbo.runner.loggers import NoLogger
 from sparse_elbo.trainers.base import Sizes, Trainer
 from sparse_elbo.validation import require_one_of
 
@@ -39,6 +40,7 @@ class Components:
     trainer: Trainer
     posterior_factory: object
     ground_truth: FitSettings | Trainer | None
+    logger: object = None  # the logging backend (runner/loggers.py); NoLogger: the results file alone
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,12 +135,14 @@ def _working_numbers(trainer: Trainer, truth, sizes: Sizes) -> list[int]:
 def build(cfg: DictConfig) -> Components:
     """Validate the config and build every component; nothing is trained here."""
     check_run_settings(cfg)
-    for group in ("dataset", "posterior", "objective", "annealing", "trainer", "model", "evaluation"):
-        check_settings(cfg[group], group)
+    for group in ("dataset", "posterior", "objective", "annealing", "trainer", "model", "evaluation", "logger"):
+        if group in cfg:  # (a run stored before the logger group existed has none)
+            check_settings(cfg[group], group)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     torch.manual_seed(int(cfg.seed))
     objective, annealing = instantiate_at(cfg.objective, "objective"), instantiate_at(cfg.annealing, "annealing")
     trainer, posterior_factory = instantiate_at(cfg.trainer, "trainer"), instantiate_at(cfg.posterior, "posterior")
+    logger = instantiate_at(cfg.logger, "logger") if "logger" in cfg else NoLogger()
     with torch.random.fork_rng(devices=[]):  # its settings, checked before any data, leaving the run's random numbers alone
         call_at(posterior_factory, "posterior", n_data=1, n_latents=1, n_observed=1)
     family_class = posterior_factory.func
@@ -177,7 +181,7 @@ def build(cfg: DictConfig) -> Components:
         seed=int(cfg.seed),
         x_held_out=None if x_held_out is None else torch.as_tensor(x_held_out, dtype=dtype, device=device),
     )
-    return Components(dataset, problem, trainer, posterior_factory, truth)
+    return Components(dataset, problem, trainer, posterior_factory, truth, logger)
 
 
 def results_path(output_dir: str | Path) -> Path:

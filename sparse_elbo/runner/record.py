@@ -15,6 +15,7 @@ from sparse_elbo.model import ModelAt
 from sparse_elbo.objectives import ObjectiveValue
 from sparse_elbo.results import ResultsWriter
 from sparse_elbo.runner.build import Components
+from sparse_elbo.runner.loggers import epoch_record
 
 
 def metric_row(cfg: DictConfig, components: Components, epoch: int, weights, train_time: float) -> tuple[dict, ObjectiveValue]:
@@ -69,10 +70,12 @@ def check_finite(row: dict, problem, epoch: int) -> None:
 
 class EpochRecorder:
     """``evaluate(epoch, weights, train_time)`` for the training loop: computes the row, checks it, writes
-    it with a snapshot of W (every ``results.snapshot_every`` epochs) and updates the progress bar."""
+    it with a snapshot of W (every ``results.snapshot_every`` epochs), hands its record to the run's logger
+    (``loggers.py``; ``last`` keeps the latest) and updates the progress bar."""
 
-    def __init__(self, cfg: DictConfig, components: Components, writer: ResultsWriter, guard, bar):
+    def __init__(self, cfg: DictConfig, components: Components, writer: ResultsWriter, guard, bar, logger=None):
         self.cfg, self.components, self.writer, self.guard, self.bar = cfg, components, writer, guard, bar
+        self.logger, self.last = logger, None
 
     def __call__(self, epoch: int, weights, train_time: float) -> ObjectiveValue:
         problem = self.components.problem
@@ -81,6 +84,9 @@ class EpochRecorder:
         every = self.cfg.results.snapshot_every
         with self.guard.writing():
             self.writer.append_epoch(row, problem.model.W.detach() if every > 0 and epoch % every == 0 else None)
+        if self.logger is not None:
+            self.last = epoch_record(row, problem.model.W.detach().cpu().numpy())
+            self.logger.epoch(self.last)
         self.bar.update(1)
         self.bar.set_postfix(elbo=f"{float(value.elbo):.4f}")
         return value

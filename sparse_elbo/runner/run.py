@@ -22,6 +22,7 @@ from sparse_elbo.results import ResultsWriter, read_results, require_new_results
 from sparse_elbo.runner.build import Components, build, results_path
 from sparse_elbo.runner.checkpoint import Checkpointer, RunInterrupted, SignalGuard, read_checkpoint_state, restore
 from sparse_elbo.runner.final import RunSummary, final_evaluation
+from sparse_elbo.runner.loggers import LogContext, RunLogger
 from sparse_elbo.runner.record import EpochRecorder
 from sparse_elbo.trainers.base import fit
 from sparse_elbo.version import __version__
@@ -37,9 +38,16 @@ def _versions() -> str:
     )
 
 
-def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None, progress: bool | None = None) -> RunSummary:
+def run(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    overrides: list[str] | None = None,
+    progress: bool | None = None,
+    group: str | None = None,
+) -> RunSummary:
     """Run one experiment and write ``output_dir/results.h5`` — or, with ``resume=PATH`` in the config,
-    continue the run stored in ``PATH`` from its last checkpoint, in the same file; return the summary."""
+    continue the run stored in ``PATH`` from its last checkpoint, in the same file; return the summary.
+    ``group``: the sweep the run is a job of (its folder), for the loggers' grouping."""
     if cfg.get("resume"):
         return resume(cfg.resume, progress=progress)
     path = results_path(output_dir)
@@ -52,6 +60,7 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
         "seed": int(cfg.seed),
         "device": str(components.problem.x.device),
         "dtype": str(cfg.dtype),
+        "group": group or "",
     }
     writer = ResultsWriter(path, attrs=attrs)
     dataset = components.dataset
@@ -59,7 +68,7 @@ def run(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
         writer.write_group("data", {"W_true": dataset.W_true})
     if dataset.image_shape is not None:
         writer.write_group("data", {"image_shape": np.asarray(dataset.image_shape)})
-    return _train(cfg, components, writer, None, progress)
+    return _train(cfg, components, writer, None, progress, attrs)
 
 
 def resume(path: str | Path, progress: bool | None = None) -> RunSummary:
@@ -69,18 +78,41 @@ def resume(path: str | Path, progress: bool | None = None) -> RunSummary:
     path = Path(str(path))
     if not path.is_file():
         raise MissingFileError(f"resume={str(path)!r}: no such results file")
-    cfg = OmegaConf.create(read_results(path).config)
+    stored = read_results(path)
+    cfg = OmegaConf.create(stored.config)
     state = read_checkpoint_state(path)
     components = build(cfg)
     saved = restore(state, components.problem)
     writer = ResultsWriter(path, resume=True)
     writer.truncate_to_epoch(saved["loop"]["epoch"])
-    return _train(cfg, components, writer, saved, progress)
+    return _train(cfg, components, writer, saved, progress, stored.attrs)
 
 
-def _train(cfg: DictConfig, components: Components, writer: ResultsWriter, saved: dict | None, progress) -> RunSummary:
+def _logger(cfg: DictConfig, components: Components, path: Path, start_epoch: int, attrs: dict) -> RunLogger | None:
+    """The run's logger (``loggers.py``), opened; None for ``logger=none``."""
+    backend = components.logger
+    if not backend.active:
+        return None
+    logger = RunLogger(backend, backend.option)
+    overrides = [line for line in str(attrs.get("overrides", "")).splitlines() if line]
+    context = LogContext(
+        results_path=path,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        overrides=overrides,
+        group=str(attrs.get("group", "")) or None,
+        first_epoch=start_epoch,
+        image_shape=components.dataset.image_shape,
+    )
+    logger.open(context)
+    return logger
+
+
+def _train(
+    cfg: DictConfig, components: Components, writer: ResultsWriter, saved: dict | None, progress, attrs: dict
+) -> RunSummary:
     problem, trainer = components.problem, components.trainer
     start_epoch = 0 if saved is None else saved["loop"]["epoch"] + 1
+    logger = _logger(cfg, components, writer.path, start_epoch, attrs)
     bar = tqdm(
         total=trainer.max_epochs,
         initial=start_epoch,
@@ -92,8 +124,8 @@ def _train(cfg: DictConfig, components: Components, writer: ResultsWriter, saved
     previous_handler = (
         signal.signal(signal.SIGTERM, guard.handler) if threading.current_thread() is threading.main_thread() else None
     )
+    evaluate = EpochRecorder(cfg, components, writer, guard, bar, logger)
     try:
-        evaluate = EpochRecorder(cfg, components, writer, guard, bar)
         outcome = fit(trainer, problem, evaluate, Checkpointer(cfg, problem, writer, guard), saved)
         bar.close()
         final, summary = final_evaluation(cfg, components, outcome, writer.path)
@@ -101,17 +133,26 @@ def _train(cfg: DictConfig, components: Components, writer: ResultsWriter, saved
             writer.write_group("final", final)
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM as RunInterrupted
         _close(writer, guard, bar, "interrupted", repr(error))
+        _close_logger(logger, "interrupted", evaluate.last)
         signum = error.signum if isinstance(error, RunInterrupted) else signal.SIGINT
         raise RunInterrupted(signum, writer.path) from error
     except BaseException as error:
         _close(writer, guard, bar, "failed", f"{type(error).__name__}: {error}")
+        _close_logger(logger, "failed", evaluate.last)
         raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     with guard.writing():
         writer.close("finished")
+    _close_logger(logger, "finished", evaluate.last)
     return summary
+
+
+def _close_logger(logger: RunLogger | None, status: str, last) -> None:
+    """After the results file is closed (so that a finished file is complete when a backend copies it)."""
+    if logger is not None:
+        logger.close(status, last)
 
 
 def _close(writer: ResultsWriter, guard: SignalGuard, bar, status: str, reason: str) -> None:
