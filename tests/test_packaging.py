@@ -69,6 +69,7 @@ def test_the_installed_default_and_an_experiment_run_from_outside_the_checkout(i
             environment / "bin" / "sparse-elbo",
             "experiment=patches_em_small",
             "trainer.max_epochs=1",
+            "trainer.average_last_epochs=1",
             "dataset.n_patches=1000",
             "device=cpu",
             f"hydra.run.dir={work}/patches",

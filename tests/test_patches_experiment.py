@@ -1,4 +1,4 @@
-"""The CPU-sized natural-image experiment learns localised fields (issue: patches_em_small)."""
+"""The CPU-sized natural-image experiment is the CPU-sized ``patches_em`` and learns localised fields."""
 
 from __future__ import annotations
 
@@ -12,17 +12,25 @@ from sparse_elbo.runner import run
 
 
 @pytest.mark.slow
-def test_patches_em_small_learns_fields_far_more_localised_than_random(tmp_path):
+def test_patches_em_small_is_the_cpu_sized_patches_em_and_learns_localised_fields(tmp_path):
+    """The paper-size ``patches_em`` ends with a median localisation of 0.54–0.58 over five seeds (random fields:
+    about 0.99); this run, seed 0, ends at 0.568 on this code. The margin (0.62) fails a run whose fields stay as
+    spread as the former random-start setting's (0.80), and the share of noise-like fields (localisation above
+    0.88, which no random field is below) must stay small."""
     cfg = sparse_elbo.compose(["experiment=patches_em_small", "device=cpu"])
-    assert cfg.trainer._target_.endswith("EMTrainer") and cfg.annealing._target_.endswith("StepAnnealing")
+    paper = sparse_elbo.compose(["experiment=patches_em"])
+    assert cfg.trainer == {
+        **paper.trainer,
+        "subset_size": 10240,
+        "initialisation": {**paper.trainer.initialisation, "n_points": None},
+    }
+    assert cfg.annealing == paper.annealing  # temperature annealing at λ_0 from the MAP start
     summary = run(cfg, tmp_path, progress=False)
     results = read_results(summary.results_path)
-    learned = np.median(results.final["localisation"])
+    local = np.asarray(results.final["localisation"])
     rng = np.random.default_rng(0)
-    random_fields = np.median(localisation_index(rng.normal(size=(256, 1000)), (16, 16)))  # about 0.99
-    assert learned < random_fields - 0.1, (learned, random_fields)
-    # annealing ran as the authors' schedule and the unweighted ELBO rose once it ended
-    np.testing.assert_array_equal(results.metrics["weight_prior"], [10, 8, 6, 4, 2, 1, 1, 1, 1, 1])
-    elbo = results.metrics["elbo"]
-    assert np.all(np.diff(elbo[5:]) > -1e-3) and elbo[-1] > elbo[4]
-    assert results.final["W"].shape == (256, 64)
+    assert localisation_index(rng.normal(size=(256, 1000)), (16, 16)).min() > 0.88  # what noise-like means
+    assert np.median(local) < 0.62, np.median(local)
+    assert np.mean(local > 0.88) <= 0.10, np.sort(local)[-10:]
+    np.testing.assert_array_equal(results.metrics["weight_prior"], [10, 8, 6, 4, 2] + [1] * 11)
+    assert results.final["W"].shape == (256, 100) and summary.train_time < 120

@@ -84,7 +84,7 @@ def test_every_shipped_experiment_builds_at_a_small_size(experiment, tmp_path):
 
 @pytest.mark.parametrize(
     "experiment,same_schedule",
-    [("patches_em", "patches_em_prior_annealing"), ("patches_em_small", "patches_em_small")],
+    [("patches_em", "patches_em_prior_annealing"), ("patches_em_small", "patches_em_small_prior_annealing")],
 )
 def test_the_authors_procedure_on_an_experiments_data_is_its_sibling_experiment(experiment, same_schedule):
     """``experiment=<name>_authors`` runs the authors' procedure as configured (100 E-step iterations per
@@ -105,7 +105,7 @@ def test_the_authors_procedure_on_an_experiments_data_is_its_sibling_experiment(
     "experiment,message",
     [
         (
-            "patches_em_small",
+            "patches_em_small_prior_annealing",
             r"trainer\.em_iterations_per_epoch is not a setting of AuthorsEMTrainer .*sibling experiment",
         ),
         # the experiment's choice of E-step (and of start) has no place there
@@ -303,7 +303,7 @@ def test_cli_runs_and_prints_a_summary(tmp_path):
         ("resume=/nowhere/results.h5", "resume='/nowhere/results.h5': no such results file"),
         ("posterior=full n_latents=20000", "reduce n_latents or dataset.n_data"),
         (
-            "experiment=patches_em_small trainer=adam",
+            "experiment=patches_em_small_prior_annealing trainer=adam",
             "trainer.driver, trainer.em_iterations_per_epoch are not settings of AdamTrainer",
         ),
     ],
