@@ -25,8 +25,9 @@ import skimage.data
 import skimage.util
 
 import sparse_elbo
+from sparse_elbo.metrics import NOISE_LIKE_LOCALISATION_16X16
 
-NOISE_LIKE = 0.88  # localisation index above which a field is as spread as a random one (module docstring)
+NOISE_LIKE = NOISE_LIKE_LOCALISATION_16X16  # above it a field is as spread as a random one (module docstring)
 
 
 def _whitened(image: np.ndarray, f0_fraction: float = 0.3) -> np.ndarray:

@@ -9,7 +9,8 @@ The path the command line takes, as functions::
 
 ``resume(path)`` continues an interrupted run from its checkpoint; ``load(path)`` gives the trained model
 (encode, reconstruct and score new data); ``score_dictionary(x, W)`` is ``max_q L_H`` of any dictionary on
-data; ``denoise_image(noisy)`` denoises a grey image. None of them changes a setting of the process;
+data; ``denoise_image(noisy)`` denoises a grey image; ``pretrained(name)`` is a dictionary shipped with the package
+(``list_pretrained()`` names them), the same kind of model as ``load`` gives. None of them changes a setting of the process;
 ``retain_freed_memory()`` makes malloc keep freed memory for reuse, as the command line does
 (``sparse_elbo/runner/memory.py``): a script that trains may call it first.
 """
@@ -19,7 +20,9 @@ from sparse_elbo.version import __version__
 __all__ = [
     "compose",
     "denoise_image",
+    "list_pretrained",
     "load",
+    "pretrained",
     "read_results",
     "resume",
     "retain_freed_memory",
@@ -48,6 +51,10 @@ def __getattr__(name: str):
         from sparse_elbo.trained import load
 
         return load
+    if name in ("pretrained", "list_pretrained"):
+        from sparse_elbo import bundles
+
+        return getattr(bundles, name)
     if name == "score_dictionary":
         from sparse_elbo.inference.fit import score_dictionary
 

@@ -5,15 +5,17 @@ Every overlapping ``p×p`` patch of the noisy image has its mean removed and is 
 patch's mean, is averaged back into the image: each pixel is the mean of the estimates of every patch that
 covers it. The noise level is never given: the model's σ² is learned.
 
-- ``denoise_image(noisy, model)``: with a model learned elsewhere (e.g. from clean images);
+- ``denoise_image(noisy, model)``: with a model learned elsewhere (``sparse_elbo.load``), or a pretrained
+  bundle given by name (``denoise_image(noisy, "patches8_denoise")``);
 - ``denoise_image(noisy)``: blind — the model is first learned from the noisy image's own patches
   (``experiment=denoise``), then used on them.
 
 Command line: ``python -m sparse_elbo.denoise image=PATH [results=PATH] [out=PATH] [key=value ...]``. Settings:
 
     image         a grey or colour image file (read as grey, scaled to [0, 1]) or a .npy array (required)
-    results       a trained model's results.h5; none: learn one from the image's own patches (blind)
-    refit_scales  with results=: learn σ², λ afresh from this image's patches (true) or keep the model's
+    results       a trained model's results.h5;  pretrained: a shipped bundle's name (sparse_elbo.list_pretrained())
+                  neither: learn a model from the image's own patches (blind)
+    refit_scales  with results= or pretrained=: learn σ², λ afresh from this image's patches (true) or keep the model's
     out           the denoised image (.png, .tif, .bmp, .jpg or .npy; default: beside the image), in a folder
                   that exists; never overwritten
     patch_size    p of the p×p patches (blind model);  stride: pixels between patches
@@ -98,7 +100,7 @@ def learn_from_image(
 
 def denoise_image(
     noisy,
-    model: TrainedModel | None = None,
+    model: TrainedModel | str | None = None,
     *,
     refit_scales: bool = False,
     patch_size: int | None = None,
@@ -108,12 +110,12 @@ def denoise_image(
     overrides: tuple[str, ...] = (),
     seed: int = 0,
 ) -> np.ndarray:
-    """The denoised image (module docstring); ``model=None`` learns one from ``noisy`` first (blind), with
+    """The denoised image (module docstring); ``model`` is a trained model or a pretrained bundle's name;
+    ``model=None`` learns one from ``noisy`` first (blind), with
     ``overrides`` to ``experiment=denoise`` and patches of ``patch_size`` (8 when not given). With a model
     learned elsewhere, ``refit_scales=True`` learns σ², λ afresh from the noisy image's patches (the noise
     level of the image is then learned, not taken from the data the model was trained on)."""
-    if model is None:
-        model = learn_from_image(noisy, patch_size or 8, overrides, seed=seed)
+    model = learn_from_image(noisy, patch_size or 8, overrides, seed=seed) if model is None else _raw_patch_model(model)
     side = int(round(model.n_observed**0.5))
     if side * side != model.n_observed or (patch_size is not None and patch_size != side):
         raise ConfigError(f"the model's D = {model.n_observed} is not a {patch_size or 'square'} patch's pixel count")
@@ -124,6 +126,18 @@ def denoise_image(
         model = model.with_scales_fitted_to(patches - dc)
     estimates = model.reconstruct(patches - dc, iterations=iterations, batch_size=batch_size) + dc
     return average_patches(estimates, image.shape, side, stride)
+
+
+def _raw_patch_model(model) -> TrainedModel:
+    from sparse_elbo.bundles import as_model
+
+    model = as_model(model)
+    if (model.info.get("preprocessing") or {}).get("whiten_images"):
+        raise ConfigError(
+            f"the model {model.source} was learned on whitened patches; denoising needs one learned on raw patches "
+            "(dataset.whiten_images=false), e.g. a denoise bundle of sparse_elbo.list_pretrained()"
+        )
+    return model
 
 
 def psnr(clean: np.ndarray, estimate: np.ndarray, peak: float = 1.0) -> float:
@@ -137,8 +151,9 @@ def psnr(clean: np.ndarray, estimate: np.ndarray, peak: float = 1.0) -> float:
 @dataclass
 class DenoiseSettings:
     image: str = "???"  # a grey or colour image file (read as grey, scaled to [0, 1]) or a .npy array
-    results: str | None = None  # a trained model's results.h5; none: learn one from the image (blind)
-    refit_scales: bool = True  # with results=: learn sigma^2, lambda afresh from this image's patches
+    results: str | None = None  # a trained model's results.h5
+    pretrained: str | None = None  # or a shipped bundle's name; neither: learn one from the image (blind)
+    refit_scales: bool = True  # with results= or pretrained=: learn sigma^2, lambda afresh from this image's patches
     out: str | None = None  # where to write the denoised image (.png, .npy); default: beside the image
     patch_size: int = 8
     stride: int = 1
@@ -179,11 +194,15 @@ def write_image(path: Path, image: np.ndarray) -> None:
 def main(arguments: list[str]) -> None:
     settings = settings_from_arguments(DenoiseSettings, arguments)
     memory.retain_freed_memory()  # the command line's choice for its process (runner/memory.py)
+    if settings.results and settings.pretrained:
+        raise ConfigError("give results= or pretrained=, not both")
     if settings.out:
         output_file(settings.out, "out", OUT_SUFFIXES)  # before the image is read
     noisy = read_image(settings.image)
     out = output_file(settings.out or Path(settings.image).with_suffix(".denoised.png"), "out", OUT_SUFFIXES)
     model = TrainedModel.load(settings.results) if settings.results else None
+    if settings.pretrained:
+        model = _raw_patch_model(settings.pretrained)
     denoised = denoise_image(
         noisy,
         model,

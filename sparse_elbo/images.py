@@ -358,6 +358,38 @@ def _vanhateren_source(path, key, axis, pattern):
 _FILE_SOURCES = {"mat": _mat_source, "npy": _npy_source, "folder": _folder_source, "vanhateren": _vanhateren_source}
 
 
+def _builtin_source(path, images, whiten_images: bool):
+    if path is not None and str(path) != "":
+        raise ConfigError(
+            f"dataset.path={str(path)!r} is set but dataset.source=builtin uses no files; "
+            f"set dataset.source to one of {list(SOURCES[1:])}"
+        )
+    chosen = _builtin_choice(images)
+    pool = _whitened_builtin() if whiten_images else _builtin_raw()
+    return [pool[i] for i in chosen], [BUILTIN_IMAGES[i] for i in chosen], {}
+
+
+def _file_source(source: str, path, key, axis, pattern, whiten_images: bool, images):
+    if images is not None:
+        raise ConfigError(f"dataset.images chooses among the bundled photographs; it needs dataset.source=builtin, not {source}")
+    if path is None or str(path) == "":
+        raise ConfigError(f"dataset.path must name the images to read with dataset.source={source}")
+    pictures, names, info = _FILE_SOURCES[source](path, key=key, axis=axis, pattern=pattern)
+    info["path"] = str(Path(str(path)).expanduser().resolve())
+    return (_whiten_all(pictures, names) if whiten_images else pictures), names, info
+
+
+def _builtin_choice(images) -> list[int]:
+    """The indices in ``BUILTIN_IMAGES`` of the photographs ``dataset.images`` names (all when None)."""
+    if images is None:
+        return list(range(len(BUILTIN_IMAGES)))
+    names = [images] if isinstance(images, str) else list(images)
+    unknown = [name for name in names if name not in BUILTIN_IMAGES]
+    if unknown or not names or len(set(names)) < len(names):
+        raise ConfigError(f"dataset.images must name distinct bundled photographs among {list(BUILTIN_IMAGES)}, got {names}")
+    return [BUILTIN_IMAGES.index(name) for name in names]
+
+
 def _whiten_all(images: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
     white = []
     for name, image in zip(names, images):
@@ -380,10 +412,12 @@ def make_image_patches(
     whiten_images: bool = True,
     remove_dc: bool = False,
     seed: int = 0,
+    images: list[str] | None = None,
 ) -> Dataset:
     """Random ``p×p`` patches of (whitened) natural images -> ``Dataset`` with ``x (n_patches, p²)``.
 
-    source: ``builtin`` (the scikit-image photographs ``BUILTIN_IMAGES``; needs no path), ``mat`` (``path``
+    source: ``builtin`` (the scikit-image photographs ``BUILTIN_IMAGES``, or the ones ``images`` names;
+    needs no path), ``mat`` (``path``
     to a .mat file, variable ``key``, images along ``image_axis``), ``npy`` (``path`` to a .npy file with one
     image, or a stack with the images along ``image_axis``), ``folder`` (image files in ``path``
     matching ``pattern``, default ``*``) or ``vanhateren`` (``.iml`` files in ``path`` matching ``pattern``,
@@ -405,25 +439,15 @@ def make_image_patches(
         if not isinstance(flag, (bool, np.bool_)):
             raise ConfigError(f"dataset.{name} must be true or false, got {flag!r}")
     if source == "builtin":
-        if path is not None and str(path) != "":
-            raise ConfigError(
-                f"dataset.path={str(path)!r} is set but dataset.source=builtin uses no files; "
-                f"set dataset.source to one of {list(SOURCES[1:])}"
-            )
-        images, names, info = list(_whitened_builtin()) if whiten_images else list(_builtin_raw()), list(BUILTIN_IMAGES), {}
+        pictures, names, info = _builtin_source(path, images, whiten_images)
     else:
-        if path is None or str(path) == "":
-            raise ConfigError(f"dataset.path must name the images to read with dataset.source={source}")
-        images, names, info = _FILE_SOURCES[source](path, key=key, axis=image_axis, pattern=pattern)
-        info["path"] = str(Path(str(path)).expanduser().resolve())
-        if whiten_images:
-            images = _whiten_all(images, names)
+        pictures, names, info = _file_source(source, path, key, image_axis, pattern, whiten_images, images)
     info["source"] = source
-    patches = extract_patches(images, p, n + n_held, seed, remove_dc=remove_dc)  # (n + n_held, p²)
+    patches = extract_patches(pictures, p, n + n_held, seed, remove_dc=remove_dc)  # (n + n_held, p²)
     x = validate_data(patches[:n], "dataset=image_patches")
     info.update(
         images=names,
-        image_shapes=[tuple(int(s) for s in image.shape) for image in images],
+        image_shapes=[tuple(int(s) for s in image.shape) for image in pictures],
         whitened=bool(whiten_images),
         remove_dc=bool(remove_dc),
         held_out=patches[n:].copy() if n_held else None,

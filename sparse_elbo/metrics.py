@@ -57,6 +57,11 @@ def match_fields(W_learned: np.ndarray, W_true: np.ndarray, threshold: float = 0
     return FieldMatch(assignment=cols, cosines=cosines, min_cosine=min_cos, recovered=min_cos >= threshold)
 
 
+# A 16x16 field whose localisation index is above this is noise-like: spread over the patch as noise is (the most
+# localised of 2,000 random Gaussian 16x16 fields scores 0.887; scripts/bench_small_fields.py measures it).
+NOISE_LIKE_LOCALISATION_16X16 = 0.88
+
+
 def localisation_index(W: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
     """Spatial spread of each field's energy relative to that of a uniform field (1 ≈ unlocalised,
     small = localised):

@@ -63,13 +63,25 @@ def _check_finished(results: Results, path: Path) -> None:
             raise ConfigError(f"{path}: /final/{key} is missing; not a complete results file")
 
 
+def preprocessing(config: dict) -> dict | None:
+    """How the patches of a run on ``dataset=image_patches`` were made (None for other data): the settings a
+    user repeats on new patches before encoding them."""
+    dataset = config.get("dataset", {})
+    if not str(dataset.get("_target_", "")).endswith("make_image_patches"):
+        return None
+    keys = ("source", "images", "patch_size", "whiten_images", "remove_dc", "n_patches")
+    return {key: dataset.get(key) for key in keys}
+
+
 class TrainedModel:
     """W (D,H), σ², λ (H,) and the prior of a trained run, with its posterior family (``diag``, ``full`` or
     ``amortized`` with the trained encoder), on ``device`` in ``dtype`` (module docstring)."""
 
-    def __init__(self, model: SparseCodingModel, posterior, source: str = ""):
+    def __init__(self, model: SparseCodingModel, posterior, source: str = "", info: dict | None = None):
         self.model, self.posterior, self.source = model, posterior, source
         self.family = posterior.family
+        # a pretrained bundle's description (sparse_elbo.pretrained); for a run on image patches, its preprocessing
+        self.info = info or {}
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> TrainedModel:
@@ -80,17 +92,40 @@ class TrainedModel:
         results = read_results(path)
         _check_finished(results, path)
         cfg = OmegaConf.create(results.config)
-        W = torch.as_tensor(np.asarray(results.final["W"]), dtype=torch.float64)
+        final = results.final
+        info = {"preprocessing": preprocessing(results.config)} if preprocessing(results.config) else {}
+        model = cls.from_arrays(
+            final["W"], final["sigma2"], final["lambda"], cfg.model, cfg.posterior, device, dtype, str(path), info
+        )
+        if model.posterior.amortized:
+            _load_encoder(model.posterior, final.get("posterior", {}), path)
+        return model
+
+    @classmethod
+    def from_arrays(
+        cls,
+        W,
+        sigma2,
+        lam,
+        model_cfg,
+        posterior_cfg,
+        device="cpu",
+        dtype=torch.float64,
+        source: str = "",
+        info: dict | None = None,
+    ) -> TrainedModel:
+        """The model ``W (D,H)``, ``σ²``, ``λ (H,)`` with the prior and gauge of ``model_cfg`` and the posterior
+        family of ``posterior_cfg`` (the ``model`` and ``posterior`` nodes of a run's config)."""
+        W = torch.as_tensor(np.asarray(W), dtype=torch.float64)
         D, H = W.shape
-        prior, gauge = instantiate(cfg.model.prior), cfg.model.get("gauge", "unit_norm")
+        model_cfg = OmegaConf.create(model_cfg)
+        prior, gauge = instantiate(model_cfg.prior), model_cfg.get("gauge", "unit_norm")
         model = SparseCodingModel(D, H, prior=prior, gauge=gauge).to(device=device, dtype=dtype)  # then the values, unrounded
         model.set_dictionary(W.to(device=device, dtype=dtype))
-        sigma2 = torch.as_tensor(float(results.final["sigma2"]), device=device, dtype=dtype)
-        model.set_noise_and_prior_scale(sigma2, torch.as_tensor(np.asarray(results.final["lambda"]), device=device, dtype=dtype))
-        posterior = instantiate(cfg.posterior)(n_data=1, n_latents=H, n_observed=D)
-        if posterior.amortized:
-            _load_encoder(posterior, results.final.get("posterior", {}), path)
-        return cls(model, posterior.to(device=device, dtype=dtype), str(path))
+        lam = torch.as_tensor(np.asarray(lam), device=device, dtype=dtype)
+        model.set_noise_and_prior_scale(torch.as_tensor(float(sigma2), device=device, dtype=dtype), lam)
+        posterior = instantiate(OmegaConf.create(posterior_cfg))(n_data=1, n_latents=H, n_observed=D)
+        return cls(model, posterior.to(device=device, dtype=dtype), source, info)
 
     def with_scales_fitted_to(self, x, max_iterations: int = 50) -> TrainedModel:
         """The same dictionary with σ², λ refitted to the data ``x`` (``max_{q, σ², λ} L_H`` at this W,
@@ -101,7 +136,7 @@ class TrainedModel:
         model = copy.deepcopy(self.model)
         with torch.no_grad():
             model.set_noise_and_prior_scale(torch.as_tensor(score.sigma2, dtype=rows.dtype), score.lam.to(rows))
-        return TrainedModel(model, self.posterior, self.source)
+        return TrainedModel(model, self.posterior, self.source, self.info)
 
     @property
     def n_observed(self) -> int:

@@ -20,7 +20,7 @@ from sparse_elbo.trainers.base import KINDS, OBJECTIVES, Capabilities, Trainer
 
 PACKAGE = Path(sparse_elbo.__file__).resolve().parent
 # closed forms -> distributions -> model -> objectives -> problem -> inference -> trainers -> evaluation ->
-# runner and trained models -> the API, the tools and the reporting (report/). A module imports only from its
+# runner, trained models and the bundles -> the API, the tools and the reporting (report/). A module imports only from its
 # own layer or the layers before it.
 LAYERS = [
     {"version", "errors", "validation", "config", "closed_forms", "annealing", "data", "images", "results", "metrics"},
@@ -31,7 +31,7 @@ LAYERS = [
     {"inference"},
     {"trainers", "initialisation"},
     {"evaluation", "held_out", "gradients"},
-    {"runner", "trained"},
+    {"runner", "trained", "bundles"},
     {"__init__", "cli", "train", "encode", "denoise", "report"},
 ]
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}

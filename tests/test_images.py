@@ -208,6 +208,21 @@ def test_builtin_unwhitened_patches_come_from_the_raw_images():
         np.testing.assert_array_equal(patch.reshape(5, 5), raw[i][r : r + 5, c : c + 5])
 
 
+def test_builtin_images_can_be_chosen_by_name():
+    chosen = ["grass", "rocket"]
+    data = make_image_patches(patch_size=5, n_patches=50, whiten_images=False, seed=3, images=chosen)
+    raw = {name: image for name, image in zip(BUILTIN_IMAGES, builtin_images())}
+    _, positions = extract_patches([raw[name] for name in chosen], 5, 50, seed=3, return_positions=True)
+    for patch, (i, r, c) in zip(data.x, positions):
+        np.testing.assert_array_equal(patch.reshape(5, 5), raw[chosen[i]][r : r + 5, c : c + 5])
+    assert data.info["images"] == chosen
+    for wrong in (["camera", "lena"], [], ["grass", "grass"]):
+        with pytest.raises(ConfigError, match=r"dataset\.images must name distinct bundled photographs among \["):
+            make_image_patches(patch_size=5, n_patches=10, images=wrong)
+    with pytest.raises(ConfigError, match=r"dataset\.images .* needs dataset\.source=builtin, not mat"):
+        make_image_patches(source="mat", path="x.mat", images=["camera"])
+
+
 def test_held_out_patches_are_separate_from_the_training_patches():
     data = make_image_patches(patch_size=6, n_patches=400, held_out=100, seed=4)
     everything = extract_patches(images._whitened_builtin(), 6, 500, seed=4)

@@ -218,7 +218,7 @@ def test_the_encode_command_writes_codes_and_elbo_beside_the_data(trained, tmp_p
     np.save(tmp_path / "wide.npy", np.ones((4, 11)))
     for arguments, message in (
         ([f"data={tmp_path / 'wide.npy'}", f"results={path}"], "data must have shape (N, 9)"),
-        ([f"data={tmp_path / 'new.npy'}"], "results is required"),
+        ([f"data={tmp_path / 'new.npy'}"], "give the model as results=PATH"),
         ([f"results={path}", f"data={tmp_path / 'nothing.npy'}"], "no such file"),
         ([f"results={path}", f"data={tmp_path / 'new.npy'}", "batch_size=zero"], "batch_size"),
     ):
