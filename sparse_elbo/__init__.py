@@ -9,7 +9,7 @@ The path the command line takes, as functions::
 
 ``resume(path)`` continues an interrupted run from its checkpoint; ``load(path)`` gives the trained model
 (encode, reconstruct and score new data); ``score_dictionary(x, W)`` is ``max_q L_H`` of any dictionary on
-data; ``denoise_image(noisy)`` denoises a grey image; ``pretrained(name)`` is a dictionary shipped with the package
+data; ``denoise_image(noisy)`` denoises a grey image, ``inpaint_image(image, mask)`` fills its missing pixels; ``pretrained(name)`` is a dictionary shipped with the package
 (``list_pretrained()`` names them), the same kind of model as ``load`` gives. None of them changes a setting of the process;
 ``retain_freed_memory()`` makes malloc keep freed memory for reuse, as the command line does
 (``sparse_elbo/runner/memory.py``): a script that trains may call it first.
@@ -20,6 +20,7 @@ from sparse_elbo.version import __version__
 __all__ = [
     "compose",
     "denoise_image",
+    "inpaint_image",
     "list_pretrained",
     "load",
     "pretrained",
@@ -51,6 +52,10 @@ def __getattr__(name: str):
         from sparse_elbo.trained import load
 
         return load
+    if name == "inpaint_image":
+        from sparse_elbo.inpaint import inpaint_image
+
+        return inpaint_image
     if name in ("pretrained", "list_pretrained"):
         from sparse_elbo import bundles
 

@@ -164,22 +164,23 @@ class DenoiseSettings:
 OUT_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg", ".npy")
 
 
-def read_image(path: str) -> np.ndarray:
-    """The image ``image=`` names, as float64: a .npy array as stored; any other file read with
-    ``skimage.io.imread``, as grey in [0, 1]. A file that is not what its name says is a one-line user error."""
+def read_image(path: str, argument: str = "image") -> np.ndarray:
+    """The image the setting ``argument`` names, as float64: a .npy array as stored (booleans as 0/1); any
+    other file read with ``skimage.io.imread``, as grey in [0, 1]. A file that is not what its name says is a
+    one-line user error."""
     file = Path(path)
     if not file.is_file():
-        raise MissingFileError(f"image={path!r}: no such file")
+        raise MissingFileError(f"{argument}={path!r}: no such file")
     if file.suffix.lower() == ".npy":
-        array = load_npy(path, "image")
-        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-            raise ConfigError(f"image={path!r}: expected a real numeric array, got dtype {array.dtype}")
+        array = load_npy(path, argument)
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+            raise ConfigError(f"{argument}={path!r}: expected a real numeric array, got dtype {array.dtype}")
         return array.astype(np.float64)
     import skimage.io
 
-    with reading(path, "image", IMAGE_UNREADABLE, "the file as an image"):
+    with reading(path, argument, IMAGE_UNREADABLE, "the file as an image"):
         raw = skimage.io.imread(file)
-    return to_grey_float(raw, f"image={path!r}")
+    return to_grey_float(raw, f"{argument}={path!r}")
 
 
 def write_image(path: Path, image: np.ndarray) -> None:

@@ -131,6 +131,22 @@ def _builtin_raw() -> tuple[np.ndarray, ...]:
     return tuple(images)
 
 
+def photograph(name: str, downsample: int = 2) -> np.ndarray:
+    """A photograph of ``skimage.data`` (e.g. ``camera``, ``astronaut``) as grey float64 in [0, 1], averaged
+    down ``downsample``× in each direction (the denoising and inpainting benchmarks' images)."""
+    import skimage.data
+
+    loader = getattr(skimage.data, name, None)
+    if loader is None or not callable(loader):
+        raise ConfigError(f"image {name!r} is not a photograph of skimage.data")
+    image = to_grey_float(loader(), f"skimage.data.{name}")
+    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
+        raise ConfigError(f"downsample must be an integer >= 1, got {downsample!r}")
+    k = downsample
+    rows, cols = (s // k * k for s in image.shape)
+    return image[:rows, :cols].reshape(rows // k, k, cols // k, k).mean(axis=(1, 3))
+
+
 def builtin_images() -> list[np.ndarray]:
     """The grey natural photographs in the scikit-image wheel, in ``BUILTIN_IMAGES`` order, float64 in [0, 1].
 

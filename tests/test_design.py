@@ -32,7 +32,7 @@ LAYERS = [
     {"trainers", "initialisation"},
     {"evaluation", "held_out", "gradients"},
     {"runner", "trained", "bundles"},
-    {"__init__", "cli", "train", "encode", "denoise", "report"},
+    {"__init__", "cli", "train", "encode", "denoise", "inpaint", "report"},
 ]
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}
 

@@ -59,7 +59,7 @@ class EStepObjective(Protocol):
         """The loss of the block of data ``x (B,D)`` (posterior parameters passed at each call)."""
 
 
-def _autograd_loss(value_of: Callable, gaussian_of: Callable) -> BlockLoss:
+def autograd_loss(value_of: Callable, gaussian_of: Callable) -> BlockLoss:
     """``value_of(q) -> loss`` differentiated by autograd with respect to the block's parameters, with
     ``q = gaussian_of(block)``."""
 
@@ -102,7 +102,7 @@ class AnalyticEStep:
             return _fused_loss(kernel(x, model, weights))
         size, at = x.shape[0], _held_scales(model, weights)
         unheld = replace(weights, prior_scale=None)  # the held λ is in ``at``
-        return _autograd_loss(lambda q: -size * AnalyticELBO()(x, q, at, unheld).weighted, posterior.gaussian)
+        return autograd_loss(lambda q: -size * AnalyticELBO()(x, q, at, unheld).weighted, posterior.gaussian)
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ class EntropyEStep:
             value = EntropyELBO.from_statistics(q.entropy().sum() / others.count, statistics, x.shape[1], model.prior, weights)
             return -others.count * value.weighted
 
-        return _autograd_loss(negative_total, posterior.gaussian)
+        return autograd_loss(negative_total, posterior.gaussian)
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class BatchEntropyEStep:
 
     def block_loss(self, x, posterior, model, weights, context=None) -> BlockLoss:
         gaussian_of = posterior.signed_gaussian if self.signed_scale else posterior.gaussian
-        return _autograd_loss(lambda q: -EntropyELBO()(x, q, model, weights).weighted, gaussian_of)
+        return autograd_loss(lambda q: -EntropyELBO()(x, q, model, weights).weighted, gaussian_of)
 
 
 @contextlib.contextmanager
