@@ -49,12 +49,15 @@ def test_the_wheel_ships_the_configs_and_imports_from_the_environment(installed)
         [
             environment / "bin" / "python",
             "-c",
-            "import sparse_elbo, sparse_elbo.config as c; print(sparse_elbo.__file__); print(c.config_dir())",
+            "import sparse_elbo, sparse_elbo.config as c; print(sparse_elbo.__file__); print(c.config_dir()); "
+            "print(','.join(sparse_elbo.list_pretrained())); print(sparse_elbo.pretrained('patches8_denoise').source)",
         ],
         work,
     )
     assert out.returncode == 0, out.stderr
-    package, configs = out.stdout.split()
+    package, configs, bundles, source = out.stdout.split()
+    assert set(bundles.split(",")) == {path.stem for path in (REPO / "sparse_elbo" / "bundled").glob("*.json")}
+    assert source == "pretrained:patches8_denoise"
     assert package.startswith(str(environment)) and configs.startswith(str(environment))
     assert (Path(configs) / "train.yaml").is_file() and (Path(configs) / "experiment" / "patches_em.yaml").is_file()
 
