@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sparse_elbo import closed_forms
+from sparse_elbo import closed_forms, parallel
 from sparse_elbo.validation import invalid, require_one_of
 
 TERMS = ("likelihood", "prior", "entropy")
@@ -50,7 +50,9 @@ def initial_prior_scale(x: torch.Tensor, W: torch.Tensor, prior, block_size: int
     for start in range(0, x.shape[0], block_size):
         codes = closed_forms.least_squares_codes(x[start : start + block_size], W)  # (B,H)
         total += float(codes.abs().pow(prior.statistic_degree).sum())
-    return total / (x.shape[0] * W.shape[1])
+    if parallel.sharing() is not None:  # the data points of every rank
+        total = float(parallel.summed(torch.tensor(total, device=x.device))[0])
+    return total / (parallel.count(x.shape[0]) * W.shape[1])
 
 
 def _terms(term) -> tuple[str, ...]:

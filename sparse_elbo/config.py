@@ -49,3 +49,17 @@ def posterior_family(name: str, per_data_point: bool = False):
     allowed = [family for family in posterior_families() if not (per_data_point and load(family).amortized)]
     require_one_of("family", name, tuple(allowed))
     return load(name)
+
+
+def data_parallel_trainers() -> list[str]:
+    """The trainers shipped as ``configs/trainer/<name>.yaml`` that run on several ranks (their class's
+    ``capabilities.data_parallel``; docs/scaling.md)."""
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    names = sorted(path.stem for path in (config_dir() / "trainer").glob("*.yaml"))
+    return [
+        name
+        for name in names
+        if get_object(OmegaConf.load(config_dir() / "trainer" / f"{name}.yaml")._target_).capabilities.data_parallel
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_elbo import metrics
+from sparse_elbo import metrics, parallel
 from sparse_elbo.annealing import NoAnnealing
 from sparse_elbo.inference.fit import FitSettings, fit_at_dictionary
 from sparse_elbo.model import SparseCodingModel
@@ -33,13 +33,21 @@ def sparseness(
     problem: Problem, n_samples: int = 10, max_data_points: int = 10000, points: torch.Tensor | None = None
 ) -> tuple[float, float]:
     """Gini of |z| over ``n_samples`` posterior samples of (at most) the first ``max_data_points`` points (of
-    ``points``, when given)."""
+    ``points``, when given). Data-parallel: of the first ``max_data_points`` of the whole data set (of each
+    rank's ``points``, as many in all), each rank sampling its own."""
     generator = torch.Generator(device=problem.x.device).manual_seed(problem.seed + 7)
+    ranks, n = parallel.sharing(), problem.x.shape[0]
+    if ranks is None:
+        index = torch.arange(min(n, max_data_points), device=problem.x.device) if points is None else points[:max_data_points]
+        return metrics.posterior_sample_gini(problem.q(index), n_samples, generator)
     if points is None:
-        index = torch.arange(min(problem.x.shape[0], max_data_points), device=problem.x.device)
+        index = parallel.mine(torch.arange(min(parallel.count(n), max_data_points)), n).to(problem.x.device)
     else:
-        index = points[:max_data_points]
-    return metrics.posterior_sample_gini(problem.q(index), n_samples, generator)
+        index = points[: -(-max_data_points // ranks.size)]
+    g = metrics.sample_gini(problem.q(index), n_samples, generator)  # (K, B)
+    total, square, size = parallel.summed(g.sum(), g.square().sum(), torch.tensor(float(g.numel()), device=g.device))
+    mean = total / size
+    return float(mean), float(((square - size * mean**2) / (size - 1)).clamp_min(0.0).sqrt())
 
 
 def ground_truth_elbo(

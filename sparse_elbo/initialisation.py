@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from sparse_elbo import parallel
 from sparse_elbo.problem import Problem
 from sparse_elbo.validation import require_at_least, require_positive
 
@@ -44,6 +45,15 @@ def start_dictionary(initialisation, problem: Problem) -> None:
     start = initialisation(problem.x, own, generator)
     if start is not own:
         problem.model.set_dictionary(start)
+
+
+def _rows(x: torch.Tensor, places: torch.Tensor | None, picks: torch.Tensor) -> torch.Tensor:
+    """The rows ``picks`` (places in the working set over every rank) of the working data  ->  (P,D), on every
+    rank: the rank that holds a row contributes it, the others zeros, and the sum is all-reduced."""
+    if places is None:
+        return x[picks]
+    match = (picks[:, None] == places[None, :]).to(x.dtype)  # (P, n_local)
+    return parallel.summed(match @ x)[0].to(x.dtype)
 
 
 class RandomDictionary:
@@ -68,30 +78,44 @@ class SparseCodingDictionary:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """x (N,D), W (D,H) the model's start  ->  W (D,H) with unit-norm columns, learned from all of x or from
-        ``n_points`` of its rows drawn at random (``generator``) when x has more."""
-        if self.n_points is not None and self.n_points < x.shape[0]:
-            rows = torch.randperm(x.shape[0], generator=generator, device=generator.device)[: self.n_points]
-            x = x[rows.to(x.device)]  # (n_points,D)
-        n, H = x.shape[0], W.shape[1]
-        penalty = self.sparsity * (x.pow(2).sum(-1).mean() / H).sqrt()  # α ()
+        ``n_points`` of its rows drawn at random (``generator``) when x has more. Data-parallel, x is this rank's
+        shard: the rows are drawn from the whole data set, and the sums the dictionary needs are all-reduced."""
+        x, positions, n = self._working_set(x, generator)  # (n_local,D); their places in the working set
+        H = W.shape[1]
+        penalty = self.sparsity * (parallel.mean(x.pow(2).sum(-1), n) / H).sqrt()  # α ()
         W = W / W.norm(dim=0).clamp_min(torch.finfo(x.dtype).tiny)
-        codes = x.new_zeros(n, H)  # S (N,H)
+        codes = x.new_zeros(x.shape[0], H)  # S (N,H)
         for _ in range(self.iterations):
             codes = self._codes(x, W, codes, penalty)
-            usage = torch.linalg.vector_norm(codes, 1, dim=0)  # Σ_n |s_nh| (H,)
-            second_moment = codes.T @ codes  # Σ_n s_n s_nᵀ (H,H)
+            sums = parallel.summed(torch.linalg.vector_norm(codes, 1, dim=0), codes.T @ codes, codes.T @ x)
+            usage, second_moment, cross = (part.to(x.dtype) for part in sums)  # Σ|s_nh| (H,), Σ s sᵀ (H,H), Σ s xᵀ (H,D)
             ridge = 1e-10 * second_moment.diagonal().max().clamp_min(1.0)
-            W = torch.linalg.solve(second_moment + ridge * torch.eye(H, dtype=x.dtype, device=x.device), codes.T @ x).T
+            W = torch.linalg.solve(second_moment + ridge * torch.eye(H, dtype=x.dtype, device=x.device), cross).T
             norms = W.norm(dim=0)  # (H,)
             unused = (usage == 0) | (norms == 0)
             if bool(unused.any()):  # restart dead atoms at random data points
                 picks = torch.randint(n, (int(unused.sum()),), generator=generator, device=generator.device).to(x.device)
-                W[:, unused] = x[picks].T
+                W[:, unused] = _rows(x, positions, picks).T
                 norms = W.norm(dim=0)
                 codes[:, unused] = 0.0
             W = W / norms
             codes.mul_(norms)  # the same product W S at the new column scale (codes is this loop's own array)
         return W
+
+    def _working_set(self, x: torch.Tensor, generator: torch.Generator):
+        """The rows to learn from: all, or ``n_points`` drawn at random; with their places in that set over
+        every rank (None in one process: the rows are the set) and its size."""
+        n_all = parallel.count(x.shape[0])
+        rows = None
+        if self.n_points is not None and self.n_points < n_all:
+            rows = torch.randperm(n_all, generator=generator, device=generator.device)[: self.n_points]
+        if parallel.sharing() is None:
+            return (x if rows is None else x[rows.to(x.device)]), None, x.shape[0] if rows is None else len(rows)
+        start = parallel.sharing().shard(n_all).start
+        if rows is None:
+            return x, start + torch.arange(x.shape[0], device=x.device), n_all
+        places, local = parallel.held(rows.cpu(), x.shape[0])
+        return x[local.to(x.device)], places.to(x.device), len(rows)
 
     def _codes(self, x: torch.Tensor, W: torch.Tensor, codes: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
         """FISTA on ½||x_n - W s_n||² + α||s_n||₁ for every n, warm-started at ``codes`` (N,H).

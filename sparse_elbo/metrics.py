@@ -25,10 +25,14 @@ def gini(values: torch.Tensor) -> torch.Tensor:
     return weighted / (H * total.clamp_min(torch.finfo(values.dtype).tiny))
 
 
+def sample_gini(q, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The Gini coefficient of ``|z|`` of samples ``z ~ q_n``  ->  (K,N)."""
+    return gini(q.rsample(n_samples, generator=generator))  # of (K,N,H)
+
+
 def posterior_sample_gini(q, n_samples: int, generator: torch.Generator | None = None) -> tuple[float, float]:
     """Mean and std of the Gini coefficient of ``|z|`` over samples ``z ~ q_n`` and data points."""
-    z = q.rsample(n_samples, generator=generator)  # (K,N,H)
-    g = gini(z)
+    g = sample_gini(q, n_samples, generator)
     return float(g.mean()), float(g.std())
 
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from sparse_elbo import closed_forms
+from sparse_elbo import closed_forms, parallel
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.validation import invalid
 
@@ -312,6 +312,9 @@ def entropy_statistics(x, q_of, model, block_size: int = 16384, points=None) -> 
         q = q_of(index)
         r, t = EntropyELBO().batch_statistics(x[index], q, model)  # (B,), (B,H)
         residual, prior_stat, entropy = residual + r.sum(), prior_stat + t.sum(0), entropy + q.entropy().sum()
+    if parallel.sharing() is not None:  # the data points of every rank
+        n = parallel.count(n)
+        residual, prior_stat, entropy = (part.to(x.dtype) for part in parallel.summed(residual, prior_stat, entropy))
     return DataStatistics(residual / n, prior_stat / n), entropy / n
 
 
@@ -321,7 +324,7 @@ def exact_value(objective, x, q_of, model, weights=UNIT_WEIGHTS, block_size: int
     (all when None), accumulated over blocks of points; ``weighted`` uses ``weights``, ``elbo`` never does;
     ``q_of(index)``: the Gaussians of data points ``index`` (all when None)."""
     n = x.shape[0] if points is None else len(points)
-    if n <= block_size:
+    if n <= block_size and parallel.sharing() is None:
         return objective(x if points is None else x[points], q_of(points), model, weights)
     if isinstance(objective, EntropyELBO):
         statistics, mean_entropy = entropy_statistics(x, q_of, model, block_size, points)
@@ -330,11 +333,16 @@ def exact_value(objective, x, q_of, model, weights=UNIT_WEIGHTS, block_size: int
         (len(index), objective(x[index], q_of(index), model, weights))
         for index in _blocks(x.shape[0], points, block_size, x.device)
     ]
-    terms = {name: sum(m * v.terms[name] for m, v in values) / n for name in values[0][1].terms}
+    names = list(values[0][1].terms)
+    sums = [sum(m * v.elbo for m, v in values), sum(m * v.weighted for m, v in values)]
+    sums += [sum(m * v.terms[name] for m, v in values) for name in names]
+    if parallel.sharing() is not None:  # the data points of every rank
+        n = parallel.count(n)
+        sums = [part.to(x.dtype) for part in parallel.summed(*sums)]
     return ObjectiveValue(
-        elbo=sum(m * v.elbo for m, v in values) / n,
-        weighted=sum(m * v.weighted for m, v in values) / n,
-        terms=terms,
+        elbo=sums[0] / n,
+        weighted=sums[1] / n,
+        terms=dict(zip(names, (t / n for t in sums[2:]))),
         sigma2=model.sigma2,
         lam=model.lam,
     )

@@ -23,7 +23,19 @@ PACKAGE = Path(sparse_elbo.__file__).resolve().parent
 # runner, trained models and the bundles -> the API, the tools and the reporting (report/). A module imports only from its
 # own layer or the layers before it.
 LAYERS = [
-    {"version", "errors", "validation", "config", "closed_forms", "annealing", "data", "images", "results", "metrics"},
+    {
+        "version",
+        "errors",
+        "validation",
+        "config",
+        "parallel",
+        "closed_forms",
+        "annealing",
+        "data",
+        "images",
+        "results",
+        "metrics",
+    },
     {"gaussians", "priors"},
     {"model", "posteriors", "encoders"},
     {"objectives"},

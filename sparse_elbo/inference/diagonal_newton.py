@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from sparse_elbo import closed_forms
+from sparse_elbo import closed_forms, parallel
 from sparse_elbo.inference.kernels import capped_density
 from sparse_elbo.inference.registry import POSTERIOR_FITS
 from sparse_elbo.inference.statistics import block_size as default_block_size
@@ -82,15 +82,25 @@ class DiagonalNewtonFit:
         self.row_energy = x.pow(2).sum(-1)  # ||x_n||² (N,)
         self.blocks = [slice(start, start + block_size) for start in range(0, x.shape[0], block_size)]
         self.value = None
+        self.n_total = parallel.count(x.shape[0])  # data points over every rank
         if mean is None:
             self.mean = x @ torch.linalg.pinv(W).T  # least-squares codes (N,H)
-            residual = (x - self.mean @ W.T).pow(2).mean()
-            self.sigma2 = residual + 1e-3 * x.pow(2).mean()
-            self.lam = self.mean.abs().mean(0).clamp_min(torch.finfo(x.dtype).tiny)
+            self.sigma2, self.lam = self._start_scales(x, W)
             self.log_std = (-0.5 * torch.log(self.gram_diagonal / self.sigma2 + self.lam**-2)).expand_as(self.mean).clone()
         else:
             self.mean, self.log_std = mean.clone(), log_std.clone()
             self.value = self._statistics_pass()
+
+    def _start_scales(self, x: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """σ² the least-squares codes' mean squared residual plus 10⁻³ of the data's mean square, λ their mean
+        ``|μ|`` (H,) — over the data points of every rank."""
+        tiny = torch.finfo(x.dtype).tiny
+        if parallel.sharing() is None:
+            residual = (x - self.mean @ W.T).pow(2).mean()
+            return residual + 1e-3 * x.pow(2).mean(), self.mean.abs().mean(0).clamp_min(tiny)
+        residual, energy, size = parallel.summed((x - self.mean @ W.T).pow(2).sum(), x.pow(2).sum(), self.mean.abs().sum(0))
+        numbers = self.n_total * x.shape[1]
+        return (residual / numbers + 1e-3 * energy / numbers).to(x.dtype), (size / self.n_total).to(x.dtype).clamp_min(tiny)
 
     def set_dictionary(self, W: torch.Tensor) -> None:
         """Move to the dictionary ``W (D,H)``, keeping q, σ², λ as the warm start of the next iterations."""
@@ -108,7 +118,10 @@ class DiagonalNewtonFit:
     def dictionary_gradient(self, W: torch.Tensor) -> torch.Tensor:
         """``∂(N L_H)/∂W`` (D,H) at the current q (σ²*, λ* following it): only σ²* depends on W."""
         second_moment = self.mean.T @ self.mean + torch.diag(self.log_std.exp().square().sum(0))  # Σ_n E[z zᵀ] (H,H)
-        return closed_forms.dictionary_gradient(self.x.T @ self.mean, second_moment, W, self.sigma2)
+        cross = self.x.T @ self.mean  # Σ_n x_n μ_nᵀ (D,H)
+        if parallel.sharing() is not None:
+            cross, second_moment = (part.to(W.dtype) for part in parallel.summed(cross, second_moment))
+        return closed_forms.dictionary_gradient(cross, second_moment, W, self.sigma2)
 
     # ------------------------------------------------------------------------------------ the pieces
     def _update_scales(self, mean: torch.Tensor, log_std: torch.Tensor, inverse_lambda: torch.Tensor) -> torch.Tensor:
@@ -202,8 +215,9 @@ class DiagonalNewtonFit:
         return residual, expected_abs.sum(0, dtype=f64), log_std.sum(dtype=f64)
 
     def _finish(self, residual, prior_sum, log_std_sum):
-        """Step 3: σ², λ ← σ²*, λ* and ``L_H`` from the full-data sums."""
-        n, H = self.x.shape[0], self.mean.shape[1]
+        """Step 3: σ², λ ← σ²*, λ* and ``L_H`` from the full-data sums (of this rank's points: completed here)."""
+        residual, prior_sum, log_std_sum = parallel.summed(residual, prior_sum, log_std_sum)
+        n, H = self.n_total, self.mean.shape[1]
         entropy = log_std_sum / n + 0.5 * H * closed_forms.LOG_2PIE
         value = EntropyELBO.from_statistics(entropy, DataStatistics(residual / n, prior_sum / n), self.n_observed, LaplacePrior())
         self.sigma2 = value.sigma2.to(self.x.dtype)

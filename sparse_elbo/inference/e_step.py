@@ -30,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from sparse_elbo import parallel
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.inference.kernels import DiagonalLaplaceEntropyEStep
 from sparse_elbo.inference.registry import E_STEP_KERNELS
@@ -231,12 +232,17 @@ def sweep(
     weights: AnnealingWeights,
     e_step: EStepObjective,
     driver: BlockLBFGS,
+    summed: SufficientStatistics | None = None,
 ) -> tuple[list[SufficientStatistics], SufficientStatistics]:
     """One E-step over every block in turn (docs/design.md §7.3 step 2): each block's posteriors maximise
     ``e_step``'s objective with the other blocks' sums fixed, and the block's share of the sums follows. ``model``:
-    W, σ², λ as the E-step reads them. Returns the blocks' new sums and their total (kept up to date block by
-    block)."""
-    summed, statistics = total(statistics), list(statistics)
+    W, σ², λ as the E-step reads them; ``summed``: the total of ``statistics`` over every rank, when known.
+    Returns the blocks' new sums and their total (kept up to date block by block).
+
+    Data-parallel (``parallel.Ranks.sharing``): every rank sweeps its own blocks at once, the other ranks'
+    sums held at their values at the sweep's start; the total returned is then all-reduced afresh."""
+    summed = total(statistics).across_ranks() if summed is None else summed
+    statistics = list(statistics)
     for b, index in enumerate(blocks):
         others = summed - statistics[b]
         block_loss = e_step.block_loss(x[index], posterior, model, weights, BlockContext(others, statistics[b].x_energy))
@@ -245,4 +251,6 @@ def sweep(
             x[index], posterior.gaussian(block), model.prior, statistics[b].count, statistics[b].x_energy
         )
         summed = others + statistics[b]
+    if parallel.sharing() is not None:  # the other ranks' blocks moved too
+        summed = total(statistics).across_ranks()
     return statistics, summed

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from sparse_elbo import closed_forms
+from sparse_elbo import closed_forms, parallel
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.config import posterior_family
 from sparse_elbo.inference import diagonal_newton, fixed_point  # noqa: F401  (they register their fits)
@@ -87,12 +87,13 @@ class BlockFit:
         self.driver = BlockLBFGS(iterations=iterations, tolerance=0.0, block_size=block_size)
         self.blocks = self.driver.blocks(torch.arange(x.shape[0], device=x.device))
         self.set_dictionary(W)
+        self.count = parallel.count(x.shape[0])  # data points over every rank
         least_squares_start(x, posterior, W, self.blocks)
         self.statistics = [self._sums(index) for index in self.blocks]
-        self.sigma2, self.lam = total(self.statistics).noise_and_prior_scale(W, x.shape[1])
+        self.sigma2, self.lam = total(self.statistics).across_ranks().noise_and_prior_scale(W, x.shape[1])
 
     def _sums(self, index: torch.Tensor) -> SufficientStatistics:
-        return SufficientStatistics.of(self.x[index], self.posterior(index), self.prior, self.x.shape[0])
+        return SufficientStatistics.of(self.x[index], self.posterior(index), self.prior, self.count)
 
     def set_dictionary(self, W: torch.Tensor) -> None:
         self.W = W
@@ -122,7 +123,7 @@ class BlockFit:
 
     def dictionary_gradient(self, W: torch.Tensor) -> torch.Tensor:
         """``∂(N L_H)/∂W = (C - W S)/σ²*`` at the current q."""
-        summed = total(self.statistics)
+        summed = total(self.statistics).across_ranks()
         return closed_forms.dictionary_gradient(summed.cross, summed.second_moment, W.to(summed.cross.dtype), self.sigma2).to(
             W.dtype
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_elbo import closed_forms
+from sparse_elbo.parallel import summed
 
 # On a CPU, blocks of 16,384 points keep every (block, H) temporary of the E-step below glibc's 32 MiB
 # mmap threshold, so freed buffers are reused instead of being returned to the kernel and page-faulted
@@ -79,6 +80,12 @@ class SufficientStatistics:
             self.prior * scale**prior_degree,
             self.count,
         )
+
+    def across_ranks(self) -> SufficientStatistics:
+        """The sums over the data points of every rank (``parallel.summed``: one all-reduce; these sums
+        themselves in a single process)."""
+        x_energy, cross, second_moment, prior = summed(self.x_energy, self.cross, self.second_moment, self.prior)
+        return SufficientStatistics(x_energy, cross, second_moment, prior, self.count)
 
     def _combine(self, other: SufficientStatistics, sign: float) -> SufficientStatistics:
         return SufficientStatistics(

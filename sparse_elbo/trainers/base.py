@@ -35,13 +35,15 @@ class Capabilities:
     """What a trainer can train: kinds of posterior family (``per_data_point``, ``amortized``), objectives (by
     name), whether it follows an annealing schedule (False: it maximises the unweighted objective only), the
     schedules' ``prior_scale`` settings it can follow (``fixed``: it passes ``λ_0`` on to its E-step or
-    objective), and the family features it needs (``Posterior.features``)."""
+    objective), the family features it needs (``Posterior.features``), and whether it runs data-parallel
+    (docs/scaling.md)."""
 
     posteriors: tuple[str, ...]
     objectives: tuple[str, ...]
     annealing: bool
     prior_scales: tuple[str, ...] = ("optimal",)
     features: tuple[str, ...] = ()
+    data_parallel: bool = False  # it runs on several ranks, each with a shard of the data (parallel.py)
 
 
 @dataclass(frozen=True)

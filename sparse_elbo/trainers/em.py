@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_elbo import closed_forms
+from sparse_elbo import closed_forms, parallel
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.inference.e_step import AnalyticEStep, BlockLBFGS, EStepObjective, sweep
 from sparse_elbo.inference.fit import least_squares_start
@@ -46,7 +46,11 @@ from sparse_elbo.validation import invalid, require_at_least
 
 class EMTrainer(Trainer):
     capabilities = Capabilities(
-        posteriors=("per_data_point",), objectives=("entropy",), annealing=True, prior_scales=("optimal", "fixed")
+        posteriors=("per_data_point",),
+        objectives=("entropy",),
+        annealing=True,
+        prior_scales=("optimal", "fixed"),
+        data_parallel=True,
     )
 
     def __init__(
@@ -88,11 +92,11 @@ class EMTrainer(Trainer):
     def run_em(self, problem: Problem, points: torch.Tensor, weights: AnnealingWeights) -> None:
         """``em_iterations_per_epoch`` EM iterations on the data points ``points`` (their own sums, σ²*, λ*),
         then the model's σ², λ ← the optima of those points' q."""
-        blocks = self.driver.blocks(points)
-        statistics = [self._statistics(problem, index, len(points)) for index in blocks]
+        blocks, count = self.driver.blocks(points), parallel.count(len(points))
+        statistics = [self._statistics(problem, index, count) for index in blocks]
         for _ in range(self.em_iterations_per_epoch):
             statistics = self.em_iteration(problem, blocks, statistics, weights)
-        self._set_noise_and_prior_scale(problem, total(statistics))
+        self._set_noise_and_prior_scale(problem, total(statistics).across_ranks())
 
     @staticmethod
     def _statistics(problem: Problem, index: torch.Tensor, count: int) -> SufficientStatistics:
@@ -109,8 +113,9 @@ class EMTrainer(Trainer):
     ) -> list[SufficientStatistics]:
         """One EM iteration (module docstring) from the blocks' sums; returns their new sums."""
         model, posterior = problem.model, problem.posterior
-        self._set_noise_and_prior_scale(problem, total(statistics))
-        statistics, summed = sweep(problem.x, posterior, model, blocks, statistics, weights, self.e_step, self.driver)
+        summed = total(statistics).across_ranks()
+        self._set_noise_and_prior_scale(problem, summed)
+        statistics, summed = sweep(problem.x, posterior, model, blocks, statistics, weights, self.e_step, self.driver, summed)
         scale = self.m_step(model, summed)
         posterior.rescale_latents(scale)
         return [s.rescaled(scale, model.prior.statistic_degree) for s in statistics]

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_elbo import parallel
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.inference.fit import PosteriorFit, fit_memory, posterior_fit
 from sparse_elbo.initialisation import DictionaryStart, SparseCodingDictionary, start_dictionary
@@ -56,7 +57,7 @@ class ProfileState:
 
 
 class ProfileLBFGSTrainer(Trainer):
-    capabilities = Capabilities(posteriors=("per_data_point",), objectives=("entropy",), annealing=False)
+    capabilities = Capabilities(posteriors=("per_data_point",), objectives=("entropy",), annealing=False, data_parallel=True)
 
     def __init__(
         self,
@@ -102,7 +103,7 @@ class ProfileLBFGSTrainer(Trainer):
         return ProfileState(fit, optimizer)
 
     def _closure(self, problem: Problem, state: ProfileState):
-        model, n_data = problem.model, problem.x.shape[0]
+        model, n_data = problem.model, parallel.count(problem.x.shape[0])  # N over every rank
 
         def closure():  # -N P(W) and its gradient in W_raw
             with torch.no_grad():

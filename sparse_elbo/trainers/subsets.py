@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparse_elbo import parallel
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.inference.e_step import AnalyticEStep, BlockLBFGS, EStepObjective
 from sparse_elbo.inference.fit import FitSettings, fit_memory, fit_posteriors
@@ -65,16 +66,18 @@ class EpochSubsetEM(EMTrainer):
         return SubsetState([W.to(problem.model.W.device) for W in (saved or {}).get("recent_dictionaries", [])])
 
     def uses_subsets(self, problem: Problem) -> bool:
-        return self.subset_size is not None and self.subset_size < problem.x.shape[0]
+        return self.subset_size is not None and self.subset_size < parallel.count(problem.x.shape[0])
 
     def epoch_points(self, problem: Problem, epoch: int) -> torch.Tensor:
-        """The data points (sorted indices) of ``epoch``'s EM (module docstring)."""
+        """The data points (sorted indices) of ``epoch``'s EM (module docstring): drawn from the indices of the
+        whole data set, of which a rank of a data-parallel run keeps its own (``parallel.mine``)."""
         n, device = problem.x.shape[0], problem.x.device
         if not self.uses_subsets(problem):
             return torch.arange(n, device=device)
         draw = epoch if epoch >= problem.annealing.final_epoch() else 0
         generator = torch.Generator().manual_seed(int(problem.seed) * 1_000_003 + draw)
-        return torch.randperm(n, generator=generator)[: self.subset_size].sort().values.to(device)
+        drawn = torch.randperm(parallel.count(n), generator=generator)[: self.subset_size].sort().values
+        return parallel.mine(drawn, n).to(device)
 
     def train_epoch(self, problem: Problem, state: SubsetState, epoch: int, weights: AnnealingWeights) -> None:
         points = self.epoch_points(problem, epoch)
