@@ -68,7 +68,9 @@ def learned_run(arguments) -> Path:
     overrides = ["experiment=patches_em_overcomplete", f"dataset.n_patches={arguments.n_patches}", f"seed={arguments.seed}"]
     start = time.perf_counter()
     summary = sparse_elbo.run(sparse_elbo.compose(overrides), folder, overrides=overrides, progress=False)
-    print(f"trained: python -m sparse_elbo.train {' '.join(overrides)}  ({time.perf_counter() - start:.0f} s) -> {summary.results_path}")
+    print(
+        f"trained: python -m sparse_elbo.train {' '.join(overrides)}  ({time.perf_counter() - start:.0f} s) -> {summary.results_path}"
+    )
     return summary.results_path
 
 

@@ -119,12 +119,7 @@ class ResultsWriter:
     def write_checkpoint(self, epoch: int, blob: bytes) -> None:
         """Atomically replace ``checkpoint.pt`` beside the results file (a serialised training state
         after a completed epoch) and record its epoch in the results file."""
-        temporary = self.checkpoint_path.with_suffix(".pt.tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.checkpoint_path)
+        write_atomically(self.checkpoint_path, blob)
         self.set_attrs(checkpoint_epoch=epoch)
 
     def truncate_to_epoch(self, epoch: int) -> None:
@@ -149,15 +144,49 @@ class ResultsWriter:
         self.set_attrs(status=status, reason=reason, end_time=_now())
 
 
-def checkpoint_path(results_path: str | Path) -> Path:
-    return Path(results_path).with_name("checkpoint.pt")
+class ShardWriter:
+    """The writer of a data-parallel run's rank other than 0 (docs/scaling.md): rank 0 writes the results
+    file; this rank writes only its shard of each checkpoint, ``checkpoint.rank<r>.pt`` beside it (before rank 0
+    records the checkpoint's epoch). Every other write is rank 0's and a no-op here."""
+
+    def __init__(self, path: str | Path, rank: int):
+        self.path, self.rank = Path(path), int(rank)
+
+    def write_checkpoint(self, epoch: int, blob: bytes) -> None:
+        write_atomically(checkpoint_path(self.path, self.rank), blob)
+
+    def write_group(self, *args, **kwargs) -> None: ...
+
+    def append_epoch(self, *args, **kwargs) -> None: ...
+
+    def truncate_to_epoch(self, epoch: int) -> None: ...
+
+    def set_attrs(self, **attrs) -> None: ...
+
+    def close(self, status: str, reason: str = "") -> None: ...
 
 
-def read_checkpoint(path: str | Path) -> tuple[int, bytes]:
-    """The last completed epoch and the serialised training state saved beside a results file."""
+def write_atomically(file: Path, blob: bytes) -> None:
+    """Replace ``file`` by ``blob`` at once (a temporary file, synced, renamed over it)."""
+    temporary = file.with_suffix(".pt.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(blob)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, file)
+
+
+def checkpoint_path(results_path: str | Path, rank: int = 0) -> Path:
+    """``checkpoint.pt`` beside the results file; a data-parallel run's rank r > 0: ``checkpoint.rank<r>.pt``."""
+    return Path(results_path).with_name("checkpoint.pt" if rank == 0 else f"checkpoint.rank{rank}.pt")
+
+
+def read_checkpoint(path: str | Path, rank: int = 0) -> tuple[int, bytes]:
+    """The last completed epoch and the serialised training state saved beside a results file (of
+    ``rank``'s shard, for a data-parallel run)."""
     with h5py.File(path, "r") as f:
         epoch = f.attrs.get("checkpoint_epoch")
-    file = checkpoint_path(path)
+    file = checkpoint_path(path, rank)
     if epoch is None or not file.is_file():
         raise ConfigError(f"resume={str(path)!r}: no checkpoint beside this results file (no epoch completed)")
     return int(epoch), file.read_bytes()

@@ -9,6 +9,7 @@ naming its results file (marked ``interrupted``) and how to resume it, and exits
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -17,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from sparse_elbo import parallel
 from sparse_elbo.cli import exit_on_user_error, report_user_errors
 from sparse_elbo.config import config_dir
 from sparse_elbo.runner import memory, run
@@ -40,7 +42,10 @@ def hydra_main(cfg: DictConfig) -> float:
         if hydra_cfg.mode == RunMode.RUN:  # in a sweep the other jobs go on; Hydra reports the failed ones
             exit_on_user_error(error)
         raise
-    print("\n".join(summary.lines()))
+    finally:
+        parallel.leave()  # a data-parallel run's process group, joined by run (the process's own)
+    if os.environ.get("RANK", "0") == "0":  # a data-parallel run's summary is rank 0's (docs/scaling.md)
+        print("\n".join(summary.lines()))
     return summary.elbo
 
 

@@ -19,6 +19,7 @@ from sparse_elbo.data import Dataset, split_held_out
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.inference.fit import FitSettings, fit_memory
 from sparse_elbo.objectives import EntropyELBO
+from sparse_elbo.parallel import Ranks
 from sparse_elbo.problem import Problem
 from sparse_elbo.runner.checks import check_capabilities, check_memory, check_run_settings, check_settings
 from sparse_elbo.runner.loggers import NoLogger
@@ -132,13 +133,15 @@ def _working_numbers(trainer: Trainer, truth, sizes: Sizes) -> list[int]:
     return numbers
 
 
-def build(cfg: DictConfig) -> Components:
-    """Validate the config and build every component; nothing is trained here."""
+def build(cfg: DictConfig, ranks: Ranks | None = None) -> Components:
+    """Validate the config and build every component; nothing is trained here. ``ranks``: this process's
+    place in a data-parallel run (``parallel.py``): its problem holds its shard of the training data."""
+    ranks = ranks or Ranks()
     check_run_settings(cfg)
     for group in ("dataset", "posterior", "objective", "annealing", "trainer", "model", "evaluation", "logger"):
         if group in cfg:  # (a run stored before the logger group existed has none)
             check_settings(cfg[group], group)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    device, dtype = ranks.device(resolve_device(cfg.device)), resolve_dtype(cfg.dtype)
     torch.manual_seed(int(cfg.seed))
     objective, annealing = instantiate_at(cfg.objective, "objective"), instantiate_at(cfg.annealing, "annealing")
     trainer, posterior_factory = instantiate_at(cfg.trainer, "trainer"), instantiate_at(cfg.posterior, "posterior")
@@ -146,11 +149,12 @@ def build(cfg: DictConfig) -> Components:
     with torch.random.fork_rng(devices=[]):  # its settings, checked before any data, leaving the run's random numbers alone
         call_at(posterior_factory, "posterior", n_data=1, n_latents=1, n_observed=1)
     family_class = posterior_factory.func
-    check_capabilities(trainer, family_class, objective, annealing)
+    check_capabilities(trainer, family_class, objective, annealing, ranks=ranks.size)
     dataset = instantiate_at(cfg.dataset, "dataset")
     n_latents = resolve_n_latents(cfg, dataset)
     truth = ground_truth(cfg, dataset, family_class)
     x_train, x_held_out = split_held_out(dataset, float(cfg.evaluation.held_out_fraction), int(cfg.seed))
+    x_train = x_train[ranks.shard(x_train.shape[0])]  # (N_rank, D): this rank's share
     sizes = Sizes(
         x_train.shape[0],
         dataset.n_observed,

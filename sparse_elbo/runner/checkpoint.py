@@ -12,11 +12,12 @@ import torch
 from omegaconf import DictConfig
 
 from sparse_elbo.errors import ConfigError
+from sparse_elbo.parallel import Ranks
 from sparse_elbo.problem import Problem
 from sparse_elbo.results import ResultsWriter, read_checkpoint
 from sparse_elbo.runner.checks import checkpoint_interval
 
-FORMAT = 3  # the layout of checkpoint.pt: {"format", "model", "posterior", "fit": {"loop", "trainer"}, "torch_rng"}
+FORMAT = 3  # the layout of checkpoint.pt: {"format", "model", "posterior", "fit": {"loop", "trainer"}, "torch_rng", "epoch"}
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -56,17 +57,18 @@ class SignalGuard:
 class Checkpointer:
     """``checkpoint(epoch, fit_state)`` for the training loop: every ``results.checkpoint_every`` epochs,
     once at least ``results.checkpoint_interval_s`` seconds have passed since the last one (or the start),
-    atomically replaces ``checkpoint.pt`` beside the results file."""
+    atomically replaces ``checkpoint.pt`` beside the results file. In a data-parallel run every rank saves its
+    shard (``results.ShardWriter``) before rank 0 saves its own and records the epoch."""
 
-    def __init__(self, cfg: DictConfig, problem: Problem, writer: ResultsWriter, guard: SignalGuard):
+    def __init__(self, cfg: DictConfig, problem: Problem, writer: ResultsWriter, guard: SignalGuard, ranks: Ranks | None = None):
         self.every, self.interval = int(cfg.results.checkpoint_every), checkpoint_interval(cfg)
-        self.problem, self.writer, self.guard = problem, writer, guard
+        self.problem, self.writer, self.guard, self.ranks = problem, writer, guard, ranks or Ranks()
         self.last = time.monotonic()
 
     def __call__(self, epoch: int, fit_state: dict) -> None:
         if self.every <= 0 or (epoch + 1) % self.every:
             return
-        if time.monotonic() - self.last < self.interval:
+        if not self.ranks.any(time.monotonic() - self.last >= self.interval):
             return  # short epochs: a checkpoint (the L-BFGS memory) would cost more than they do
         buffer = io.BytesIO()
         torch.save(
@@ -76,22 +78,34 @@ class Checkpointer:
                 "posterior": self.problem.posterior.state_dict(),
                 "fit": fit_state,
                 "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
             },
             buffer,
         )
-        with self.guard.writing():
-            self.writer.write_checkpoint(epoch, buffer.getvalue())
+        if not self.ranks.is_main:
+            with self.guard.writing():
+                self.writer.write_checkpoint(epoch, buffer.getvalue())
+        self.ranks.any(False)  # every shard is saved before rank 0 records the epoch
+        if self.ranks.is_main:
+            with self.guard.writing():
+                self.writer.write_checkpoint(epoch, buffer.getvalue())
         self.last = time.monotonic()
 
 
-def read_checkpoint_state(path: str | Path) -> dict:
-    """The checkpoint beside the results file ``path``, deserialised (tensors on the host)."""
-    _, blob = read_checkpoint(path)
+def read_checkpoint_state(path: str | Path, rank: int = 0) -> dict:
+    """The checkpoint beside the results file ``path`` (``rank``'s shard of it), deserialised (tensors on
+    the host)."""
+    epoch, blob = read_checkpoint(path, rank)
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
     if state.get("format") != FORMAT:
         raise ConfigError(
             f"resume={str(path)!r}: its checkpoint was written by an earlier version of sparse_elbo and "
             "cannot be resumed by this one (the results file itself can still be read)"
+        )
+    if state.get("epoch", epoch) != epoch:
+        raise ConfigError(
+            f"resume={str(path)!r}: rank {rank}'s checkpoint is of epoch {state['epoch']} but the run's of epoch "
+            f"{epoch} (it stopped while saving them); it cannot be resumed"
         )
     return state
 

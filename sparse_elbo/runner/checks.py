@@ -13,7 +13,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sparse_elbo.config import posterior_families, posterior_family
+from sparse_elbo.config import data_parallel_trainers, posterior_families, posterior_family
 from sparse_elbo.errors import ConfigError, InsufficientMemoryError
 from sparse_elbo.trainers.base import Sizes, Trainer
 from sparse_elbo.validation import invalid, require_at_least
@@ -150,9 +150,15 @@ def _allowed_families(kinds: tuple[str, ...]) -> list[str]:
     return [name for name in posterior_families() if posterior_family(name).kind() in kinds]
 
 
-def check_capabilities(trainer: Trainer, family_class, objective, annealing, name: str = "trainer") -> None:
-    """The trainer's declared capabilities against the chosen posterior family, objective and schedule."""
+def check_capabilities(trainer: Trainer, family_class, objective, annealing, name: str = "trainer", ranks: int = 1) -> None:
+    """The trainer's declared capabilities against the chosen posterior family, objective and schedule, and
+    the number of ranks the run has."""
     capabilities, trainer_name, family = trainer.capabilities, type(trainer).__name__, family_class.family
+    if ranks > 1 and not capabilities.data_parallel:
+        raise ConfigError(
+            f"{name} {trainer_name} is not data-parallel and cannot run on {ranks} ranks; "
+            f"data-parallel trainers: {data_parallel_trainers()} (docs/scaling.md)"
+        )
     if family_class.kind() not in capabilities.posteriors:
         allowed = _allowed_families(capabilities.posteriors)
         raise ConfigError(f"posterior={family} is not supported by {name} {trainer_name}; allowed posteriors: {allowed}")

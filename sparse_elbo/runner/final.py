@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from sparse_elbo import metrics
+from sparse_elbo import metrics, parallel
 from sparse_elbo.evaluation import evaluate_problem, ground_truth_elbo, ground_truth_elbo_by_trainer
 from sparse_elbo.held_out import held_out_metrics
 from sparse_elbo.runner.build import Components
@@ -61,14 +61,15 @@ def _held_out(cfg: DictConfig, components: Components) -> dict | None:
     if problem.x_held_out is None:
         return None
     evaluation = cfg.evaluation
-    return held_out_metrics(
-        problem.x_held_out,
-        problem.posterior,
-        problem.model,
-        int(evaluation.held_out_refine_iterations),
-        int(evaluation.importance_samples),
-        int(cfg.seed),
-    )
+    with parallel.local():  # every rank holds the held-out points whole
+        return held_out_metrics(
+            problem.x_held_out,
+            problem.posterior,
+            problem.model,
+            int(evaluation.held_out_refine_iterations),
+            int(evaluation.importance_samples),
+            int(cfg.seed),
+        )
 
 
 def _recovery(cfg: DictConfig, components: Components) -> dict:
@@ -108,8 +109,8 @@ def final_evaluation(cfg: DictConfig, components: Components, outcome: FitOutcom
         "train_time": outcome.train_time,
     }
     arrays = problem.posterior.state_arrays()
-    if sum(v.numel() for v in arrays.values()) <= int(cfg.results.max_posterior_numbers):
-        final["posterior"] = arrays
+    if parallel.count(sum(v.numel() for v in arrays.values())) <= int(cfg.results.max_posterior_numbers):
+        final["posterior"] = parallel.gathered(arrays)  # every rank's shard, in rank order (rank 0 writes them)
     held_out = _held_out(cfg, components)
     final.update(held_out or {})
     if dataset.image_shape is not None:

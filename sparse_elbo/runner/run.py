@@ -17,9 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sparse_elbo.errors import MissingFileError
-from sparse_elbo.results import ResultsWriter, read_results, require_new_results_file
-from sparse_elbo.runner.build import Components, build, results_path
+from sparse_elbo.errors import ConfigError, MissingFileError, UserError
+from sparse_elbo.parallel import Ranks
+from sparse_elbo.results import ResultsWriter, ShardWriter, read_results, require_new_results_file
+from sparse_elbo.runner.build import Components, build, resolve_device, results_path
 from sparse_elbo.runner.checkpoint import Checkpointer, RunInterrupted, SignalGuard, read_checkpoint_state, restore
 from sparse_elbo.runner.final import RunSummary, final_evaluation
 from sparse_elbo.runner.loggers import LogContext, RunLogger
@@ -50,9 +51,10 @@ def run(
     ``group``: the sweep the run is a job of (its folder), for the loggers' grouping."""
     if cfg.get("resume"):
         return resume(cfg.resume, progress=progress)
-    path = results_path(output_dir)
-    require_new_results_file(path)
-    components = build(cfg)
+    ranks = _ranks(cfg)
+    path = ranks.from_main(results_path(output_dir))  # a data-parallel run's one results file: rank 0's
+    _on_main(ranks, require_new_results_file, path)
+    components = build(cfg, ranks)
     attrs = {
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "overrides": "\n".join(overrides or []),
@@ -61,14 +63,33 @@ def run(
         "device": str(components.problem.x.device),
         "dtype": str(cfg.dtype),
         "group": group or "",
+        "ranks": ranks.size,
     }
-    writer = ResultsWriter(path, attrs=attrs)
+    writer = ResultsWriter(path, attrs=attrs) if ranks.is_main else ShardWriter(path, ranks.rank)
     dataset = components.dataset
     if dataset.W_true is not None:
         writer.write_group("data", {"W_true": dataset.W_true})
     if dataset.image_shape is not None:
         writer.write_group("data", {"image_shape": np.asarray(dataset.image_shape)})
-    return _train(cfg, components, writer, None, progress, attrs)
+    return _train(cfg, components, writer, None, progress, attrs, ranks)
+
+
+def _on_main(ranks: Ranks, check, *arguments) -> None:
+    """``check(*arguments)`` on rank 0, its user error raised on every rank (before rank 0 makes the file)."""
+    error = None
+    if ranks.is_main:
+        try:
+            check(*arguments)
+        except UserError as raised:
+            error = raised
+    error = ranks.from_main(error)
+    if error is not None:
+        raise error
+
+
+def _ranks(cfg: DictConfig) -> Ranks:
+    """This process's place in a data-parallel run (torchrun, Slurm), or rank 0 of 1."""
+    return Ranks.from_environment(resolve_device(str(cfg.get("device", "cpu"))).type)
 
 
 def resume(path: str | Path, progress: bool | None = None) -> RunSummary:
@@ -80,12 +101,18 @@ def resume(path: str | Path, progress: bool | None = None) -> RunSummary:
         raise MissingFileError(f"resume={str(path)!r}: no such results file")
     stored = read_results(path)
     cfg = OmegaConf.create(stored.config)
-    state = read_checkpoint_state(path)
-    components = build(cfg)
+    ranks, trained_on = _ranks(cfg), int(stored.attrs.get("ranks", 1))
+    if ranks.size != trained_on:
+        raise ConfigError(
+            f"resume={str(path)!r}: the run was trained on {trained_on} rank(s) and continues only on as many "
+            f"(torchrun --nproc_per_node={trained_on} -m sparse_elbo.train resume=...), not on {ranks.size}"
+        )
+    state = read_checkpoint_state(path, ranks.rank)
+    components = build(cfg, ranks)
     saved = restore(state, components.problem)
-    writer = ResultsWriter(path, resume=True)
+    writer = ResultsWriter(path, resume=True) if ranks.is_main else ShardWriter(path, ranks.rank)
     writer.truncate_to_epoch(saved["loop"]["epoch"])
-    return _train(cfg, components, writer, saved, progress, stored.attrs)
+    return _train(cfg, components, writer, saved, progress, stored.attrs, ranks)
 
 
 def _logger(cfg: DictConfig, components: Components, path: Path, start_epoch: int, attrs: dict) -> RunLogger | None:
@@ -108,11 +135,20 @@ def _logger(cfg: DictConfig, components: Components, path: Path, start_epoch: in
 
 
 def _train(
-    cfg: DictConfig, components: Components, writer: ResultsWriter, saved: dict | None, progress, attrs: dict
+    cfg: DictConfig, components: Components, writer, saved: dict | None, progress, attrs: dict, ranks: Ranks
+) -> RunSummary:
+    """Train, evaluate and close the results file; in a data-parallel run every rank trains its shard (sums
+    over every rank's data: ``parallel.Ranks.sharing``), rank 0 alone writes, logs and shows progress."""
+    with ranks.sharing():
+        return _train_sharing(cfg, components, writer, saved, progress if ranks.is_main else False, attrs, ranks)
+
+
+def _train_sharing(
+    cfg: DictConfig, components: Components, writer, saved: dict | None, progress, attrs: dict, ranks: Ranks
 ) -> RunSummary:
     problem, trainer = components.problem, components.trainer
     start_epoch = 0 if saved is None else saved["loop"]["epoch"] + 1
-    logger = _logger(cfg, components, writer.path, start_epoch, attrs)
+    logger = _logger(cfg, components, writer.path, start_epoch, attrs) if ranks.is_main else None
     bar = tqdm(
         total=trainer.max_epochs,
         initial=start_epoch,
@@ -126,7 +162,7 @@ def _train(
     )
     evaluate = EpochRecorder(cfg, components, writer, guard, bar, logger)
     try:
-        outcome = fit(trainer, problem, evaluate, Checkpointer(cfg, problem, writer, guard), saved)
+        outcome = fit(trainer, problem, evaluate, Checkpointer(cfg, problem, writer, guard, ranks), saved)
         bar.close()
         final, summary = final_evaluation(cfg, components, outcome, writer.path)
         with guard.writing():

@@ -1,0 +1,266 @@
+"""Data-parallel runs under torchrun with the gloo backend on 2 CPU processes (one thread each), against the
+same run in one process (docs/scaling.md): the identities where the algorithm separates across data points,
+the quality of the E-step variant where it does not, one results file, refusals before compute, resuming.
+The sharding arithmetic itself is checked in-process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sparse_elbo
+from sparse_elbo.errors import ConfigError
+from sparse_elbo.parallel import Ranks, held
+
+SMALL_EM = [
+    "trainer=em",
+    "posterior=diag",
+    "dtype=float64",
+    "dataset.n_data=1000",
+    "trainer.max_epochs=4",
+    "trainer.driver.block_size=250",  # blocks of one rank are blocks of one process: the same L-BFGS problems
+    "trainer/initialisation=sparse_coding",
+]
+
+
+def test_shards_cover_the_data_in_rank_order_and_indices_map_to_them():
+    for n, size in [(10, 3), (7, 7), (1000, 2)]:
+        parts = [Ranks(rank, size).shard(n) for rank in range(size)]
+        assert [p.start for p in parts] == [0, *[p.stop for p in parts[:-1]]] and parts[-1].stop == n
+        assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+    index = torch.tensor([7, 2, 9, 4])
+    places, local = held(index, 10)  # one process holds everything
+    assert places.tolist() == [0, 1, 2, 3] and local.tolist() == [7, 2, 9, 4]
+    with pytest.raises(ConfigError, match="cannot be shared"):
+        Ranks(0, 4).shard(3)
+
+
+def torchrun(arguments: list[str], folder: Path, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=ranks -m sparse_elbo.train ARGUMENTS`` into ``folder``, each
+    process with one thread; the whole process group is ended however the test ends."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    command += ["-m", "sparse_elbo.train", *arguments, f"hydra.run.dir={folder}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(command, process.returncode, out, "")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def one_process(overrides: list[str], folder: Path, threads: int = 1):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        summary = sparse_elbo.run(sparse_elbo.compose(overrides), folder, progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    return sparse_elbo.read_results(summary.results_path)
+
+
+def gaps(a, b) -> np.ndarray:
+    """The largest differences of two runs: per-epoch ELBO, final W, σ², posterior means."""
+    return np.array(
+        [
+            np.abs(a.metrics["elbo"] - b.metrics["elbo"]).max(),
+            np.abs(a.final["W"] - b.final["W"]).max(),
+            abs(float(a.final["sigma2"]) - float(b.final["sigma2"])),
+            np.abs(a.final["posterior"]["mean"] - b.final["posterior"]["mean"]).max(),
+        ]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*SMALL_EM, "trainer/e_step=analytic"],
+        ["trainer=profile_lbfgs", "posterior=full", "dtype=float64", "dataset.n_data=400", "trainer.max_epochs=3"],
+    ],
+    ids=["em_analytic", "profile_lbfgs_full"],
+)
+def test_two_ranks_give_the_one_process_run_where_the_algorithm_separates(overrides, tmp_path):
+    """The analytic E-step at fixed σ², λ, the M-step, the MAP start and the profile objective's fit are sums
+    over points: 2 ranks give the 1-process run up to the order of summation (float64) — no further from it
+    than the same run on 1 and on 2 threads (which changes that order alone), with a margin of 10."""
+    done = torchrun(overrides, tmp_path / "two")
+    assert done.returncode == 0, done.stdout[-3000:]
+    two = sparse_elbo.read_results(tmp_path / "two" / "results.h5")
+    assert two.status == "finished" and int(two.attrs["ranks"]) == 2
+    one, one_two_threads = one_process(overrides, tmp_path / "one"), one_process(overrides, tmp_path / "one2", 2)
+    rounding = gaps(one, one_two_threads)
+    assert (gaps(two, one) <= 10 * rounding + 1e-11).all(), (gaps(two, one), rounding)
+    x = one_process_data(overrides)[:5]
+    codes = sparse_elbo.load(tmp_path / "two" / "results.h5").encode(x)  # the file serves load and encode
+    assert codes.mean.shape == (5, one.final["W"].shape[1])
+
+
+def one_process_data(overrides: list[str]) -> np.ndarray:
+    import hydra.utils
+
+    return hydra.utils.instantiate(sparse_elbo.compose(overrides).dataset).x
+
+
+@pytest.mark.slow
+def test_the_entropy_e_step_on_two_ranks_reaches_the_one_process_result(tmp_path):
+    """Sequential across blocks in one process; on 2 ranks each rank's blocks follow the other rank's sums of
+    the sweep's start (docs/scaling.md): the same ELBO within 0.01 nats and the same bars here."""
+    overrides = [*SMALL_EM, "trainer/e_step=entropy", "trainer.max_epochs=8"]
+    done = torchrun(overrides, tmp_path / "two")
+    assert done.returncode == 0, done.stdout[-3000:]
+    two = sparse_elbo.read_results(tmp_path / "two" / "results.h5")
+    one = one_process(overrides, tmp_path / "one")
+    assert abs(float(two.final["elbo"]) - float(one.final["elbo"])) < 0.01
+    assert float(two.final["min_matched_cosine"]) > 0.95 and float(one.final["min_matched_cosine"]) > 0.95
+
+
+@pytest.mark.slow
+def test_a_trainer_that_is_not_data_parallel_is_refused_in_one_line_before_compute(tmp_path):
+    done = torchrun(["trainer=adam", "dataset.n_data=100"], tmp_path / "two")
+    assert done.returncode != 0
+    assert "error: trainer AdamTrainer is not data-parallel and cannot run on 2 ranks" in done.stdout
+    assert "Traceback" not in done.stdout.split("error: trainer")[0]
+    assert not (tmp_path / "two" / "results.h5").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_every_rank_and_the_run_resumes_on_two_ranks_as_if_uninterrupted(tmp_path):
+    """SIGTERM to torchrun: every rank ends, the file is marked interrupted with its completed epochs; each
+    rank's shard of the checkpoint is there; resuming on one process is refused in one line, on 2 ranks it
+    gives the uninterrupted 2-rank run exactly."""
+    overrides = [*SMALL_EM, "trainer/e_step=analytic", "trainer.max_epochs=100", "results.checkpoint_interval_s=0"]
+    folder = tmp_path / "two"
+    path = folder / "results.h5"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparse_elbo.train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [*command, *overrides, f"hydra.run.dir={folder}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and _checkpointed_epochs(path) < 2:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    stopped = sparse_elbo.read_results(path)
+    assert stopped.status == "interrupted", out[-3000:]
+    assert 2 <= len(stopped.metrics["elbo"]) < 100 and (folder / "checkpoint.rank1.pt").is_file()
+    with pytest.raises(ConfigError, match=r"trained on 2 rank\(s\) and continues only on as many"):
+        sparse_elbo.resume(path)
+    again = torchrun([f"resume={path}"], tmp_path / "again")
+    assert again.returncode == 0, again.stdout[-3000:]
+    uninterrupted = torchrun(overrides, tmp_path / "uninterrupted")
+    assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]
+    resumed = sparse_elbo.read_results(path)
+    assert resumed.status == "finished" and len(resumed.metrics["elbo"]) == 100
+    assert (gaps(resumed, sparse_elbo.read_results(tmp_path / "uninterrupted" / "results.h5")) == 0).all()
+
+
+def _checkpointed_epochs(path: Path) -> int:
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs.get("checkpoint_epoch", -1)) + 1
+    except (OSError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+def test_when_one_rank_dies_every_rank_ends_and_the_file_is_readable_and_marked(tmp_path):
+    overrides = [*SMALL_EM, "trainer/e_step=analytic", "trainer.max_epochs=400"]
+    folder = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparse_elbo.train"]
+    process = subprocess.Popen(
+        [*command, *overrides, f"hydra.run.dir={folder}"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and _epochs(folder / "results.h5") < 2:
+            time.sleep(0.05)
+        rank1 = _rank_process(process.pid, 1)
+        os.kill(rank1, signal.SIGKILL)
+        started = time.monotonic()
+        out, _ = process.communicate(timeout=120)
+        ended_after = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0 and ended_after < 60
+    results = sparse_elbo.read_results(folder / "results.h5")
+    assert results.status in ("failed", "interrupted"), out[-3000:]
+    assert len(results.metrics["elbo"]) >= 2
+
+
+def _epochs(path: Path) -> int:
+    try:
+        return len(sparse_elbo.read_results(path).metrics.get("elbo", []))
+    except Exception:  # not yet there, or being written
+        return 0
+
+
+def _rank_process(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (from each child's environment)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    for child in children:
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+@pytest.mark.slow
+def test_the_submitit_launcher_runs_one_job_as_two_ranks(tmp_path):
+    """Hydra's submitit launcher (hydra/launcher=local_ranks: Slurm's path, run by submitit's local
+    executor): one job of 2 tasks is one 2-rank run, equal to the torchrun one."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    overrides = [*SMALL_EM, "trainer/e_step=analytic", "trainer.max_epochs=2"]
+    command = [sys.executable, "-m", "sparse_elbo.train", "-m", "hydra/launcher=local_ranks", *overrides]
+    process = subprocess.Popen(
+        [*command, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, out[-3000:]
+    submitted = sparse_elbo.read_results(tmp_path / "sweep" / "0" / "results.h5")
+    assert submitted.status == "finished" and int(submitted.attrs["ranks"]) == 2
+    done = torchrun(overrides, tmp_path / "two")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert (gaps(submitted, sparse_elbo.read_results(tmp_path / "two" / "results.h5")) == 0).all()
