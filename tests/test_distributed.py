@@ -6,6 +6,7 @@ The sharding arithmetic itself is checked in-process."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +18,9 @@ import pytest
 import torch
 
 import sparse_elbo
-from sparse_elbo.errors import ConfigError
+from sparse_elbo.errors import ConfigError, InsufficientMemoryError
 from sparse_elbo.parallel import Ranks, held
+from sparse_elbo.runner import build
 
 SMALL_EM = [
     "trainer=em",
@@ -41,6 +43,19 @@ def test_shards_cover_the_data_in_rank_order_and_indices_map_to_them():
     assert places.tolist() == [0, 1, 2, 3] and local.tolist() == [7, 2, 9, 4]
     with pytest.raises(ConfigError, match="cannot be shared"):
         Ranks(0, 4).shard(3)
+
+
+def test_a_run_too_large_for_the_device_names_how_many_ranks_would_hold_it():
+    """The memory check is per rank; for a data-parallel trainer the refusal names the ranks that would fit
+    (the GiB are printed to one decimal: the bounds allow for it)."""
+    too_large = ["posterior=full", "n_latents=3000", "dataset.n_data=1000"]
+    with pytest.raises(InsufficientMemoryError, match=r"or run it on at least (\d+) ranks \(docs/scaling.md\)$") as raised:
+        build(sparse_elbo.compose(["trainer=em", *too_large]))
+    needed, available = (float(v) for v in re.findall(r"([0-9.]+) GiB", str(raised.value))[:2])
+    ranks = int(re.search(r"at least (\d+) ranks", str(raised.value)).group(1))
+    assert ranks >= 2 and (ranks - 1) * (available - 0.05) < needed + 0.05 <= ranks * (available + 0.05) + 0.1
+    with pytest.raises(InsufficientMemoryError, match=r"dtype=float32$"):  # joint L-BFGS: not data-parallel
+        build(sparse_elbo.compose(["trainer=lbfgs", *too_large]))
 
 
 def torchrun(arguments: list[str], folder: Path, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:

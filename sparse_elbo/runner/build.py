@@ -163,7 +163,9 @@ def build(cfg: DictConfig, ranks: Ranks | None = None) -> Components:
             n_data=x_train.shape[0], n_latents=n_latents, n_observed=dataset.n_observed, **posterior_factory.keywords
         ),
     )
-    check_memory(cfg, _working_numbers(trainer, truth, sizes), sizes, dtype, device)
+    check_memory(
+        cfg, _working_numbers(trainer, truth, sizes), sizes, dtype, device, ranks.size, trainer.capabilities.data_parallel
+    )
     model = call_at(
         instantiate_at(cfg.model, "model"),
         "model",

@@ -6,6 +6,7 @@ the run's arrays fit in memory. Each failure is one ``ConfigError`` naming the c
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 
@@ -205,16 +206,28 @@ def _size_key(cfg: DictConfig) -> str:
     return next((f"dataset.{key}" for key in ("n_data", "n_patches", "max_data") if key in cfg.dataset), "the data file's rows")
 
 
-def check_memory(cfg: DictConfig, working_numbers: list[int], sizes: Sizes, dtype: torch.dtype, device: torch.device) -> None:
+def check_memory(
+    cfg: DictConfig,
+    working_numbers: list[int],
+    sizes: Sizes,
+    dtype: torch.dtype,
+    device: torch.device,
+    ranks: int = 1,
+    data_parallel: bool = False,
+) -> None:
     """Refuse, before allocating anything large, a run whose arrays cannot fit in the device's memory;
-    ``working_numbers``: what each of its trainers and fits holds beyond the data (numbers, not bytes)."""
+    ``working_numbers``: what each of its trainers and fits holds beyond the data (numbers, not bytes). In a
+    data-parallel run ``sizes`` are the rank's shard's; a data-parallel trainer's refusal names how many ranks
+    of such devices would hold the run (its per-point arrays shrink with the shards)."""
     itemsize = torch.finfo(dtype).bits // 8
     numbers = sizes.n_data * sizes.n_observed + max(working_numbers)
     needed, available = numbers * itemsize, _available_memory(device)
     if needed > available:
+        per_rank = f" per rank of {ranks}" if ranks > 1 else ""
+        more = f", or run it on at least {math.ceil(needed * ranks / available)} ranks (docs/scaling.md)" if data_parallel else ""
         raise InsufficientMemoryError(
-            f"this run needs at least {needed / 2**30:.1f} GiB on {device.type} (posterior={cfg.posterior._target_.rsplit('.', 1)[-1]}, "
+            f"this run needs at least {needed / 2**30:.1f} GiB{per_rank} on {device.type} (posterior={cfg.posterior._target_.rsplit('.', 1)[-1]}, "
             f"N={sizes.n_data} data points, n_latents={sizes.n_latents}, D={sizes.n_observed}, dtype={cfg.dtype}) "
             f"but {available / 2**30:.1f} GiB is available; reduce n_latents or {_size_key(cfg)}, or choose a smaller "
-            "posterior family (posterior=diag) or dtype=float32"
+            f"posterior family (posterior=diag) or dtype=float32{more}"
         )
