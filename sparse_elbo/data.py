@@ -84,15 +84,20 @@ class Dataset:
         return self.x.shape[1]
 
 
-def validate_data(x: np.ndarray, origin: str) -> np.ndarray:
-    """Check a data matrix: numeric, rank 2, non-empty, finite.  Returns float64 (N,D)."""
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+def validate_layout(x, origin: str) -> None:
+    """Check what a data matrix's header says (read nothing else): numeric, rank 2, non-empty."""
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ConfigError(f"{origin}: data must be a real numeric array, got dtype {x.dtype}")
-    if x.ndim != 2:
+    if len(x.shape) != 2:
         raise ConfigError(f"{origin}: data must have shape (N, D) (rank 2), got shape {x.shape}")
     if x.shape[0] < 1 or x.shape[1] < 1:
         raise ConfigError(f"{origin}: data is empty, shape {x.shape}")
+
+
+def validate_data(x: np.ndarray, origin: str) -> np.ndarray:
+    """Check a data matrix: numeric, rank 2, non-empty, finite.  Returns float64 (N,D)."""
+    x = np.asarray(x)
+    validate_layout(x, origin)
     finite = np.isfinite(x)
     if not finite.all():
         rows = np.unique(np.nonzero(~finite)[0])
@@ -187,21 +192,80 @@ def _pick(arrays: dict, key: str | None, path: Path, key_argument: str = "datase
     return np.asarray(arrays[_pick_name(list(arrays), key, path, key_argument)])
 
 
+class HDF5Rows:
+    """Rows ``start:stop`` of a 2-D dataset ``name`` in an HDF5 file, read only when converted (``np.asarray``);
+    a slice of rows is another ``HDF5Rows``. What a run holds of a ``.h5`` data set: each rank reads its shard."""
+
+    def __init__(self, path: Path, name: str, start: int = 0, stop: int | None = None):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            self.dtype, full = f[name].dtype, f[name].shape
+        self.path, self.name, self.start = path, name, start
+        self.stop = full[0] if stop is None else stop
+        self.shape = (self.stop - self.start, *full[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            start, stop, _ = rows.indices(len(self))
+            return HDF5Rows(self.path, self.name, self.start + start, self.start + max(start, stop))
+        return np.asarray(self)[rows]
+
+    def __array__(self, dtype=None, copy=None):
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            rows = f[self.name][self.start : self.stop]
+        return rows if dtype is None else rows.astype(dtype)
+
+
 def load_file(path: str, key: str | None = None, max_data: int | None = None) -> Dataset:
     """A user's ``(N, D)`` array (``dataset=file``) from ``.npy``, ``.npz``, ``.h5``/``.hdf5`` (dataset name) or
-    ``.mat`` (variable; MATLAB v7.3 files too)."""
-    x = read_data_file(path, key)
+    ``.mat`` (variable; MATLAB v7.3 files too). A ``.npy`` file is memory-mapped and a ``.h5`` dataset read when
+    sliced: only the header is checked here, and the values of the rows a run keeps when it takes them
+    (``rows_of``: a rank of a data-parallel run reads its shard alone)."""
+    file, named = _data_path(path, "dataset.path")
+    suffix = file.suffix.lower()
+    if suffix == ".npy":
+        with reading(file, "dataset.path", NUMPY_UNREADABLE, "the file as a .npy array"):
+            require_header(file, "dataset.path", NPY_HEADER, "the file as a .npy array")
+            x = np.load(file, mmap_mode="r", allow_pickle=False)
+        validate_layout(x, named)
+    elif suffix in (".h5", ".hdf5"):
+        x = _hdf5_rows(file, key, named)
+    else:
+        x = read_data_file(path, key)
     if max_data is not None:
         x = x[: int(max_data)]
-    return Dataset(name="file", x=x, info={"path": str(Path(str(path)).expanduser().resolve()), "key": key})
+    return Dataset(name="file", x=x, info={"path": str(file.resolve()), "key": key})
 
 
-def read_data_file(
-    path: str, key: str | None = None, argument: str = "dataset.path", key_argument: str = "dataset.key"
-) -> np.ndarray:
-    """The validated ``(N, D)`` float64 array in a user's file (``load_file``). Every error is one line naming
-    ``argument`` / ``key_argument``, the settings the user wrote (``dataset.path`` / ``dataset.key`` in a run,
-    ``data`` / ``key`` for ``sparse_elbo.encode``)."""
+def _hdf5_rows(file: Path, key: str | None, named: str) -> HDF5Rows:
+    import h5py
+
+    with reading(file, "dataset.path", HDF5_UNREADABLE, "the file as HDF5"):
+        with h5py.File(file, "r") as f:
+            names: list[str] = []
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        x = HDF5Rows(file, _pick_name(names, key, file))
+    validate_layout(x, named)
+    return x
+
+
+def rows_of(x, rows: slice, origin: str) -> np.ndarray:
+    """The rows ``rows`` of a data set's ``x``, in memory and validated (finite, float64): read from the file
+    where ``x`` is a memory-mapped ``.npy`` or an ``HDF5Rows``; an array already in memory is only sliced."""
+    part = x[rows]
+    if isinstance(part, (np.memmap, HDF5Rows)):
+        return validate_data(np.array(part, dtype=np.float64), f"{origin}, rows {rows.start}–{rows.stop - 1}")
+    return part
+
+
+def _data_path(path: str, argument: str) -> tuple[Path, str]:
+    """The user's data file, checked to exist with a known suffix; and how errors name it."""
     if path is None or str(path) == "":
         raise ConfigError(f"{argument} must name a data file")
     named = f"{argument}={str(path)!r}"
@@ -212,6 +276,16 @@ def read_data_file(
         raise MissingFileError(f"{named}: no such file")
     if file.stat().st_size == 0:
         raise ConfigError(f"{named}: the file is empty")
+    return file, named
+
+
+def read_data_file(
+    path: str, key: str | None = None, argument: str = "dataset.path", key_argument: str = "dataset.key"
+) -> np.ndarray:
+    """The validated ``(N, D)`` float64 array in a user's file, in memory. Every error is one line naming
+    ``argument`` / ``key_argument``, the settings the user wrote (``dataset.path`` / ``dataset.key`` in a run,
+    ``data`` / ``key`` for ``sparse_elbo.encode``)."""
+    file, named = _data_path(path, argument)
     return validate_data(_read_array(file, key, argument, key_argument), named)
 
 
@@ -220,8 +294,8 @@ def split_held_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[np
 
     The data set's own held-out points (``info["held_out"]``, e.g. ``dataset=image_patches
     dataset.held_out=M``) are used when it has them; otherwise ``evaluation.held_out_fraction`` of the data
-    points, chosen at random with ``seed``, are held out (the training points keep their order). With
-    neither, ``x_held_out`` is None.
+    points, chosen at random with ``seed``, are held out (the training points keep their order; a file's data
+    are then read whole). With neither, ``x_held_out`` is None.
     """
     if not 0 <= fraction < 1:
         raise ConfigError(f"evaluation.held_out_fraction must be in [0, 1), got {fraction}")
@@ -240,4 +314,5 @@ def split_held_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[np
         raise ConfigError(f"evaluation.held_out_fraction={fraction} leaves no training data (N={dataset.n_data})")
     held = np.zeros(dataset.n_data, dtype=bool)
     held[np.random.default_rng(seed).choice(dataset.n_data, size=n_held, replace=False)] = True
-    return dataset.x[~held], dataset.x[held]
+    x = rows_of(dataset.x, slice(0, dataset.n_data), f"dataset={dataset.name}")  # a file's rows: all of them, here
+    return x[~held], x[held]

@@ -459,9 +459,10 @@ def make_image_patches(
     else:
         pictures, names, info = _file_source(source, path, key, image_axis, pattern, whiten_images, images)
     info["source"] = source
-    patches = extract_patches(pictures, p, n + n_held, seed, remove_dc=remove_dc)  # (n + n_held, p²)
-    x = validate_data(patches[:n], "dataset=image_patches")
+    patches, positions = extract_patches(pictures, p, n + n_held, seed, remove_dc=remove_dc, return_positions=True)
+    x = validate_data(patches[:n], "dataset=image_patches")  # (n, p²)
     info.update(
+        positions=positions[:n],  # (n, 3): image index, top row, left column
         images=names,
         image_shapes=[tuple(int(s) for s in image.shape) for image in pictures],
         whitened=bool(whiten_images),

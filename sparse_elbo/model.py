@@ -24,10 +24,10 @@ GAUGES = ("unit_norm", "unit_lambda")
 
 def load_dictionary(path: str, n_observed: int, n_latents: int):
     """A user's initial dictionary (D,H) from any file ``dataset=file`` reads; checked against the data."""
-    from sparse_elbo.data import load_file
+    from sparse_elbo.data import read_data_file
 
     try:
-        W = load_file(str(path)).x
+        W = read_data_file(str(path))
     except (OSError, KeyError, ValueError) as error:
         raise ConfigError(f"init_dictionary: {error}".replace("dataset.path", "path"), key="init_dictionary") from error
     if W.shape != (n_observed, n_latents):

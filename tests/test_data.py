@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import scipy.io
 
+import sparse_elbo
 from sparse_elbo.cli import user_error_message
-from sparse_elbo.data import bars_dictionary, load_file, make_bars, read_data_file
+from sparse_elbo.data import HDF5Rows, bars_dictionary, load_file, make_bars, read_data_file, rows_of
 from sparse_elbo.errors import ConfigError
+from sparse_elbo.parallel import Ranks
+from sparse_elbo.runner import build
 
 
 def test_bars_dictionary_has_g_vertical_and_g_horizontal_bars():
@@ -77,10 +80,34 @@ def test_load_file_every_format(tmp_path, array, suffix):
     ],
 )
 def test_bad_npy_files_are_rejected_with_a_clear_message(tmp_path, maker, key, error, message):
+    """The header when the file is opened (memory-mapped), the values when a run takes its rows."""
     path = tmp_path / "x.npy"
     maker(path)
     with pytest.raises(error, match=message):
-        load_file(str(path), key=key)
+        dataset = load_file(str(path), key=key)
+        rows_of(dataset.x, slice(0, dataset.n_data), "dataset=file")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".h5"])
+def test_a_rank_reads_and_checks_only_its_shard_of_a_file(tmp_path, suffix):
+    """A .npy file is memory-mapped and a .h5 dataset read by slices: each rank of a data-parallel run takes
+    its rows alone, so a bad value in the second half stops rank 1 (named by its rows), not rank 0."""
+    x = np.random.default_rng(0).normal(size=(1000, 25)).astype(np.float32)
+    x[900, 3] = np.nan
+    path = tmp_path / f"x{suffix}"
+    if suffix == ".npy":
+        np.save(path, x)
+    else:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=x)
+    overrides = ["dataset=file", f"dataset.path={path}", "n_latents=10", "trainer=em", "posterior=diag", "dtype=float64"]
+    cfg = sparse_elbo.compose(overrides)
+    dataset = load_file(str(path))
+    assert isinstance(dataset.x, (np.memmap, HDF5Rows)) and dataset.x.shape == (1000, 25)
+    first = build(cfg, Ranks(0, 2)).problem.x  # (500, 25): rows 0–499 only
+    np.testing.assert_array_equal(first.numpy(), x[:500].astype(np.float64))
+    with pytest.raises(ValueError, match=r"dataset=file, rows 500–999: data holds 1 NaN/Inf values \(first bad rows: \[400\]\)"):
+        build(cfg, Ranks(1, 2))
 
 
 def test_wrong_or_missing_keys_are_named(tmp_path, array):

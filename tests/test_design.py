@@ -44,7 +44,7 @@ LAYERS = [
     {"trainers", "initialisation"},
     {"evaluation", "held_out", "gradients"},
     {"runner", "trained", "bundles"},
-    {"__init__", "cli", "train", "encode", "denoise", "inpaint", "report"},
+    {"__init__", "cli", "train", "encode", "denoise", "inpaint", "patches", "report"},
 ]
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}
 

@@ -13,13 +13,16 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
+import hydra.utils
 import numpy as np
 import pytest
 import torch
 
 import sparse_elbo
-from sparse_elbo.errors import ConfigError, InsufficientMemoryError
+from sparse_elbo.errors import ConfigError, ExistingFileError, InsufficientMemoryError
 from sparse_elbo.parallel import Ranks, held
+from sparse_elbo.patches import main as patches_main
 from sparse_elbo.runner import build
 
 SMALL_EM = [
@@ -56,6 +59,23 @@ def test_a_run_too_large_for_the_device_names_how_many_ranks_would_hold_it():
     assert ranks >= 2 and (ranks - 1) * (available - 0.05) < needed + 0.05 <= ranks * (available + 0.05) + 0.1
     with pytest.raises(InsufficientMemoryError, match=r"dtype=float32$"):  # joint L-BFGS: not data-parallel
         build(sparse_elbo.compose(["trainer=lbfgs", *too_large]))
+
+
+def test_patches_written_once_to_hdf5_are_the_image_patches_and_a_rank_reads_its_rows(tmp_path, capsys):
+    settings = ["seed=3", "dataset.patch_size=8", "dataset.n_patches=3000", "dataset.images=[camera,grass]"]
+    patches_main([f"out={tmp_path / 'p.h5'}", *settings])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "p.h5")
+    expected = hydra.utils.instantiate(sparse_elbo.compose(["dataset=image_patches", *settings]).dataset)
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        np.testing.assert_array_equal(f["x"][()], expected.x.astype(np.float32))
+        np.testing.assert_array_equal(f["positions"][()], expected.info["positions"])
+    cfg = sparse_elbo.compose(["dataset=file", f"dataset.path={tmp_path / 'p.h5'}", "dataset.key=x", "n_latents=16"])
+    second = build(cfg, Ranks(1, 2)).problem.x  # rows 1500–2999, read from the file alone
+    np.testing.assert_array_equal(second.numpy(), expected.x[1500:].astype(np.float32).astype(np.float64))
+    with pytest.raises(ExistingFileError, match=r"out=.* already exists"):
+        patches_main([f"out={tmp_path / 'p.h5'}", *settings])
+    with pytest.raises(ConfigError, match=r"'n_patches=5': the settings are out=, seed= and dataset.KEY=VALUE"):
+        patches_main([f"out={tmp_path / 'q.h5'}", "n_patches=5"])
 
 
 def torchrun(arguments: list[str], folder: Path, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from sparse_elbo.annealing import NoAnnealing
-from sparse_elbo.data import Dataset, split_held_out
+from sparse_elbo.data import Dataset, rows_of, split_held_out
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.inference.fit import FitSettings, fit_memory
 from sparse_elbo.objectives import EntropyELBO
@@ -154,7 +154,7 @@ def build(cfg: DictConfig, ranks: Ranks | None = None) -> Components:
     n_latents = resolve_n_latents(cfg, dataset)
     truth = ground_truth(cfg, dataset, family_class)
     x_train, x_held_out = split_held_out(dataset, float(cfg.evaluation.held_out_fraction), int(cfg.seed))
-    x_train = x_train[ranks.shard(x_train.shape[0])]  # (N_rank, D): this rank's share
+    x_train = rows_of(x_train, ranks.shard(x_train.shape[0]), f"dataset={dataset.name}")  # (N_rank, D): this rank's share
     sizes = Sizes(
         x_train.shape[0],
         dataset.n_observed,
