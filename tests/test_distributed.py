@@ -5,6 +5,7 @@ The sharding arithmetic itself is checked in-process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -78,22 +79,31 @@ def test_patches_written_once_to_hdf5_are_the_image_patches_and_a_rank_reads_its
         patches_main([f"out={tmp_path / 'q.h5'}", "n_patches=5"])
 
 
-def torchrun(arguments: list[str], folder: Path, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=ranks -m sparse_elbo.train ARGUMENTS`` into ``folder``, each
-    process with one thread; the whole process group is ended however the test ends."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    command += ["-m", "sparse_elbo.train", *arguments, f"hydra.run.dir={folder}"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparse_elbo.train"]
+
+
+@contextlib.contextmanager
+def launched(command: list[str]):
+    """The command started in a session of its own, each process with one thread; the whole process group is
+    ended however the test ends."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     try:
-        out, _ = process.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(command, process.returncode, out, "")
+        yield process
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def torchrun(arguments: list[str], folder: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m sparse_elbo.train ARGUMENTS`` into ``folder``, to its end."""
+    command = [*TORCHRUN, *arguments, f"hydra.run.dir={folder}"]
+    with launched(command) as process:
+        out, _ = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, process.returncode, out, "")
 
 
 def one_process(overrides: list[str], folder: Path, threads: int = 1):
@@ -179,26 +189,12 @@ def test_sigterm_ends_every_rank_and_the_run_resumes_on_two_ranks_as_if_uninterr
     overrides = [*SMALL_EM, "trainer/e_step=analytic", "trainer.max_epochs=100", "results.checkpoint_interval_s=0"]
     folder = tmp_path / "two"
     path = folder / "results.h5"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparse_elbo.train"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [*command, *overrides, f"hydra.run.dir={folder}"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with launched([*TORCHRUN, *overrides, f"hydra.run.dir={folder}"]) as process:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and _checkpointed_epochs(path) < 2:
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
     stopped = sparse_elbo.read_results(path)
     assert stopped.status == "interrupted", out[-3000:]
     assert 2 <= len(stopped.metrics["elbo"]) < 100 and (folder / "checkpoint.rank1.pt").is_file()
@@ -227,28 +223,14 @@ def _checkpointed_epochs(path: Path) -> int:
 def test_when_one_rank_dies_every_rank_ends_and_the_file_is_readable_and_marked(tmp_path):
     overrides = [*SMALL_EM, "trainer/e_step=analytic", "trainer.max_epochs=400"]
     folder = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparse_elbo.train"]
-    process = subprocess.Popen(
-        [*command, *overrides, f"hydra.run.dir={folder}"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with launched([*TORCHRUN, *overrides, f"hydra.run.dir={folder}"]) as process:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and _epochs(folder / "results.h5") < 2:
             time.sleep(0.05)
-        rank1 = _rank_process(process.pid, 1)
-        os.kill(rank1, signal.SIGKILL)
+        os.kill(_rank_process(process.pid, 1), signal.SIGKILL)
         started = time.monotonic()
         out, _ = process.communicate(timeout=120)
         ended_after = time.monotonic() - started
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
     assert process.returncode != 0 and ended_after < 60
     results = sparse_elbo.read_results(folder / "results.h5")
     assert results.status in ("failed", "interrupted"), out[-3000:]
@@ -279,20 +261,8 @@ def test_the_submitit_launcher_runs_one_job_as_two_ranks(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     overrides = [*SMALL_EM, "trainer/e_step=analytic", "trainer.max_epochs=2"]
     command = [sys.executable, "-m", "sparse_elbo.train", "-m", "hydra/launcher=local_ranks", *overrides]
-    process = subprocess.Popen(
-        [*command, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with launched([*command, f"hydra.sweep.dir={tmp_path / 'sweep'}"]) as process:
         out, _ = process.communicate(timeout=600)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
     assert process.returncode == 0, out[-3000:]
     submitted = sparse_elbo.read_results(tmp_path / "sweep" / "0" / "results.h5")
     assert submitted.status == "finished" and int(submitted.attrs["ranks"]) == 2
