@@ -15,6 +15,7 @@ by ``initial_prior_scale`` (the training loop calls it) and reaches the E-step a
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 
 import torch
@@ -65,7 +66,7 @@ def _terms(term) -> tuple[str, ...]:
     return terms
 
 
-class Schedule:
+class Schedule(ABC):
     """The contract of an annealing schedule: the weights of each epoch (``weights``), the first epoch from
     which they stay 1 (``final_epoch``; stop rules wait for it), and how λ is set while ``β_prior > 1``
     (``prior_scale``, module docstring)."""
@@ -74,11 +75,13 @@ class Schedule:
         require_one_of("prior_scale", prior_scale, PRIOR_SCALES)
         self.prior_scale = prior_scale
 
+    @abstractmethod
     def weights(self, epoch: int) -> AnnealingWeights:
-        raise NotImplementedError
+        """The annealing weights of ``epoch`` (λ's scale left to ``__call__``)."""
 
+    @abstractmethod
     def final_epoch(self) -> int:
-        raise NotImplementedError
+        """The first epoch from which the weights stay 1."""
 
     @property
     def holds_prior_scale(self) -> bool:

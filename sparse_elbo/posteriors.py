@@ -23,6 +23,7 @@ uniformity with the encoder and not used.
 from __future__ import annotations
 
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -39,7 +40,7 @@ from sparse_elbo.validation import invalid
 Pullback = Callable[[torch.Tensor, torch.Tensor, float], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
-class Posterior(nn.Module):
+class Posterior(nn.Module, metaclass=ABCMeta):
     """The contract of a posterior family (per data point here, amortised in ``encoders.py``), and its
     capabilities as data: its ``family`` name (``posterior=<family>``), whether it is amortised (trainers
     declare which kinds they train), ``closed_form_moments`` (it gives ``moments_with_pullback``, the entropy
@@ -56,17 +57,21 @@ class Posterior(nn.Module):
     features: ClassVar[frozenset[str]] = frozenset()
 
     @staticmethod
+    @abstractmethod
     def parameter_count(n_data: int, n_latents: int, **settings) -> int:
-        raise NotImplementedError
+        """The number of parameters the family holds for ``n_data`` points and ``n_latents`` latents."""
 
+    @abstractmethod
     def q(self, x: torch.Tensor | None = None, index: torch.Tensor | None = None):
-        raise NotImplementedError
+        """The Gaussians of the data points ``index`` (all when None) of data ``x``."""
 
+    @abstractmethod
     def per_data_point(self, x: torch.Tensor) -> nn.Module:
-        raise NotImplementedError
+        """A per-data-point posterior of the data ``x`` started from this one's Gaussians."""
 
+    @abstractmethod
     def state_arrays(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """What the results file stores of the posterior: ``{name: array}``."""
 
     @classmethod
     def kind(cls) -> str:
