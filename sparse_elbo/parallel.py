@@ -73,6 +73,11 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+        if self.size > 1:
+            dist.barrier()
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (the same answer on every rank)."""
         if self.size == 1:
@@ -149,11 +154,17 @@ def summed(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+def total(value: torch.Tensor) -> torch.Tensor:
+    """``value`` (this rank's partial sum) summed over every rank, in its dtype; ``value`` itself outside
+    ``Ranks.sharing``."""
+    return value if _SHARING is None else summed(value)[0].to(value.dtype)
+
+
 def mean(values: torch.Tensor, n: int) -> torch.Tensor:
-    """The mean of per-point ``values`` (N,) over the ``n`` data points of every rank, in their dtype."""
+    """The mean of per-point ``values`` (N, ...) over the ``n`` data points of every rank, in their dtype."""
     if _SHARING is None:
-        return values.mean()
-    return summed(values.sum())[0].to(values.dtype) / n
+        return values.mean(0)
+    return total(values.sum(0)) / n
 
 
 def count(n: int) -> int:

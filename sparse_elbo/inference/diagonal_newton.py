@@ -41,6 +41,7 @@ from sparse_elbo import closed_forms, parallel
 from sparse_elbo.inference.kernels import capped_density
 from sparse_elbo.inference.registry import POSTERIOR_FITS
 from sparse_elbo.inference.statistics import block_size as default_block_size
+from sparse_elbo.inference.statistics import start_scales
 from sparse_elbo.objectives import DataStatistics, EntropyELBO
 from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.priors import LaplacePrior
@@ -85,22 +86,11 @@ class DiagonalNewtonFit:
         self.n_total = parallel.count(x.shape[0])  # data points over every rank
         if mean is None:
             self.mean = x @ torch.linalg.pinv(W).T  # least-squares codes (N,H)
-            self.sigma2, self.lam = self._start_scales(x, W)
+            self.sigma2, self.lam = start_scales(x, self.mean, W, self.mean.abs())  # λ: mean |μ|
             self.log_std = (-0.5 * torch.log(self.gram_diagonal / self.sigma2 + self.lam**-2)).expand_as(self.mean).clone()
         else:
             self.mean, self.log_std = mean.clone(), log_std.clone()
             self.value = self._statistics_pass()
-
-    def _start_scales(self, x: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """σ² the least-squares codes' mean squared residual plus 10⁻³ of the data's mean square, λ their mean
-        ``|μ|`` (H,) — over the data points of every rank."""
-        tiny = torch.finfo(x.dtype).tiny
-        if parallel.sharing() is None:
-            residual = (x - self.mean @ W.T).pow(2).mean()
-            return residual + 1e-3 * x.pow(2).mean(), self.mean.abs().mean(0).clamp_min(tiny)
-        residual, energy, size = parallel.summed((x - self.mean @ W.T).pow(2).sum(), x.pow(2).sum(), self.mean.abs().sum(0))
-        numbers = self.n_total * x.shape[1]
-        return (residual / numbers + 1e-3 * energy / numbers).to(x.dtype), (size / self.n_total).to(x.dtype).clamp_min(tiny)
 
     def set_dictionary(self, W: torch.Tensor) -> None:
         """Move to the dictionary ``W (D,H)``, keeping q, σ², λ as the warm start of the next iterations."""
@@ -118,10 +108,8 @@ class DiagonalNewtonFit:
     def dictionary_gradient(self, W: torch.Tensor) -> torch.Tensor:
         """``∂(N L_H)/∂W`` (D,H) at the current q (σ²*, λ* following it): only σ²* depends on W."""
         second_moment = self.mean.T @ self.mean + torch.diag(self.log_std.exp().square().sum(0))  # Σ_n E[z zᵀ] (H,H)
-        cross = self.x.T @ self.mean  # Σ_n x_n μ_nᵀ (D,H)
-        if parallel.sharing() is not None:
-            cross, second_moment = (part.to(W.dtype) for part in parallel.summed(cross, second_moment))
-        return closed_forms.dictionary_gradient(cross, second_moment, W, self.sigma2)
+        cross = parallel.total(self.x.T @ self.mean)  # Σ_n x_n μ_nᵀ (D,H)
+        return closed_forms.dictionary_gradient(cross, parallel.total(second_moment), W, self.sigma2)
 
     # ------------------------------------------------------------------------------------ the pieces
     def _update_scales(self, mean: torch.Tensor, log_std: torch.Tensor, inverse_lambda: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ import torch
 
 from sparse_elbo import closed_forms, parallel
 from sparse_elbo.inference.registry import POSTERIOR_FITS
+from sparse_elbo.inference.statistics import start_scales
 from sparse_elbo.objectives import DataStatistics, EntropyELBO
 from sparse_elbo.posteriors import DiagonalPosterior, FullCovariancePosterior
 
@@ -67,13 +68,7 @@ class FixedPointFit:
         self.x_energy = x.pow(2).sum()
         self.n_total = parallel.count(n)  # data points over every rank
         self.mean = x @ torch.linalg.pinv(W).T  # least-squares codes (N,H)
-        if parallel.sharing() is None:
-            self.sigma2 = (x - self.mean @ W.T).pow(2).mean() + 1e-3 * x.pow(2).mean()
-        else:  # the same means over the data points of every rank
-            residual, energy = parallel.summed((x - self.mean @ W.T).pow(2).sum(), self.x_energy)
-            self.sigma2 = ((residual + 1e-3 * energy) / (self.n_total * x.shape[1])).to(x.dtype)
-        statistic = prior.statistic(self.mean, torch.zeros_like(self.mean))  # (N,H)
-        self.lam = self._mean_over_points(statistic).clamp_min(torch.finfo(x.dtype).tiny)
+        self.sigma2, self.lam = start_scales(x, self.mean, W, prior.statistic(self.mean, torch.zeros_like(self.mean)))
         self.curvature = (1.0 / self.lam**2).expand(n, -1).clone()  # d (N,H)
         self.covariance = None
         self.value = None
@@ -113,8 +108,8 @@ class FixedPointFit:
 
     def dictionary_gradient(self, W: torch.Tensor) -> torch.Tensor:
         """``∂(N L_H)/∂W`` (D,H) at the current q (σ²*, λ* following it): only σ²* depends on W."""
-        second_moment = self._sum_over_ranks(self.mean.T @ self.mean + self.covariance.sum(0))  # Σ_n E[z zᵀ] (H,H)
-        return closed_forms.dictionary_gradient(self._sum_over_ranks(self.x.T @ self.mean), second_moment, W, self.sigma2)
+        second_moment = parallel.total(self.mean.T @ self.mean + self.covariance.sum(0))  # Σ_n E[z zᵀ] (H,H)
+        return closed_forms.dictionary_gradient(parallel.total(self.x.T @ self.mean), second_moment, W, self.sigma2)
 
     def _prior_mean_objective(self, mean, std):
         """``F_n`` in ``μ`` at fixed ``s`` (the terms that depend on μ)  ->  (N,)"""
@@ -173,23 +168,14 @@ class FixedPointFit:
         residual = closed_forms.expected_residual_from_projections(
             self.x_energy, self.projection, self.mean, self.gram, covariance
         )
-        residual, entropy = self._sum_over_ranks(residual), closed_forms.gaussian_entropy_from_logdet(log_det, H)  # (), (N,)
-        statistics = DataStatistics(residual / self.n_total, self._mean_over_points(statistic))
-        posterior_entropy = self._mean_over_points(entropy)
+        residual, entropy = parallel.total(residual), closed_forms.gaussian_entropy_from_logdet(log_det, H)  # (), (N,)
+        statistics = DataStatistics(residual / self.n_total, parallel.mean(statistic, self.n_total))
+        posterior_entropy = parallel.mean(entropy, self.n_total)
         value = EntropyELBO.from_statistics(posterior_entropy, statistics, self.x.shape[1], self.prior)
         if self.learn_scales:
             self.sigma2, self.lam = value.sigma2, value.lam  # σ²*, λ*
         self.value = value.elbo
         return value.elbo
-
-    def _mean_over_points(self, values: torch.Tensor) -> torch.Tensor:
-        """The mean over the data points of every rank of per-point ``values`` (N,...)."""
-        if parallel.sharing() is None:
-            return values.mean(0)
-        return self._sum_over_ranks(values.sum(0)) / self.n_total
-
-    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        return value if parallel.sharing() is None else parallel.summed(value)[0].to(value.dtype)
 
     def run(self, max_iterations: int, tolerance: float, line_search_steps: int) -> bool:
         """Iterate until ``L_H`` settles (True) or ``max_iterations`` is reached (False)."""

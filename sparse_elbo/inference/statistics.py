@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_elbo import closed_forms
+from sparse_elbo import closed_forms, parallel
 from sparse_elbo.parallel import summed
 
 # On a CPU, blocks of 16,384 points keep every (block, H) temporary of the E-step below glibc's 32 MiB
@@ -107,3 +107,17 @@ def total(statistics) -> SufficientStatistics:
     """The sum of a sequence of block statistics."""
     statistics = list(statistics)
     return sum(statistics[1:], statistics[0])
+
+
+@torch.no_grad()
+def start_scales(x: torch.Tensor, codes: torch.Tensor, W: torch.Tensor, statistic: torch.Tensor):
+    """σ², λ of a fit's start from the least-squares ``codes (N,H)`` of ``x (N,D)`` at ``W (D,H)``: σ² the codes'
+    mean squared residual plus 10⁻³ of the data's mean square (the residual is 0 where H ≥ D), λ the mean of the
+    prior ``statistic (N,H)`` of the codes — over the data points of every rank (``parallel.Ranks.sharing``)."""
+    tiny = torch.finfo(x.dtype).tiny
+    if parallel.sharing() is None:
+        return (x - codes @ W.T).pow(2).mean() + 1e-3 * x.pow(2).mean(), statistic.mean(0).clamp_min(tiny)
+    residual, energy, total_statistic = summed((x - codes @ W.T).pow(2).sum(), x.pow(2).sum(), statistic.sum(0))
+    n = parallel.count(x.shape[0])
+    sigma2 = (residual + 1e-3 * energy) / (n * x.shape[1])
+    return sigma2.to(x.dtype), (total_statistic / n).to(x.dtype).clamp_min(tiny)

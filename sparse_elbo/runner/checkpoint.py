@@ -85,7 +85,7 @@ class Checkpointer:
         if not self.ranks.is_main:
             with self.guard.writing():
                 self.writer.write_checkpoint(epoch, buffer.getvalue())
-        self.ranks.any(False)  # every shard is saved before rank 0 records the epoch
+        self.ranks.barrier()  # every shard is saved before rank 0 records the epoch
         if self.ranks.is_main:
             with self.guard.writing():
                 self.writer.write_checkpoint(epoch, buffer.getvalue())
