@@ -52,7 +52,7 @@ def initial_prior_scale(x: torch.Tensor, W: torch.Tensor, prior, block_size: int
         codes = closed_forms.least_squares_codes(x[start : start + block_size], W)  # (B,H)
         total += float(codes.abs().pow(prior.statistic_degree).sum())
     if parallel.sharing() is not None:  # the data points of every rank
-        total = float(parallel.summed(torch.tensor(total, device=x.device))[0])
+        total = float(parallel.summed(torch.tensor(total, dtype=torch.float64, device=x.device))[0])
     return total / (parallel.count(x.shape[0]) * W.shape[1])
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from sparse_elbo import closed_forms
+from sparse_elbo import closed_forms, parallel
 
 
 def _log_prob(q, z: torch.Tensor, mahalanobis: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class DiagonalGaussian(_Batch):
 
     def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``z = μ + s ⊙ ε``  ->  (K,N,H)"""
-        eps = torch.randn((n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator)
+        eps = parallel.batch_normal((n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator)
         return self.mean + self.std * eps
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class FullGaussian(_Batch):
 
     def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``z = μ + L ε``  ->  (K,N,H)"""
-        eps = torch.randn((n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator)
+        eps = parallel.batch_normal((n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator)
         return self.mean + torch.einsum("nij,knj->kni", self.scale_tril, eps)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -161,8 +161,8 @@ class LowRankGaussian(_Batch):
     def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         shape = (n_samples, *self.mean.shape)
         kwargs = dict(dtype=self.mean.dtype, device=self.mean.device, generator=generator)
-        eps_low = torch.randn((n_samples, *self.factor.shape[:-2], self.factor.shape[-1]), **kwargs)
-        eps_diag = torch.randn(shape, **kwargs)
+        eps_low = parallel.batch_normal((n_samples, *self.factor.shape[:-2], self.factor.shape[-1]), **kwargs)
+        eps_diag = parallel.batch_normal(shape, **kwargs)
         return self.mean + torch.einsum("nhr,knr->knh", self.factor, eps_low) + self.diag_std * eps_diag
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:

@@ -53,9 +53,9 @@ def _weighted_sum(terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor], weight
 def _expectation_value(log_lik, log_prior, entropy, weights, sigma2, lam) -> ObjectiveValue:
     """ELBO ``= E[log p(x|z)] + E[log p(z)] + H[q]`` from per-data-point terms (N,) each."""
     per_point = log_lik + log_prior + entropy  # (N,)
-    terms = (log_lik.mean(), log_prior.mean(), entropy.mean())
+    terms = (parallel.batch_mean(log_lik), parallel.batch_mean(log_prior), parallel.batch_mean(entropy))
     return ObjectiveValue(
-        elbo=per_point.mean(),
+        elbo=parallel.batch_mean(per_point),
         weighted=_weighted_sum(terms, weights),
         terms=dict(zip(("expected_log_likelihood", "expected_log_prior", "posterior_entropy"), terms)),
         sigma2=sigma2,
@@ -220,7 +220,7 @@ class EntropyELBO:
 
         ``statistics_of(r (B,), t (B,H)) -> DataStatistics`` gives the means behind ``σ²*, λ*`` from the batch's
         rows (a trainer's full-data store, whose gradient is that of the batch means); None: the batch's means.
-        Either way the weighted value ``F`` sees the batch through ``Hq = mean_n H[q_n]``, ``R = mean r`` and
+        Either way (``B``: the minibatch's size over every rank, ``parallel.minibatch``) the weighted value ``F`` sees the batch through ``Hq = mean_n H[q_n]``, ``R = mean r`` and
         ``t̄ = mean t`` with the batch means' gradients. With ``(a, ρ, τ) = ∂F/∂(Hq, R, t̄)`` (from the small
         graph of ``from_statistics``: any prior, a fixed ``weights.prior_scale`` or not), ``e_n = x_n - W μ_n`` and
         ``r_n = ||e_n||² + Σ_h G_hh s_nh²``:
@@ -234,7 +234,7 @@ class EntropyELBO:
 
         Returns the ``ObjectiveValue`` (detached) and ``(grad_mean, grad_std, grad_W)``.
         """
-        B, D = x.shape
+        B, D = x.shape  # B: this rank's part of the minibatch (parallel.minibatch)
         with torch.no_grad():
             W, mean, std = model.W, q.mean.detach(), q.std.detach()  # (D,H), (B,H), (B,H)
             gram_diagonal, variance = W.pow(2).sum(0), std * std  # G_hh (H,), s² (B,H)
@@ -242,17 +242,17 @@ class EntropyELBO:
             residual = error.pow(2).sum(-1) + variance @ gram_diagonal  # r (B,)
             statistic, prior_gradient, prior_curvature = model.prior.statistic_and_derivatives(mean, std)  # t, g, c (B,H)
             if statistics_of is None:
-                means = DataStatistics(residual.mean(), statistic.mean(0))
+                means = DataStatistics(parallel.batch_mean(residual), parallel.batch_mean(statistic))
             else:
                 means = statistics_of(residual, statistic)
-            leaves = (q.entropy().mean(), means.residual, means.prior_statistic)
+            leaves = (parallel.batch_mean(q.entropy()), means.residual, means.prior_statistic)
         leaves = tuple(leaf.detach().requires_grad_(True) for leaf in leaves)
         with torch.enable_grad():
             value = self.from_statistics(leaves[0], DataStatistics(*leaves[1:]), D, model.prior, weights)
             a, rho, tau = torch.autograd.grad(value.weighted, leaves)
         with torch.no_grad():
             k = model.prior.statistic_degree
-            a, rho, tau = (derivative.to(mean.dtype) / B for derivative in (a, rho, tau))
+            a, rho, tau = (derivative.to(mean.dtype) / parallel.batch_size(B) for derivative in (a, rho, tau))
             grad_mean = (error @ W).mul_(-2.0 * rho).sub_(prior_gradient * (k * tau))
             grad_std = std * (2.0 * rho * gram_diagonal + (k * tau) * prior_curvature) + a / std
             grad_W = (error.T @ mean).mul_(-2.0 * rho).add_(W * (2.0 * rho * variance.sum(0)))
@@ -261,8 +261,8 @@ class EntropyELBO:
     def __call__(self, x, q, model, weights: AnnealingWeights = UNIT_WEIGHTS, generator=None, statistics=None):
         if statistics is None:
             residual, prior_stat = self.batch_statistics(x, q, model)
-            statistics = DataStatistics(residual.mean(), prior_stat.mean(0))
-        return self.from_statistics(q.entropy().mean(), statistics, x.shape[-1], model.prior, weights)
+            statistics = DataStatistics(parallel.batch_mean(residual), parallel.batch_mean(prior_stat))
+        return self.from_statistics(parallel.batch_mean(q.entropy()), statistics, x.shape[-1], model.prior, weights)
 
     @staticmethod
     def from_statistics(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,6 +29,8 @@ import torch.distributed as dist
 from sparse_elbo.errors import ConfigError
 
 _SHARING: Ranks | None = None  # the ranks the current sums run over (``Ranks.sharing``)
+_MINIBATCH: int | None = None  # the points of the global minibatch whose parts the ranks hold (``minibatch``)
+_PLACES: torch.Tensor | None = None  # this rank's points' places in that minibatch
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,13 @@ class Ranks:
         value = torch.tensor([float(flag)], device=device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
+
+    def positions(self, index: torch.Tensor, n_all: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of the indices ``index`` into all ``n_all`` data points, those in this rank's shard: their places in
+        ``index`` and their positions in the shard, in ``index``'s order."""
+        part = self.shard(n_all)
+        places = torch.nonzero((index >= part.start) & (index < part.stop)).reshape(-1)
+        return places, index[places] - part.start
 
     def shard(self, n: int) -> slice:
         """This rank's contiguous share of ``n`` data points: sizes differ by at most one, in rank order."""
@@ -182,9 +192,7 @@ def held(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     ``index`` and their positions in the rank's shard (of ``n`` points), in ``index``'s order."""
     if _SHARING is None:
         return torch.arange(len(index), device=index.device), index
-    part = _SHARING.shard(count(n))
-    places = torch.nonzero((index >= part.start) & (index < part.stop)).reshape(-1)
-    return places, index[places] - part.start
+    return _SHARING.positions(index, count(n))
 
 
 def mine(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -193,14 +201,100 @@ def mine(index: torch.Tensor, n: int) -> torch.Tensor:
     return held(index, n)[1]
 
 
-def gathered(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-data-point arrays ``{name: (N_rank, ...)}`` of every rank joined along the first axis in rank order
-    (the whole data set's order), on the host; on a rank other than 0 an empty dict (rank 0 writes them).
-    Only for arrays bounded by ``results.max_posterior_numbers``. Outside ``Ranks.sharing``: ``arrays``."""
+def rows_to_main(rows_of: Callable[[slice], dict[str, torch.Tensor]], n: int, write, block_rows: int) -> None:
+    """Per-data-point arrays of every rank's shard (``rows_of(rows)``: ``{name: (R, ...)}`` of this rank's ``n``
+    points) handed to rank 0's ``write(start, arrays)`` (``start``: the first row's index in the whole data set)
+    in blocks of at most ``block_rows`` points, in the data set's order: no process ever holds more than one
+    block of another rank's rows. Every rank calls it; outside ``Ranks.sharing`` the process's own blocks."""
     if _SHARING is None:
-        return arrays
-    parts = [None] * _SHARING.size if _SHARING.is_main else None
-    dist.gather_object({name: value.detach().cpu() for name, value in arrays.items()}, parts, dst=0)
+        for start in range(0, n, block_rows):
+            write(start, rows_of(slice(start, min(start + block_rows, n))))
+        return
+    n_all = count(n)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     if not _SHARING.is_main:
-        return {}
-    return {name: torch.cat([part[name] for part in parts]) for name in arrays}
+        for start in range(0, n, block_rows):
+            for value in rows_of(slice(start, min(start + block_rows, n))).values():
+                dist.send(value.detach().to(device).contiguous(), dst=0)
+        return
+    like = {name: value.detach() for name, value in rows_of(slice(0, 1)).items()}  # every rank's arrays alike
+    for rank in range(_SHARING.size):
+        part = Ranks(rank, _SHARING.size).shard(n_all)
+        for start in range(part.start, part.stop, block_rows):
+            rows = min(block_rows, part.stop - start)
+            if rank == 0:
+                block = rows_of(slice(start, start + rows))
+            else:
+                block = {name: torch.empty((rows, *v.shape[1:]), dtype=v.dtype, device=device) for name, v in like.items()}
+                for value in block.values():
+                    dist.recv(value, src=rank)
+            write(start, block)
+
+
+@contextlib.contextmanager
+def minibatch(size: int, places: torch.Tensor | None = None):
+    """Within (inside ``Ranks.sharing``): a step on a global minibatch of ``size`` data points, each rank
+    holding its part of it (``places``: where its points are in the minibatch); ``batch_mean`` averages over
+    all ``size`` of them, ``batch_size`` is ``size``, ``batch_normal`` draws the whole minibatch's noise.
+    Outside ``Ranks.sharing`` it changes nothing: the process's batch is the minibatch."""
+    global _MINIBATCH, _PLACES
+    previous = _MINIBATCH, _PLACES
+    if _SHARING is not None:
+        _MINIBATCH, _PLACES = int(size), places
+    try:
+        yield
+    finally:
+        _MINIBATCH, _PLACES = previous
+
+
+def batch_normal(shape: tuple[int, ...], **kwargs) -> torch.Tensor:
+    """Standard normal noise ``(K, B_rank, ...)`` for this rank's points of the minibatch: the whole
+    minibatch's draw ``(K, B, ...)`` from the generator every rank holds alike (``kwargs``: ``torch.randn``'s
+    dtype, device, generator), this rank's rows of it — the noise the single process draws for these points.
+    ``torch.randn(shape, **kwargs)`` outside ``minibatch``."""
+    if _MINIBATCH is None:
+        return torch.randn(shape, **kwargs)
+    whole = torch.randn((shape[0], _MINIBATCH, *shape[2:]), **kwargs)
+    return whole.index_select(1, _PLACES.to(whole.device))
+
+
+def batch_size(n: int) -> int:
+    """The size of the minibatch of which this rank holds ``n`` points (``n`` outside ``minibatch``)."""
+    return n if _MINIBATCH is None else _MINIBATCH
+
+
+def batch_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of per-point ``values (B_rank, ...)`` over the global minibatch (``minibatch``): its value is
+    every rank's sum over the minibatch size (one all-reduce), its gradient this rank's share,
+    ``∂/∂values = 1/B`` — so that the sum over ranks of every shared parameter's gradient is that of the
+    single process's mean. ``values.mean(0)`` outside ``minibatch``."""
+    if _MINIBATCH is None:
+        return values.mean(0)
+    share = values.sum(0) / _MINIBATCH
+    return total(share.detach()) + (share - share.detach())
+
+
+def batch_mean_change(values: torch.Tensor) -> torch.Tensor:
+    """Zero, with the gradient of ``batch_mean(values)`` (a value held elsewhere that follows the minibatch's
+    mean, e.g. a full-data statistic); no communication."""
+    share = values.mean(0) if _MINIBATCH is None else values.sum(0) / _MINIBATCH
+    return share - share.detach()
+
+
+def complete_gradients(shared: list[torch.Tensor], local: list[torch.Tensor]) -> None:
+    """Inside ``minibatch``: the gradients of the ``shared`` parameters (every rank holds them whole: the
+    dictionary, σ², λ, an encoder's weights) summed over the ranks with one all-reduce, and a zero gradient
+    for every parameter a rank's part of the minibatch did not reach (so that each rank's optimiser steps as
+    the single process's does: rows outside the batch get zero, not no gradient). Nothing outside it."""
+    if _MINIBATCH is None:
+        return
+    for parameter in (*shared, *local):
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    if shared:
+        flat = torch.cat([p.grad.reshape(-1) for p in shared])
+        dist.all_reduce(flat)
+        start = 0
+        for p in shared:
+            p.grad.copy_(flat[start : start + p.numel()].view_as(p.grad))
+            start += p.numel()

@@ -107,6 +107,10 @@ class PerDataPointPosterior(Posterior):
         """The posteriors of data points ``index`` (all when None); ``x`` is not needed."""
         return self(index)
 
+    def state_rows(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """``state_arrays``' rows of the data points ``index`` (the results file takes them in blocks)."""
+        return {name: value[index] for name, value in self.state_arrays().items()}
+
     def per_data_point(self, x: torch.Tensor) -> PerDataPointPosterior:
         """A fresh posterior of this family for the data points of ``x`` (N,D), on x's device and dtype."""
         return type(self)(n_data=x.shape[0], n_latents=self.n_latents, init_std=self.init_std).to(x)
@@ -209,7 +213,10 @@ class DiagonalPosterior(PerDataPointPosterior):
         self.log_std.copy_(torch.log(std))
 
     def state_arrays(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean.detach(), "std": self.log_std.detach().exp()}
+        return self.state_rows(slice(None))
+
+    def state_rows(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean.detach()[index], "std": self.log_std.detach()[index].exp()}
 
 
 class FullCovariancePosterior(PerDataPointPosterior):
@@ -332,4 +339,8 @@ class FullCovariancePosterior(PerDataPointPosterior):
         self.log_diag.copy_(torch.log(torch.diagonal(scale_tril, dim1=-2, dim2=-1)))
 
     def state_arrays(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean.detach(), "scale_tril": self.scale_tril().detach()}
+        return self.state_rows(slice(None))
+
+    def state_rows(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        rows = self.gaussian({name: value.detach()[index] for name, value in self.named_parameters()})
+        return {"mean": rows.mean, "scale_tril": rows.scale_tril}

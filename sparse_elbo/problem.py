@@ -56,3 +56,9 @@ class Problem:
             if self.model.log_lambda.requires_grad:
                 params.append(self.model.log_lambda)
         return params
+
+    def shared_parameters(self, train_dictionary: bool = True) -> list[torch.nn.Parameter]:
+        """Of ``trainable_parameters``, those every rank of a data-parallel run holds whole (W, σ², λ, an encoder's
+        weights), as opposed to the per-data-point posteriors' rows of its own shard."""
+        held = set() if self.posterior.amortized else {id(p) for p in self.posterior.parameters()}
+        return [p for p in self.trainable_parameters(train_dictionary) if id(p) not in held]

@@ -112,6 +112,23 @@ class ResultsWriter:
             else:
                 target.create_dataset(name, data=_as_numpy(value))
 
+    def create_rows(self, group: str, arrays: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+        """Make (or replace) the datasets ``/group/<name>`` of ``{name: (shape, dtype)}``, to be filled in blocks of
+        rows by ``write_rows``."""
+        with self._open() as f:
+            target = f.require_group(group)
+            for name, (shape, dtype) in arrays.items():
+                if name in target:
+                    del target[name]
+                target.create_dataset(name, shape=shape, dtype=dtype)
+
+    def write_rows(self, group: str, start: int, arrays: dict) -> None:
+        """Write each of ``arrays`` (R, ...) into rows ``start .. start+R`` of ``/group/<name>``."""
+        with self._open() as f:
+            for name, value in arrays.items():
+                value = _as_numpy(value)
+                f[group][name][start : start + value.shape[0]] = value
+
     @property
     def checkpoint_path(self) -> Path:
         return checkpoint_path(self.path)
@@ -156,6 +173,10 @@ class ShardWriter:
         write_atomically(checkpoint_path(self.path, self.rank), blob)
 
     def write_group(self, *args, **kwargs) -> None: ...
+
+    def create_rows(self, *args, **kwargs) -> None: ...
+
+    def write_rows(self, *args, **kwargs) -> None: ...
 
     def append_epoch(self, *args, **kwargs) -> None: ...
 

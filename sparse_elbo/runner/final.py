@@ -93,7 +93,7 @@ def _recovery(cfg: DictConfig, components: Components) -> dict:
 
 def final_evaluation(cfg: DictConfig, components: Components, outcome: FitOutcome, results_path: Path) -> tuple[dict, RunSummary]:
     """``/final``: W, σ², λ (set to the exact optima for the entropy objective), the unweighted ELBO, the
-    outcome, the posterior (when small enough), held-out metrics, localisation (image patches), field
+    outcome, held-out metrics, localisation (image patches), field
     recovery and the ground-truth ELBO (data with a generating dictionary); and the run's summary."""
     problem, dataset = components.problem, components.dataset
     value = evaluate_problem(problem, problem.annealing(10**9))
@@ -108,9 +108,6 @@ def final_evaluation(cfg: DictConfig, components: Components, outcome: FitOutcom
         "stop_reason": outcome.stop_reason,
         "train_time": outcome.train_time,
     }
-    arrays = problem.posterior.state_arrays()
-    if parallel.count(sum(v.numel() for v in arrays.values())) <= int(cfg.results.max_posterior_numbers):
-        final["posterior"] = parallel.gathered(arrays)  # every rank's shard, in rank order (rank 0 writes them)
     held_out = _held_out(cfg, components)
     final.update(held_out or {})
     if dataset.image_shape is not None:
@@ -132,3 +129,28 @@ def final_evaluation(cfg: DictConfig, components: Components, outcome: FitOutcom
         held_out=held_out,
     )
     return final, summary
+
+
+POSTERIOR_BLOCK_NUMBERS = 1 << 22  # numbers per block of per-data-point posteriors on their way to the file
+
+
+def write_posterior(cfg: DictConfig, posterior, writer) -> None:
+    """``/final/posterior`` when it holds at most ``results.max_posterior_numbers`` numbers: an encoder's weights
+    (every rank holds them alike), or the per-data-point posteriors of every rank's shard, passed to rank 0
+    and written in blocks of rows (``parallel.rows_to_main``): no process holds another rank's shard whole."""
+    limit = int(cfg.results.max_posterior_numbers)
+    if posterior.amortized:
+        arrays = posterior.state_arrays()
+        if sum(value.numel() for value in arrays.values()) <= limit:
+            writer.write_group("final", {"posterior": arrays})
+        return
+    n = posterior.mean.shape[0]
+    like = posterior.state_rows(slice(0, 1))
+    per_row = sum(value.numel() for value in like.values())
+    n_all = parallel.count(n)
+    if n_all * per_row > limit:
+        return
+    shapes = {name: ((n_all, *value.shape[1:]), value.cpu().numpy().dtype) for name, value in like.items()}
+    writer.create_rows("final/posterior", shapes)
+    block_rows = max(1, POSTERIOR_BLOCK_NUMBERS // per_row)
+    parallel.rows_to_main(posterior.state_rows, n, lambda start, arrays: writer.write_rows("final/posterior", start, arrays), block_rows)

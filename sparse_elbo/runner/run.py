@@ -22,7 +22,7 @@ from sparse_elbo.parallel import Ranks
 from sparse_elbo.results import ResultsWriter, ShardWriter, read_results, require_new_results_file
 from sparse_elbo.runner.build import Components, build, resolve_device, results_path
 from sparse_elbo.runner.checkpoint import Checkpointer, RunInterrupted, SignalGuard, read_checkpoint_state, restore
-from sparse_elbo.runner.final import RunSummary, final_evaluation
+from sparse_elbo.runner.final import RunSummary, final_evaluation, write_posterior
 from sparse_elbo.runner.loggers import LogContext, RunLogger
 from sparse_elbo.runner.record import EpochRecorder
 from sparse_elbo.trainers.base import fit
@@ -167,6 +167,7 @@ def _train_sharing(
         final, summary = final_evaluation(cfg, components, outcome, writer.path)
         with guard.writing():
             writer.write_group("final", final)
+            write_posterior(cfg, problem.posterior, writer)
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM as RunInterrupted
         _close(writer, guard, bar, "interrupted", repr(error))
         _close_logger(logger, "interrupted", evaluate.last)

@@ -24,10 +24,12 @@ experiments' choice: on natural-image patches the fields are localised from the 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from sparse_elbo import parallel
 from sparse_elbo.annealing import AnnealingWeights
 from sparse_elbo.initialisation import DictionaryStart, RandomDictionary, start_dictionary
 from sparse_elbo.problem import Problem
@@ -56,7 +58,9 @@ class AdamState:
 
 
 class AdamTrainer(Trainer):
-    capabilities = Capabilities(posteriors=KINDS, objectives=OBJECTIVES, annealing=True, prior_scales=("optimal", "fixed"))
+    capabilities = Capabilities(
+        posteriors=KINDS, objectives=OBJECTIVES, annealing=True, prior_scales=("optimal", "fixed"), data_parallel=True
+    )
 
     def __init__(
         self,
@@ -106,17 +110,28 @@ class AdamTrainer(Trainer):
             state.noise_generator.set_state(saved["noise_generator"].cpu())
         return state
 
-    def _batches(self, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, ...]:
-        order = torch.randperm(n, generator=generator, device=device) if self.shuffle else torch.arange(n, device=device)
-        return order.split(self.batch_size)
+    def _batches(self, n: int, generator: torch.Generator, device) -> Iterator[tuple[torch.Tensor, int, torch.Tensor | None]]:
+        """Each minibatch of the epoch: the positions of this rank's points in it (of its ``n``), its size, and
+        where in it they are (None: all of it). The order is drawn over every rank's points (global indices),
+        so that the minibatches do not depend on the number of ranks."""
+        ranks = parallel.sharing()
+        n_all = n if ranks is None else parallel.count(n)
+        order = torch.randperm(n_all, generator=generator, device=device) if self.shuffle else torch.arange(n_all, device=device)
+        for batch in order.split(self.batch_size):
+            places, index = (None, batch) if ranks is None else ranks.positions(batch, n_all)
+            yield index, len(batch), places
 
     def train_epoch(self, problem: Problem, state: AdamState, epoch: int, weights: AnnealingWeights) -> None:
-        """One shuffled pass in minibatches; nothing in the loop reads a value back to the host."""
+        """One shuffled pass in minibatches; nothing in the loop reads a value back to the host (data-parallel:
+        each step all-reduces the shared parameters' gradients, ``parallel.complete_gradients``)."""
         self.statistics.before_epoch(state.store, epoch)
-        for index in self._batches(problem.x.shape[0], state.shuffle_generator, problem.x.device):
-            q = problem.q(index)  # the batch's Gaussians (an encoder's forward pass)
-            state.optimizer.zero_grad(set_to_none=True)
-            self.set_gradients(problem, state, index, q, weights)
+        shared, trained = problem.shared_parameters(self.train_dictionary), problem.trainable_parameters(self.train_dictionary)
+        for index, size, places in self._batches(problem.x.shape[0], state.shuffle_generator, problem.x.device):
+            with parallel.minibatch(size, places):
+                q = problem.q(index)  # the batch's Gaussians (an encoder's forward pass)
+                state.optimizer.zero_grad(set_to_none=True)
+                self.set_gradients(problem, state, index, q, weights)
+                parallel.complete_gradients(shared, trained)
             state.optimizer.step()
 
     def set_gradients(self, problem: Problem, state: AdamState, index: torch.Tensor, q, weights: AnnealingWeights) -> None:
@@ -144,3 +159,4 @@ class AdamTrainer(Trainer):
     def working_memory(self, sizes: Sizes) -> int:
         """Parameters, gradients and Adam's two moments of every parameter."""
         return 4 * (sizes.posterior_numbers + sizes.n_observed * sizes.n_latents)
+

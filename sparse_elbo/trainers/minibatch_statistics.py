@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from sparse_elbo import parallel
 from sparse_elbo.inference.statistics import data_blocks
 from sparse_elbo.objectives import DataStatistics
 from sparse_elbo.problem import Problem
@@ -41,13 +42,15 @@ class StatisticsEstimate(Protocol):
 
 
 class StatisticsStore:
-    """Per-data-point ``r_n (N,)`` and ``t_n (N,H)`` with their running sums."""
+    """Per-data-point ``r_n (N,)`` and ``t_n (N,H)`` with their running sums. Data-parallel (``parallel.py``):
+    each rank stores its shard's rows, and the sums (the only thing a step reads) are over every rank's."""
 
     def __init__(self, problem: Problem, block_size: int):
         self.problem, self.block_size = problem, block_size
         n, H = problem.x.shape[0], problem.model.n_latents
-        self.residual = problem.x.new_zeros(n)  # r (N,)
-        self.prior_statistic = problem.x.new_zeros(n, H)  # t (N,H)
+        self.residual = problem.x.new_zeros(n)  # r (N_rank,)
+        self.prior_statistic = problem.x.new_zeros(n, H)  # t (N_rank,H)
+        self.n_all = parallel.count(n)  # N: the data points of every rank
         self.filled = False  # rows hold values (after a refresh or a load)
 
     @torch.no_grad()
@@ -57,36 +60,44 @@ class StatisticsStore:
         for index in data_blocks(problem.x.shape[0], self.block_size, problem.x.device):
             r, t = problem.objective.batch_statistics(problem.x[index], problem.q(index), problem.model)
             self.residual[index], self.prior_statistic[index] = r, t
-        self.residual_sum, self.prior_sum = self.residual.sum(), self.prior_statistic.sum(0)
+        self._sum_rows()
+
+    def _sum_rows(self) -> None:
+        self.residual_sum = parallel.total(self.residual.sum())
+        self.prior_sum = parallel.total(self.prior_statistic.sum(0))
         self.filled = True
 
     def load(self, residual: torch.Tensor, prior_statistic: torch.Tensor) -> None:
         """Rows saved by a checkpoint."""
         self.residual.copy_(residual)
         self.prior_statistic.copy_(prior_statistic)
-        self.residual_sum, self.prior_sum = self.residual.sum(), self.prior_statistic.sum(0)
-        self.filled = True
+        self._sum_rows()
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.residual, self.prior_statistic
 
     def means(self) -> DataStatistics:
         """The full-data means of the stored rows (no gradient)."""
-        n = self.residual.shape[0]
+        n = self.n_all
         return DataStatistics(residual=self.residual_sum / n, prior_statistic=self.prior_sum / n)
 
     def statistics(self, index: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> DataStatistics:
         """Full-data means with the batch's rows replaced by ``r (B,), t (B,H)`` (which carry gradients):
         value = full-data mean, gradient = that of the batch mean. Stores the new rows."""
-        n = self.residual.shape[0]
+        n = self.n_all
         with torch.no_grad():
-            self.residual_sum = self.residual_sum - self.residual[index].sum() + r.detach().sum()
-            self.prior_sum = self.prior_sum - self.prior_statistic[index].sum(0) + t.detach().sum(0)
+            if parallel.sharing() is None:
+                self.residual_sum = self.residual_sum - self.residual[index].sum() + r.detach().sum()
+                self.prior_sum = self.prior_sum - self.prior_statistic[index].sum(0) + t.detach().sum(0)
+            else:  # the rows every rank replaced (one all-reduce)
+                r_change = r.detach().sum() - self.residual[index].sum()
+                t_change = t.detach().sum(0) - self.prior_statistic[index].sum(0)
+                r_change, t_change = (part.to(r.dtype) for part in parallel.summed(r_change, t_change))
+                self.residual_sum, self.prior_sum = self.residual_sum + r_change, self.prior_sum + t_change
             self.residual[index], self.prior_statistic[index] = r.detach(), t.detach()
-        r_mean, t_mean = r.mean(), t.mean(0)
         return DataStatistics(
-            residual=self.residual_sum / n + (r_mean - r_mean.detach()),
-            prior_statistic=self.prior_sum / n + (t_mean - t_mean.detach()),
+            residual=self.residual_sum / n + parallel.batch_mean_change(r),
+            prior_statistic=self.prior_sum / n + parallel.batch_mean_change(t),
         )
 
 
