@@ -45,7 +45,9 @@ def sparseness(
     else:
         index = points[: -(-max_data_points // ranks.size)]
     g = metrics.sample_gini(problem.q(index), n_samples, generator)  # (K, B)
-    total, square, size = parallel.summed(g.sum(), g.square().sum(), torch.tensor(float(g.numel()), dtype=torch.float64, device=g.device))
+    total, square, size = parallel.summed(
+        g.sum(), g.square().sum(), torch.tensor(float(g.numel()), dtype=torch.float64, device=g.device)
+    )
     mean = total / size
     return float(mean), float(((square - size * mean**2) / (size - 1)).clamp_min(0.0).sqrt())
 

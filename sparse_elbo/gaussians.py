@@ -63,7 +63,9 @@ class DiagonalGaussian(_Batch):
 
     def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``z = μ + s ⊙ ε``  ->  (K,N,H)"""
-        eps = parallel.batch_normal((n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator)
+        eps = parallel.batch_normal(
+            (n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator
+        )
         return self.mean + self.std * eps
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,9 @@ class FullGaussian(_Batch):
 
     def rsample(self, n_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``z = μ + L ε``  ->  (K,N,H)"""
-        eps = parallel.batch_normal((n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator)
+        eps = parallel.batch_normal(
+            (n_samples, *self.mean.shape), dtype=self.mean.dtype, device=self.mean.device, generator=generator
+        )
         return self.mean + torch.einsum("nij,knj->kni", self.scale_tril, eps)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:

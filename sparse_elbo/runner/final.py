@@ -153,4 +153,6 @@ def write_posterior(cfg: DictConfig, posterior, writer) -> None:
     shapes = {name: ((n_all, *value.shape[1:]), value.cpu().numpy().dtype) for name, value in like.items()}
     writer.create_rows("final/posterior", shapes)
     block_rows = max(1, POSTERIOR_BLOCK_NUMBERS // per_row)
-    parallel.rows_to_main(posterior.state_rows, n, lambda start, arrays: writer.write_rows("final/posterior", start, arrays), block_rows)
+    parallel.rows_to_main(
+        posterior.state_rows, n, lambda start, arrays: writer.write_rows("final/posterior", start, arrays), block_rows
+    )

@@ -159,4 +159,3 @@ class AdamTrainer(Trainer):
     def working_memory(self, sizes: Sizes) -> int:
         """Parameters, gradients and Adam's two moments of every parameter."""
         return 4 * (sizes.posterior_numbers + sizes.n_observed * sizes.n_latents)
-
