@@ -51,9 +51,9 @@ def posterior_family(name: str, per_data_point: bool = False):
     return load(name)
 
 
-def data_parallel_trainers() -> list[str]:
-    """The trainers shipped as ``configs/trainer/<name>.yaml`` that run on several ranks (their class's
-    ``capabilities.data_parallel``; docs/scaling.md)."""
+def trainers_with(capability: str) -> list[str]:
+    """The trainers shipped as ``configs/trainer/<name>.yaml`` whose class declares ``capability`` (a flag of
+    ``trainers.base.Capabilities``: ``data_parallel``, ``streams_data``; docs/scaling.md)."""
     from hydra.utils import get_object
     from omegaconf import OmegaConf
 
@@ -61,5 +61,5 @@ def data_parallel_trainers() -> list[str]:
     return [
         name
         for name in names
-        if get_object(OmegaConf.load(config_dir() / "trainer" / f"{name}.yaml")._target_).capabilities.data_parallel
+        if getattr(get_object(OmegaConf.load(config_dir() / "trainer" / f"{name}.yaml")._target_).capabilities, capability)
     ]

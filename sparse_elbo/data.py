@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sparse_elbo.errors import ConfigError, ConfigKeyError, MissingFileError, UserError, reason
 from sparse_elbo.validation import require_one_of
@@ -221,12 +222,63 @@ class HDF5Rows:
             rows = f[self.name][self.start : self.stop]
         return rows if dtype is None else rows.astype(dtype)
 
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at increasing ``positions`` (of these rows), read from the file alone."""
+        import h5py
 
-def load_file(path: str, key: str | None = None, max_data: int | None = None) -> Dataset:
+        with h5py.File(self.path, "r") as f:
+            return f[self.name][self.start + positions]
+
+
+class StreamedRows:
+    """A rank's training rows left in their file (``dataset.stream=true``, docs/scaling.md): ``x[index]`` (a slice,
+    or a tensor of positions) reads those rows and returns them as a tensor of the run's dtype on its device —
+    what a trainer that works in minibatches and blocks asks of ``problem.x`` — so that a run holds one block
+    of its data at a time. ``source``: a memory-mapped ``.npy`` or an ``HDF5Rows`` (the rank's shard); its
+    values are checked in blocks when it is made, before any compute."""
+
+    ndim = 2
+
+    def __init__(self, source, dtype: torch.dtype, device: torch.device, origin: str, block_rows: int = 65536):
+        self.source, self.dtype, self.device = source, dtype, torch.device(device)
+        self.shape = torch.Size(source.shape)
+        for start in range(0, len(source), block_rows):
+            rows = slice(start, min(start + block_rows, len(source)))
+            validate_data(np.asarray(source[rows]), f"{origin}, rows {start}–{rows.stop - 1}")
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            rows = np.asarray(self.source[index])
+        else:
+            positions = torch.as_tensor(index).cpu().numpy()
+            order = np.argsort(positions, kind="stable")
+            rows = np.empty((len(positions), self.shape[1]), dtype=self.source.dtype)
+            rows[order] = self._take(positions[order])
+        return torch.from_numpy(np.asarray(rows)).to(device=self.device, dtype=self.dtype)
+
+    def _take(self, increasing: np.ndarray) -> np.ndarray:
+        """Rows at ``increasing`` positions (repeats allowed: read once each)."""
+        unique, inverse = np.unique(increasing, return_inverse=True)
+        take = self.source.take if isinstance(self.source, HDF5Rows) else self.source.__getitem__
+        return np.asarray(take(unique))[inverse]
+
+    def new_zeros(self, *size) -> torch.Tensor:
+        return torch.zeros(*size, dtype=self.dtype, device=self.device)
+
+
+def load_file(path: str, key: str | None = None, max_data: int | None = None, stream: bool = False) -> Dataset:
     """A user's ``(N, D)`` array (``dataset=file``) from ``.npy``, ``.npz``, ``.h5``/``.hdf5`` (dataset name) or
     ``.mat`` (variable; MATLAB v7.3 files too). A ``.npy`` file is memory-mapped and a ``.h5`` dataset read when
     sliced: only the header is checked here, and the values of the rows a run keeps when it takes them
-    (``rows_of``: a rank of a data-parallel run reads its shard alone)."""
+    (``rows_of``: a rank of a data-parallel run reads its shard alone). ``stream``: the run reads its rows from
+    the file as its trainer needs them (``StreamedRows``; ``.npy`` and ``.h5`` only)."""
     file, named = _data_path(path, "dataset.path")
     suffix = file.suffix.lower()
     if suffix == ".npy":
@@ -238,9 +290,11 @@ def load_file(path: str, key: str | None = None, max_data: int | None = None) ->
         x = _hdf5_rows(file, key, named)
     else:
         x = read_data_file(path, key)
+    if stream and not isinstance(x, (np.memmap, HDF5Rows)):
+        raise ConfigError(f"dataset.stream=true reads rows from .npy and .h5/.hdf5 files, not from {file.suffix!r} ones")
     if max_data is not None:
         x = x[: int(max_data)]
-    return Dataset(name="file", x=x, info={"path": str(file.resolve()), "key": key})
+    return Dataset(name="file", x=x, info={"path": str(file.resolve()), "key": key, "stream": bool(stream)})
 
 
 def _hdf5_rows(file: Path, key: str | None, named: str) -> HDF5Rows:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -293,9 +294,17 @@ def extract_patches(
     -> patches (n_patches, patch_size²) float64, rows in raster order of the patch;
        with ``return_positions`` also positions (n_patches, 3) int: image index, top row, left column.
     """
+    images = [np.asarray(image) for image in images]
+    positions = patch_positions(images, patch_size, n_patches, seed)
+    patches = cut_patches(images, positions, int(patch_size), remove_dc)
+    return (patches, positions) if return_positions else patches
+
+
+def patch_positions(images: list[np.ndarray], patch_size: int, n_patches: int, seed: int | np.random.Generator) -> np.ndarray:
+    """The positions ``extract_patches`` draws (its docstring)  ->  (n_patches, 3) int: image index, top row,
+    left column."""
     p = _check_int(patch_size, "patch_size", 1)
     n = _check_int(n_patches, "n_patches", 1)
-    images = [np.asarray(image) for image in images]
     if not images:
         raise ConfigError("dataset: no images to cut patches from")
     for i, image in enumerate(images):
@@ -314,20 +323,24 @@ def extract_patches(
     flat = rng.choice(total, size=n, replace=False)  # (n,) uniform over all positions, random order
     starts = np.concatenate([[0], np.cumsum(counts)])
     which = np.searchsorted(starts, flat, side="right") - 1  # (n,) image index
-    local = flat - starts[which]
     widths = np.array([im.shape[1] - p + 1 for im in images])[which]
-    top, left = np.divmod(local, widths)
-    patches = np.empty((n, p, p))
+    top, left = np.divmod(flat - starts[which], widths)
+    return np.stack([which, top, left], axis=1)
+
+
+def cut_patches(images: list[np.ndarray], positions: np.ndarray, p: int, remove_dc: bool = False) -> np.ndarray:
+    """The ``p×p`` patches at ``positions`` (n, 3) of ``images``, each its mean removed with ``remove_dc``
+    ->  (n, p²) float64, rows in raster order of the patch."""
+    which, top, left = positions.T
+    patches = np.empty((len(positions), p, p))
     for i, image in enumerate(images):
         rows = np.nonzero(which == i)[0]
         if rows.size:
             windows = sliding_window_view(image, (p, p))  # (R-p+1, C-p+1, p, p) view
             patches[rows] = windows[top[rows], left[rows]]
-    patches = patches.reshape(n, p * p)
+    patches = patches.reshape(len(positions), p * p)
     if remove_dc:
         patches -= patches.mean(axis=1, keepdims=True)
-    if return_positions:
-        return patches, np.stack([which, top, left], axis=1)
     return patches
 
 
@@ -416,6 +429,65 @@ def _whiten_all(images: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
     return white
 
 
+@dataclass
+class PatchPlan:
+    """What ``make_image_patches`` cuts, before cutting: the (whitened) images, the drawn positions (training
+    patches first, then the held-out ones), and the data set's ``info``; ``cut(rows)`` cuts a block of them."""
+
+    images: list[np.ndarray]
+    positions: np.ndarray  # (n_patches + held_out, 3): image index, top row, left column
+    n_patches: int
+    patch_size: int
+    remove_dc: bool
+    info: dict
+
+    def cut(self, rows: slice) -> np.ndarray:
+        """The patches at ``positions[rows]``  ->  (R, p²) float64, checked finite."""
+        patches = cut_patches(self.images, self.positions[rows], self.patch_size, self.remove_dc)
+        return validate_data(patches, "dataset=image_patches")
+
+
+def plan_image_patches(
+    source: str = "builtin",
+    path: str | None = None,
+    key: str = "IMAGES",
+    image_axis: int = -1,
+    pattern: str | None = None,
+    patch_size: int = 16,
+    n_patches: int = 204800,
+    held_out: int = 0,
+    whiten_images: bool = True,
+    remove_dc: bool = False,
+    seed: int = 0,
+    images: list[str] | None = None,
+) -> PatchPlan:
+    """The images and positions of ``make_image_patches`` with the same settings, nothing cut yet (for
+    writing many patches block by block: ``python -m sparse_elbo.patches``)."""
+    if source not in SOURCES:
+        raise ConfigError(f"dataset.source must be one of {list(SOURCES)}, got {source!r}")
+    p = _check_int(patch_size, "patch_size", 1)
+    n = _check_int(n_patches, "n_patches", 1)
+    n_held = _check_int(held_out, "held_out", 0)
+    for name, flag in (("whiten_images", whiten_images), ("remove_dc", remove_dc)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ConfigError(f"dataset.{name} must be true or false, got {flag!r}")
+    if source == "builtin":
+        pictures, names, info = _builtin_source(path, images, whiten_images)
+    else:
+        pictures, names, info = _file_source(source, path, key, image_axis, pattern, whiten_images, images)
+    pictures = [np.asarray(picture) for picture in pictures]
+    positions = patch_positions(pictures, p, n + n_held, seed)
+    info.update(
+        source=source,
+        positions=positions[:n],  # (n, 3): image index, top row, left column
+        images=names,
+        image_shapes=[tuple(int(s) for s in image.shape) for image in pictures],
+        whitened=bool(whiten_images),
+        remove_dc=bool(remove_dc),
+    )
+    return PatchPlan(pictures, positions, n, p, bool(remove_dc), info)
+
+
 def make_image_patches(
     source: str = "builtin",
     path: str | None = None,
@@ -446,27 +518,10 @@ def make_image_patches(
     (``n_patches + held_out`` distinct positions, then split), so they may overlap training patches
     partially (shifted by a few pixels) but never coincide with one.
     """
-    if source not in SOURCES:
-        raise ConfigError(f"dataset.source must be one of {list(SOURCES)}, got {source!r}")
-    p = _check_int(patch_size, "patch_size", 1)
-    n = _check_int(n_patches, "n_patches", 1)
-    n_held = _check_int(held_out, "held_out", 0)
-    for name, flag in (("whiten_images", whiten_images), ("remove_dc", remove_dc)):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise ConfigError(f"dataset.{name} must be true or false, got {flag!r}")
-    if source == "builtin":
-        pictures, names, info = _builtin_source(path, images, whiten_images)
-    else:
-        pictures, names, info = _file_source(source, path, key, image_axis, pattern, whiten_images, images)
-    info["source"] = source
-    patches, positions = extract_patches(pictures, p, n + n_held, seed, remove_dc=remove_dc, return_positions=True)
-    x = validate_data(patches[:n], "dataset=image_patches")  # (n, p²)
-    info.update(
-        positions=positions[:n],  # (n, 3): image index, top row, left column
-        images=names,
-        image_shapes=[tuple(int(s) for s in image.shape) for image in pictures],
-        whitened=bool(whiten_images),
-        remove_dc=bool(remove_dc),
-        held_out=patches[n:].copy() if n_held else None,
+    plan = plan_image_patches(
+        source, path, key, image_axis, pattern, patch_size, n_patches, held_out, whiten_images, remove_dc, seed, images
     )
-    return Dataset(name="image_patches", x=x, image_shape=(p, p), info=info)
+    n, p = plan.n_patches, plan.patch_size
+    patches = plan.cut(slice(None))  # (n + held_out, p²)
+    info = {**plan.info, "held_out": patches[n:].copy() if len(patches) > n else None}
+    return Dataset(name="image_patches", x=patches[:n], image_shape=(p, p), info=info)

@@ -31,7 +31,10 @@ from sparse_elbo.validation import require_at_least, require_positive
 
 
 class DictionaryStart(Protocol):
-    """A starting dictionary: ``start(x (N,D), W (D,H) the model's own start, generator) -> W (D,H)``."""
+    """A starting dictionary: ``start(x (N,D), W (D,H) the model's own start, generator) -> W (D,H)``;
+    ``holds_all_rows``: it reads every row of x at once (a run whose data stay in their file refuses it)."""
+
+    holds_all_rows: bool
 
     def __call__(self, x: torch.Tensor, W: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
 
@@ -59,6 +62,8 @@ def _rows(x: torch.Tensor, places: torch.Tensor | None, picks: torch.Tensor) -> 
 class RandomDictionary:
     """Keep the model's own start (random unit-norm columns, or ``model.init_dictionary``)."""
 
+    holds_all_rows = False  # it reads no data
+
     def __call__(self, x: torch.Tensor, W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return W
 
@@ -74,6 +79,11 @@ class SparseCodingDictionary:
         self.iterations = int(iterations)
         self.code_iterations = int(code_iterations)
         self.n_points = None if n_points is None else int(n_points)
+
+    @property
+    def holds_all_rows(self) -> bool:
+        """Whether it learns from every data point at once (all of them in memory)."""
+        return self.n_points is None
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -325,6 +325,8 @@ def exact_value(objective, x, q_of, model, weights=UNIT_WEIGHTS, block_size: int
     ``q_of(index)``: the Gaussians of data points ``index`` (all when None)."""
     n = x.shape[0] if points is None else len(points)
     if n <= block_size and parallel.sharing() is None:
+        if points is None and not torch.is_tensor(x):  # rows left in their file (data.StreamedRows): one block, read
+            points = torch.arange(n, device=x.device)
         return objective(x if points is None else x[points], q_of(points), model, weights)
     if isinstance(objective, EntropyELBO):
         statistics, mean_entropy = entropy_statistics(x, q_of, model, block_size, points)

@@ -6,8 +6,9 @@ The patches are those ``dataset=image_patches`` with the same settings would cut
 ``dataset.path``, ``dataset.patch_size``, ``dataset.n_patches``, ``dataset.whiten_images``, ``dataset.remove_dc``,
 ...; configs/dataset/image_patches.yaml), drawn with ``seed``. The file holds ``x`` (N, p²) float32, ``positions``
 (N, 3) int64 (image index, top row, left column), ``images`` (the images' names) and the settings as attributes.
-A run then reads it with ``dataset=file dataset.path=patches.h5 dataset.key=x``: a ``.h5`` data set is read by
-each rank's shard of rows, not whole. ``out`` must be a new ``.h5`` file in a folder that exists.
+The patches are cut and written in blocks (the images are held, the patches never all at once). A run then
+reads it with ``dataset=file dataset.path=patches.h5 dataset.key=x``: a ``.h5`` data set is read by each rank's
+shard of rows, not whole (``dataset.stream=true``: by minibatches). ``out`` must be a new ``.h5`` file in a folder that exists.
 """
 
 from __future__ import annotations
@@ -25,16 +26,22 @@ from sparse_elbo.runner.build import instantiate_at
 from sparse_elbo.version import __version__
 
 
-def write_patches(out: str | Path, overrides: list[str] = ()) -> Path:
+def write_patches(out: str | Path, overrides: list[str] = (), block_rows: int = 65536) -> Path:
     """Cut the patches ``dataset=image_patches`` with ``overrides`` (``dataset.*``, ``seed``) gives and write them
-    to the new HDF5 file ``out`` (module docstring); returns its path."""
+    to the new HDF5 file ``out`` (module docstring), ``block_rows`` patches at a time: the images are in memory,
+    the patches never all at once. Returns its path."""
     file = output_file(out, "out", suffixes=(".h5", ".hdf5"))
     cfg = compose(["dataset=image_patches", *overrides])
-    dataset = instantiate_at(cfg.dataset, "dataset")  # its errors name the setting the user wrote
+    planned = OmegaConf.merge(cfg.dataset, {"_target_": "sparse_elbo.images.plan_image_patches"})
+    plan = instantiate_at(planned, "dataset")  # its errors name the setting the user wrote
+    n, d = plan.n_patches, plan.patch_size**2
     with h5py.File(file, "w-") as f:
-        f.create_dataset("x", data=dataset.x.astype(np.float32), chunks=(min(4096, dataset.n_data), dataset.n_observed))
-        f.create_dataset("positions", data=dataset.info["positions"])
-        f.create_dataset("images", data=np.array(dataset.info["images"], dtype=h5py.string_dtype()))
+        x = f.create_dataset("x", shape=(n, d), dtype=np.float32, chunks=(min(4096, n), d))
+        for start in range(0, n, block_rows):
+            rows = slice(start, min(start + block_rows, n))
+            x[rows] = plan.cut(rows).astype(np.float32)
+        f.create_dataset("positions", data=plan.info["positions"])
+        f.create_dataset("images", data=np.array(plan.info["images"], dtype=h5py.string_dtype()))
         f.attrs["settings"] = OmegaConf.to_yaml(cfg.dataset, resolve=True)
         f.attrs["versions"] = f"sparse_elbo={__version__}"
     return file

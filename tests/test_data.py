@@ -8,10 +8,11 @@ import h5py
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
 import sparse_elbo
 from sparse_elbo.cli import user_error_message
-from sparse_elbo.data import HDF5Rows, bars_dictionary, load_file, make_bars, read_data_file, rows_of
+from sparse_elbo.data import HDF5Rows, StreamedRows, bars_dictionary, load_file, make_bars, read_data_file, rows_of
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.parallel import Ranks
 from sparse_elbo.runner import build
@@ -187,3 +188,61 @@ def test_a_matlab_v73_file_is_read_in_matlab_axis_order(tmp_path, array):
         f["patches"] = array.T  # what MATLAB's -v7.3 writes: column-major, seen transposed by HDF5
         f.create_group("#refs#").create_dataset("a", data=np.ones(2))  # MATLAB's bookkeeping is not a variable
     np.testing.assert_array_equal(load_file(str(path)).x, array)
+
+
+def _write(path, x) -> None:
+    if path.suffix == ".npy":
+        np.save(path, x)
+    else:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=x)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".h5"])
+def test_streamed_rows_are_the_files_rows_in_any_order_and_bad_values_stop_the_build(tmp_path, suffix):
+    """``dataset.stream=true``: a rank's rows stay in the file and ``x[index]`` reads them (in any order, with
+    repeats; a slice too); the values are checked in blocks when the run is built, before any compute."""
+    x = np.random.default_rng(1).normal(size=(700, 9)).astype(np.float32)
+    path = tmp_path / f"x{suffix}"
+    _write(path, x)
+    rows = StreamedRows(load_file(str(path), stream=True).x[100:600], torch.float64, torch.device("cpu"), "f", block_rows=64)
+    assert rows.shape == (500, 9) and len(rows) == 500 and not rows.is_cuda
+    index = torch.tensor([499, 3, 3, 250, 0, 17])
+    np.testing.assert_array_equal(rows[index].numpy(), x[100:600][index.numpy()].astype(np.float64))
+    np.testing.assert_array_equal(rows[10:20].numpy(), x[110:120].astype(np.float64))
+    assert rows[index].dtype == torch.float64 and rows.new_zeros(2, 3).dtype == torch.float64
+    x[650, 2] = np.inf
+    _write(path, x)
+    overrides = ["dataset=file", f"dataset.path={path}", "dataset.stream=true", "n_latents=4", "trainer=adam"]
+    with pytest.raises(ValueError, match=r"dataset=file, rows 0–699: data holds 1 NaN/Inf values \(first bad rows: \[650\]\)"):
+        build(sparse_elbo.compose([*overrides, "posterior=amortized"]))
+
+
+def test_a_streamed_run_is_the_in_memory_run_and_what_cannot_stream_is_refused_before_reading(tmp_path):
+    x = np.random.default_rng(2).normal(size=(600, 16)).astype(np.float32)
+    _write(tmp_path / "x.h5", x)
+    np.savez(tmp_path / "x.npz", x=x)
+    base = ["dataset=file", f"dataset.path={tmp_path / 'x.h5'}", "n_latents=6", "dtype=float64", "trainer=adam"]
+    base += ["trainer.max_epochs=2", "trainer.batch_size=100"]
+    for posterior in ("amortized", "diag"):
+        runs = [
+            sparse_elbo.read_results(
+                sparse_elbo.run(
+                    sparse_elbo.compose([*base, f"posterior={posterior}", *extra]), tmp_path / f"{posterior}{i}"
+                ).results_path
+            )
+            for i, extra in enumerate([["dataset.stream=true"], []])
+        ]
+        np.testing.assert_array_equal(runs[0].metrics["elbo"], runs[1].metrics["elbo"])
+        np.testing.assert_array_equal(runs[0].final["W"], runs[1].final["W"])
+    stream = ["dataset=file", f"dataset.path={tmp_path / 'x.h5'}", "n_latents=6", "dataset.stream=true", "posterior=diag"]
+    refusals = {
+        "trainer=em": r"dataset.stream=true: trainer EMTrainer holds its data in memory; trainers that read them in minibatches: \['adam'\]",
+        "evaluation.held_out_fraction=0.1": r"dataset.stream=true leaves the data in their file: evaluation.held_out_fraction must be 0",
+        "trainer/initialisation=sparse_coding": r"set trainer.initialisation.n_points to the rows it may hold$",
+        f"dataset.path={tmp_path / 'x.npz'}": r"dataset.stream=true reads rows from .npy and .h5/.hdf5 files, not from '.npz' ones",
+    }
+    for override, message in refusals.items():
+        trainer = [] if override.startswith("trainer=") else ["trainer=adam"]
+        with pytest.raises(ConfigError, match=message):
+            build(sparse_elbo.compose([*stream, *trainer, override]))

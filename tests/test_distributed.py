@@ -24,6 +24,7 @@ import sparse_elbo
 from sparse_elbo.errors import ConfigError, ExistingFileError, InsufficientMemoryError
 from sparse_elbo.parallel import Ranks, held
 from sparse_elbo.patches import main as patches_main
+from sparse_elbo.patches import write_patches
 from sparse_elbo.runner import build
 
 SMALL_EM = [
@@ -73,6 +74,8 @@ def test_patches_written_once_to_hdf5_are_the_image_patches_and_a_rank_reads_its
     with h5py.File(tmp_path / "p.h5", "r") as f:
         np.testing.assert_array_equal(f["x"][()], expected.x.astype(np.float32))
         np.testing.assert_array_equal(f["positions"][()], expected.info["positions"])
+    with h5py.File(write_patches(tmp_path / "blocks.h5", settings, block_rows=700), "r") as f:  # cut 700 at a time
+        np.testing.assert_array_equal(f["x"][()], expected.x.astype(np.float32))
     cfg = sparse_elbo.compose(["dataset=file", f"dataset.path={tmp_path / 'p.h5'}", "dataset.key=x", "n_latents=16"])
     second = build(cfg, Ranks(1, 2)).problem.x  # rows 1500–2999, read from the file alone
     np.testing.assert_array_equal(second.numpy(), expected.x[1500:].astype(np.float32).astype(np.float64))
@@ -157,6 +160,10 @@ def gaps(a, b) -> np.ndarray:
     ids=["em_analytic", "profile_lbfgs_full", "adam_diag_annealed", "adam_amortized", "adam_full_sampled"],
 )
 def test_two_ranks_give_the_one_process_run_where_the_algorithm_separates(overrides, tmp_path, monkeypatch):
+    assert_two_ranks_give_the_one_process_run(overrides, tmp_path, monkeypatch)
+
+
+def assert_two_ranks_give_the_one_process_run(overrides: list[str], tmp_path: Path, monkeypatch) -> None:
     """The analytic E-step at fixed σ², λ, the M-step, the MAP start, the profile objective's fit and Adam's
     steps over the same global minibatches (with the same noise, for the sampled objective) are sums over
     points: 2 ranks give the 1-process run up to the order of summation (float64) — no further from it than
@@ -177,6 +184,50 @@ def test_two_ranks_give_the_one_process_run_where_the_algorithm_separates(overri
     x = one_process_data(overrides)[:5]
     codes = sparse_elbo.load(tmp_path / "two" / "results.h5").encode(x)  # the file serves load and encode
     assert codes.mean.shape == (5, one.final["W"].shape[1])
+
+
+def _random_file(path: Path, n: int, d: int) -> Path:
+    """``n`` rows of ``d`` standard normal float32 numbers in an HDF5 file (dataset ``x``), written in blocks."""
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        rows = f.create_dataset("x", (n, d), dtype="float32")
+        for start in range(0, n, 100_000):
+            rows[start : start + 100_000] = rng.standard_normal((min(100_000, n - start), d), dtype=np.float32)
+    return path
+
+
+@pytest.mark.slow
+def test_two_ranks_streaming_their_shards_from_the_file_give_the_one_process_run(tmp_path, monkeypatch):
+    path = _random_file(tmp_path / "x.h5", 1000, 16)
+    overrides = ["trainer=adam", "dtype=float64", "trainer.max_epochs=3", "trainer.batch_size=96", "posterior=amortized"]
+    overrides += ["dataset=file", f"dataset.path={path}", "n_latents=6", "dataset.stream=true"]
+    assert_two_ranks_give_the_one_process_run(overrides, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_streamed_shard_is_read_in_blocks_and_its_memory_does_not_grow_with_the_data(tmp_path):
+    """``dataset.stream=true`` (amortised Adam, minibatch statistics: no per-point state): a file four times as
+    large (128 MB against 32 MB of float32) raises the run's peak memory by less than a quarter of the extra
+    data — it is never held — where the same run with the data in memory rises by more than the extra data."""
+    settings = ["n_latents=8", "trainer=adam", "posterior=amortized", "trainer.max_epochs=1", "trainer.batch_size=8192"]
+    settings += ["trainer/statistics=batch", "dataset=file"]
+    script = str(Path(__file__).parent / "scripts" / "peak_memory.py")
+
+    def peak_rise(n: int, *extra: str) -> int:
+        path = tmp_path / f"x{n}.h5"
+        if not path.exists():
+            _random_file(path, n, 32)
+        with launched(
+            [sys.executable, script, str(tmp_path / f"run{n}{len(extra)}"), *settings, f"dataset.path={path}", *extra]
+        ) as process:
+            out, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, out[-3000:]
+        return int(out.strip().splitlines()[-1])
+
+    small, large = peak_rise(250_000, "dataset.stream=true"), peak_rise(1_000_000, "dataset.stream=true")
+    extra_data = 750_000 * 32 * 4
+    assert large - small < extra_data / 4, (small, large)
+    assert peak_rise(1_000_000) - large > extra_data
 
 
 def one_process_data(overrides: list[str]) -> np.ndarray:

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from sparse_elbo.annealing import NoAnnealing
-from sparse_elbo.data import Dataset, rows_of, split_held_out
+from sparse_elbo.data import Dataset, StreamedRows, rows_of, split_held_out
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.inference.fit import FitSettings, fit_memory
 from sparse_elbo.objectives import EntropyELBO
@@ -133,6 +133,18 @@ def _working_numbers(trainer: Trainer, truth, sizes: Sizes) -> list[int]:
     return numbers
 
 
+def _training_rows(cfg: DictConfig, dataset: Dataset, ranks: Ranks, dtype, device, streamed: bool):
+    """This rank's share of the training data (N_rank, D) — in memory, or rows left in their file and read as
+    the trainer asks (``dataset.stream``) — and the held-out points (every rank all of them)."""
+    if streamed and float(cfg.evaluation.held_out_fraction) > 0:
+        raise ConfigError("dataset.stream=true leaves the data in their file: evaluation.held_out_fraction must be 0")
+    x_train, x_held_out = split_held_out(dataset, float(cfg.evaluation.held_out_fraction), int(cfg.seed))
+    shard, origin = ranks.shard(x_train.shape[0]), f"dataset={dataset.name}"
+    if streamed:
+        return StreamedRows(x_train[shard], dtype, device, origin), x_held_out
+    return rows_of(x_train, shard, origin), x_held_out
+
+
 def build(cfg: DictConfig, ranks: Ranks | None = None) -> Components:
     """Validate the config and build every component; nothing is trained here. ``ranks``: this process's
     place in a data-parallel run (``parallel.py``): its problem holds its shard of the training data."""
@@ -149,12 +161,12 @@ def build(cfg: DictConfig, ranks: Ranks | None = None) -> Components:
     with torch.random.fork_rng(devices=[]):  # its settings, checked before any data, leaving the run's random numbers alone
         call_at(posterior_factory, "posterior", n_data=1, n_latents=1, n_observed=1)
     family_class = posterior_factory.func
-    check_capabilities(trainer, family_class, objective, annealing, ranks=ranks.size)
+    streamed = bool(cfg.dataset.get("stream", False))
+    check_capabilities(trainer, family_class, objective, annealing, ranks=ranks.size, streamed=streamed)
     dataset = instantiate_at(cfg.dataset, "dataset")
     n_latents = resolve_n_latents(cfg, dataset)
     truth = ground_truth(cfg, dataset, family_class)
-    x_train, x_held_out = split_held_out(dataset, float(cfg.evaluation.held_out_fraction), int(cfg.seed))
-    x_train = rows_of(x_train, ranks.shard(x_train.shape[0]), f"dataset={dataset.name}")  # (N_rank, D): this rank's share
+    x_train, x_held_out = _training_rows(cfg, dataset, ranks, dtype, device, streamed)
     sizes = Sizes(
         x_train.shape[0],
         dataset.n_observed,
@@ -163,9 +175,8 @@ def build(cfg: DictConfig, ranks: Ranks | None = None) -> Components:
             n_data=x_train.shape[0], n_latents=n_latents, n_observed=dataset.n_observed, **posterior_factory.keywords
         ),
     )
-    check_memory(
-        cfg, _working_numbers(trainer, truth, sizes), sizes, dtype, device, ranks.size, trainer.capabilities.data_parallel
-    )
+    numbers = _working_numbers(trainer, truth, sizes)
+    check_memory(cfg, numbers, sizes, dtype, device, ranks.size, trainer.capabilities.data_parallel, not streamed)
     model = call_at(
         instantiate_at(cfg.model, "model"),
         "model",
@@ -179,7 +190,7 @@ def build(cfg: DictConfig, ranks: Ranks | None = None) -> Components:
         posterior_factory, "posterior", n_data=x_train.shape[0], n_latents=n_latents, n_observed=dataset.n_observed
     )
     problem = Problem(
-        x=torch.as_tensor(x_train, dtype=dtype, device=device),
+        x=x_train if streamed else torch.as_tensor(x_train, dtype=dtype, device=device),
         model=model.to(device=device, dtype=dtype),
         posterior=posterior.to(device=device, dtype=dtype),
         objective=objective,

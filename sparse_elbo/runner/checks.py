@@ -14,7 +14,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sparse_elbo.config import data_parallel_trainers, posterior_families, posterior_family
+from sparse_elbo.config import posterior_families, posterior_family, trainers_with
 from sparse_elbo.errors import ConfigError, InsufficientMemoryError
 from sparse_elbo.trainers.base import Sizes, Trainer
 from sparse_elbo.validation import invalid, require_at_least
@@ -151,14 +151,26 @@ def _allowed_families(kinds: tuple[str, ...]) -> list[str]:
     return [name for name in posterior_families() if posterior_family(name).kind() in kinds]
 
 
-def check_capabilities(trainer: Trainer, family_class, objective, annealing, name: str = "trainer", ranks: int = 1) -> None:
-    """The trainer's declared capabilities against the chosen posterior family, objective and schedule, and
-    the number of ranks the run has."""
+def check_capabilities(
+    trainer: Trainer, family_class, objective, annealing, name: str = "trainer", ranks: int = 1, streamed: bool = False
+) -> None:
+    """The trainer's declared capabilities against the chosen posterior family, objective and schedule, the
+    number of ranks the run has, and whether its data stay in their file (``dataset.stream``)."""
     capabilities, trainer_name, family = trainer.capabilities, type(trainer).__name__, family_class.family
+    if streamed and not capabilities.streams_data:
+        raise ConfigError(
+            f"dataset.stream=true: {name} {trainer_name} holds its data in memory; trainers that read them in "
+            f"minibatches: {trainers_with('streams_data')} (docs/scaling.md)"
+        )
+    if streamed and getattr(getattr(trainer, "initialisation", None), "holds_all_rows", False):
+        raise ConfigError(
+            f"dataset.stream=true: {name}.initialisation learns from every data point in memory; "
+            f"set {name}.initialisation.n_points to the rows it may hold"
+        )
     if ranks > 1 and not capabilities.data_parallel:
         raise ConfigError(
             f"{name} {trainer_name} is not data-parallel and cannot run on {ranks} ranks; "
-            f"data-parallel trainers: {data_parallel_trainers()} (docs/scaling.md)"
+            f"data-parallel trainers: {trainers_with('data_parallel')} (docs/scaling.md)"
         )
     if family_class.kind() not in capabilities.posteriors:
         allowed = _allowed_families(capabilities.posteriors)
@@ -214,13 +226,15 @@ def check_memory(
     device: torch.device,
     ranks: int = 1,
     data_parallel: bool = False,
+    data_in_memory: bool = True,
 ) -> None:
     """Refuse, before allocating anything large, a run whose arrays cannot fit in the device's memory;
     ``working_numbers``: what each of its trainers and fits holds beyond the data (numbers, not bytes). In a
     data-parallel run ``sizes`` are the rank's shard's; a data-parallel trainer's refusal names how many ranks
-    of such devices would hold the run (its per-point arrays shrink with the shards)."""
+    of such devices would hold the run (its per-point arrays shrink with the shards); ``data_in_memory`` False:
+    the data stay in their file (``dataset.stream``)."""
     itemsize = torch.finfo(dtype).bits // 8
-    numbers = sizes.n_data * sizes.n_observed + max(working_numbers)
+    numbers = sizes.n_data * sizes.n_observed * data_in_memory + max(working_numbers)
     needed, available = numbers * itemsize, _available_memory(device)
     if needed > available:
         per_rank = f" per rank of {ranks}" if ranks > 1 else ""

@@ -59,7 +59,12 @@ class AdamState:
 
 class AdamTrainer(Trainer):
     capabilities = Capabilities(
-        posteriors=KINDS, objectives=OBJECTIVES, annealing=True, prior_scales=("optimal", "fixed"), data_parallel=True
+        posteriors=KINDS,
+        objectives=OBJECTIVES,
+        annealing=True,
+        prior_scales=("optimal", "fixed"),
+        data_parallel=True,
+        streams_data=True,
     )
 
     def __init__(

@@ -35,8 +35,8 @@ class Capabilities:
     """What a trainer can train: kinds of posterior family (``per_data_point``, ``amortized``), objectives (by
     name), whether it follows an annealing schedule (False: it maximises the unweighted objective only), the
     schedules' ``prior_scale`` settings it can follow (``fixed``: it passes ``λ_0`` on to its E-step or
-    objective), the family features it needs (``Posterior.features``), and whether it runs data-parallel
-    (docs/scaling.md)."""
+    objective), the family features it needs (``Posterior.features``), whether it runs data-parallel and
+    whether it can leave the data in their file (docs/scaling.md)."""
 
     posteriors: tuple[str, ...]
     objectives: tuple[str, ...]
@@ -44,6 +44,7 @@ class Capabilities:
     prior_scales: tuple[str, ...] = ("optimal",)
     features: tuple[str, ...] = ()
     data_parallel: bool = False  # it runs on several ranks, each with a shard of the data (parallel.py)
+    streams_data: bool = False  # it reads the data by rows (minibatches, blocks): they may stay in their file
 
 
 @dataclass(frozen=True)
