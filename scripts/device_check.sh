@@ -17,7 +17,9 @@
 #      score_dictionary at the paper's size, one unannealed EM epoch with whole-data blocks;
 #   3. scripts/bench_patches.py: experiment=patches_em at the paper's size with whole-data E-step blocks —
 #      time per epoch, peak device memory, ELBO, localisation;
-#   4. scripts/bench_amortized.py: three timed epochs of experiment=patches_amortized.
+#   4. scripts/bench_amortized.py: three timed epochs of experiment=patches_amortized;
+#   5. on a machine with two or more GPUs only (NCCL will not run two ranks on one GPU): a 2-rank data-parallel
+#      EM run with the NCCL backend, one GPU per rank (at most 60 s more than the 570).
 #
 # DEVICE=cpu runs the same steps on the CPU (a check of this script; steps 2-4 then run past their limits).
 set -uo pipefail
@@ -50,3 +52,9 @@ step 2_estep 90 python3 scripts/bench_estep.py --device "$DEVICE" --n-patches 20
 step 3_patches_em 180 python3 scripts/bench_patches.py --device "$DEVICE" --reference-fraction 0 --progress \
     trainer.driver.block_size=null
 step 4_amortized 120 python3 scripts/bench_amortized.py --time-epochs 3 experiment=patches_amortized "device=$DEVICE"
+if [ "$DEVICE" = cuda ] && [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+    step 5_nccl 60 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m sparse_elbo.train \
+        trainer=em dataset.n_data=4000 trainer.max_epochs=3 device=cuda "hydra.run.dir=$OUT/nccl_run"
+else
+    echo "== 5_nccl: skipped (one GPU: NCCL runs one rank per GPU)"
+fi

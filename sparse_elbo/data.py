@@ -201,7 +201,7 @@ class HDF5Rows:
         import h5py
 
         with h5py.File(path, "r") as f:
-            self.dtype, full = f[name].dtype, f[name].shape
+            self.dtype, full, self.attrs = f[name].dtype, f[name].shape, dict(f[name].attrs)
         self.path, self.name, self.start = path, name, start
         self.stop = full[0] if stop is None else stop
         self.shape = (self.stop - self.start, *full[1:])
@@ -292,9 +292,13 @@ def load_file(path: str, key: str | None = None, max_data: int | None = None, st
         x = read_data_file(path, key)
     if stream and not isinstance(x, (np.memmap, HDF5Rows)):
         raise ConfigError(f"dataset.stream=true reads rows from .npy and .h5/.hdf5 files, not from {file.suffix!r} ones")
+    shape = getattr(x, "attrs", {}).get("image_shape")  # patches written by ``python -m sparse_elbo.patches``
+    if shape is not None and int(np.prod(shape)) != x.shape[1]:
+        raise ConfigError(f"{named}: its image_shape attribute {list(shape)} does not hold the {x.shape[1]} numbers of a row")
     if max_data is not None:
         x = x[: int(max_data)]
-    return Dataset(name="file", x=x, info={"path": str(file.resolve()), "key": key, "stream": bool(stream)})
+    info = {"path": str(file.resolve()), "key": key, "stream": bool(stream)}
+    return Dataset(name="file", x=x, image_shape=None if shape is None else tuple(int(v) for v in shape), info=info)
 
 
 def _hdf5_rows(file: Path, key: str | None, named: str) -> HDF5Rows:

@@ -5,7 +5,8 @@
 The patches are those ``dataset=image_patches`` with the same settings would cut (``dataset.source``,
 ``dataset.path``, ``dataset.patch_size``, ``dataset.n_patches``, ``dataset.whiten_images``, ``dataset.remove_dc``,
 ...; configs/dataset/image_patches.yaml), drawn with ``seed``. The file holds ``x`` (N, p²) float32, ``positions``
-(N, 3) int64 (image index, top row, left column), ``images`` (the images' names) and the settings as attributes.
+(N, 3) int64 (image index, top row, left column), ``images`` (the images' names) and the settings as attributes
+(``x`` has the patch's ``image_shape``, which a run on the file reads: its figures and localisation).
 The patches are cut and written in blocks (the images are held, the patches never all at once). A run then
 reads it with ``dataset=file dataset.path=patches.h5 dataset.key=x``: a ``.h5`` data set is read by each rank's
 shard of rows, not whole (``dataset.stream=true``: by minibatches). ``out`` must be a new ``.h5`` file in a folder that exists.
@@ -37,6 +38,7 @@ def write_patches(out: str | Path, overrides: list[str] = (), block_rows: int = 
     n, d = plan.n_patches, plan.patch_size**2
     with h5py.File(file, "w-") as f:
         x = f.create_dataset("x", shape=(n, d), dtype=np.float32, chunks=(min(4096, n), d))
+        x.attrs["image_shape"] = (plan.patch_size, plan.patch_size)  # a run on the file draws fields, localisation
         for start in range(0, n, block_rows):
             rows = slice(start, min(start + block_rows, n))
             x[rows] = plan.cut(rows).astype(np.float32)

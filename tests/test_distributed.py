@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import sparse_elbo
+from sparse_elbo.data import load_file
 from sparse_elbo.errors import ConfigError, ExistingFileError, InsufficientMemoryError
 from sparse_elbo.parallel import Ranks, held
 from sparse_elbo.patches import main as patches_main
@@ -77,6 +78,7 @@ def test_patches_written_once_to_hdf5_are_the_image_patches_and_a_rank_reads_its
     with h5py.File(write_patches(tmp_path / "blocks.h5", settings, block_rows=700), "r") as f:  # cut 700 at a time
         np.testing.assert_array_equal(f["x"][()], expected.x.astype(np.float32))
     cfg = sparse_elbo.compose(["dataset=file", f"dataset.path={tmp_path / 'p.h5'}", "dataset.key=x", "n_latents=16"])
+    assert load_file(str(tmp_path / "p.h5"), "x").image_shape == (8, 8)  # a run draws its fields, measures localisation
     second = build(cfg, Ranks(1, 2)).problem.x  # rows 1500–2999, read from the file alone
     np.testing.assert_array_equal(second.numpy(), expected.x[1500:].astype(np.float32).astype(np.float64))
     with pytest.raises(ExistingFileError, match=r"out=.* already exists"):

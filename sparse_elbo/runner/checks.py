@@ -106,7 +106,7 @@ def check_settings(node: DictConfig, key: str) -> None:
         raise ConfigError(
             f"{names} {'is not a setting' if len(unknown) == 1 else 'are not settings'} of {node._target_.rsplit('.', 1)[-1]} "
             f"({key}); its settings: {allowed}. To run another component on an experiment's data, choose the sibling "
-            "experiment (configs/experiment/)"
+            f"experiment (configs/experiment/), or drop them: {' '.join(repr(f'~{key}.{name}') for name in unknown)}"
         )
     annotations = _annotations(target)
     for name in set(node) - _HYDRA_KEYS:
