@@ -159,7 +159,13 @@ def gaps(a, b) -> np.ndarray:
         [*SMALL_ADAM, "posterior=amortized", "trainer.fused_objective=false"],
         [*SMALL_ADAM, "posterior=full", "objective=sampled"],
     ],
-    ids=["em_analytic", "profile_lbfgs_full", "adam_diag_annealed", "adam_amortized", "adam_full_sampled"],
+    ids=[
+        "em_analytic",
+        "profile_lbfgs_full",
+        "adam_diag_annealed",
+        "adam_amortized",
+        "adam_full_sampled",
+    ],
 )
 def test_two_ranks_give_the_one_process_run_where_the_algorithm_separates(overrides, tmp_path, monkeypatch):
     assert_two_ranks_give_the_one_process_run(overrides, tmp_path, monkeypatch)

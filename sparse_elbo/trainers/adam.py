@@ -119,12 +119,17 @@ class AdamTrainer(Trainer):
         """Each minibatch of the epoch: the positions of this rank's points in it (of its ``n``), its size, and
         where in it they are (None: all of it). The order is drawn over every rank's points (global indices),
         so that the minibatches do not depend on the number of ranks."""
-        ranks = parallel.sharing()
+        ranks, size = parallel.sharing(), self.batch_size
         n_all = n if ranks is None else parallel.count(n)
         order = torch.randperm(n_all, generator=generator, device=device) if self.shuffle else torch.arange(n_all, device=device)
-        for batch in order.split(self.batch_size):
-            places, index = (None, batch) if ranks is None else ranks.positions(batch, n_all)
-            yield index, len(batch), places
+        if ranks is None:
+            yield from ((batch, len(batch), None) for batch in order.split(size))
+            return
+        part = ranks.shard(n_all)
+        held = torch.nonzero((order >= part.start) & (order < part.stop)).reshape(-1)  # places in the order (N_rank,)
+        counts = torch.bincount(held // size, minlength=-(-n_all // size)).tolist()  # per minibatch: one sync an epoch
+        for b, places in enumerate(held.split(counts)):
+            yield order[places] - part.start, min(size, n_all - b * size), places - b * size
 
     def train_epoch(self, problem: Problem, state: AdamState, epoch: int, weights: AnnealingWeights) -> None:
         """One shuffled pass in minibatches; nothing in the loop reads a value back to the host (data-parallel:
