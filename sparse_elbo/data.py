@@ -272,6 +272,49 @@ class StreamedRows:
     def new_zeros(self, *size) -> torch.Tensor:
         return torch.zeros(*size, dtype=self.dtype, device=self.device)
 
+    def blocks(self, block_rows: int = 16384):
+        """``(rows, x[rows])`` block after block: slices of at most ``block_rows`` rows and their data."""
+        for start in range(0, len(self), block_rows):
+            rows = slice(start, min(start + block_rows, len(self)))
+            yield rows, self[rows]
+
+
+def products(x, M: torch.Tensor) -> torch.Tensor:
+    """``x M`` (N,k) of data ``x (N,D)`` and ``M (D,k)``: one product in memory, block by block for rows left in
+    their file (``StreamedRows``)."""
+    if torch.is_tensor(x):
+        return x @ M
+    return torch.cat([block @ M for _, block in x.blocks()])
+
+
+def cross_products(x, Y: torch.Tensor) -> torch.Tensor:
+    """``xᵀ Y`` (D,k) of data ``x (N,D)`` and per-point ``Y (N,k)``, likewise."""
+    if torch.is_tensor(x):
+        return x.T @ Y
+    return sum(block.T @ Y[rows] for rows, block in x.blocks())
+
+
+def squared_residual(x, codes: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ_n ||x_n - W c_n||²`` and ``Σ_n ||x_n||²`` (scalars) of data ``x (N,D)``, codes ``c (N,H)``, ``W (D,H)``,
+    likewise."""
+    if torch.is_tensor(x):
+        return (x - codes @ W.T).pow(2).sum(), x.pow(2).sum()
+    return sum((block - codes[rows] @ W.T).pow(2).sum() for rows, block in x.blocks()), energy(x)
+
+
+def energy(x) -> torch.Tensor:
+    """``Σ_n ||x_n||²`` (scalar), likewise."""
+    if torch.is_tensor(x):
+        return x.pow(2).sum()
+    return sum(block.pow(2).sum() for _, block in x.blocks())
+
+
+def row_energies(x) -> torch.Tensor:
+    """``||x_n||²`` (N,), likewise."""
+    if torch.is_tensor(x):
+        return x.pow(2).sum(-1)
+    return torch.cat([block.pow(2).sum(-1) for _, block in x.blocks()])
+
 
 def load_file(path: str, key: str | None = None, max_data: int | None = None, stream: bool = False) -> Dataset:
     """A user's ``(N, D)`` array (``dataset=file``) from ``.npy``, ``.npz``, ``.h5``/``.hdf5`` (dataset name) or

@@ -38,6 +38,7 @@ import math
 import torch
 
 from sparse_elbo import closed_forms, parallel
+from sparse_elbo.data import cross_products, products, row_energies
 from sparse_elbo.inference.kernels import capped_density
 from sparse_elbo.inference.registry import POSTERIOR_FITS
 from sparse_elbo.inference.statistics import block_size as default_block_size
@@ -80,12 +81,12 @@ class DiagonalNewtonFit:
         self.cg_iterations, self.scale_steps, self.line_search_steps = cg_iterations, scale_steps, line_search_steps
         self.cg_tolerance = cg_tolerance
         self.set_dictionary(W)
-        self.row_energy = x.pow(2).sum(-1)  # ||x_n||² (N,)
+        self.row_energy = row_energies(x)  # ||x_n||² (N,)
         self.blocks = [slice(start, start + block_size) for start in range(0, x.shape[0], block_size)]
         self.value = None
         self.n_total = parallel.count(x.shape[0])  # data points over every rank
         if mean is None:
-            self.mean = x @ torch.linalg.pinv(W).T  # least-squares codes (N,H)
+            self.mean = products(x, torch.linalg.pinv(W).T)  # least-squares codes (N,H)
             self.sigma2, self.lam = start_scales(x, self.mean, W, self.mean.abs())  # λ: mean |μ|
             self.log_std = (-0.5 * torch.log(self.gram_diagonal / self.sigma2 + self.lam**-2)).expand_as(self.mean).clone()
         else:
@@ -96,7 +97,7 @@ class DiagonalNewtonFit:
         """Move to the dictionary ``W (D,H)``, keeping q, σ², λ as the warm start of the next iterations."""
         self.gram = W.T @ W  # G (H,H)
         self.gram_diagonal = torch.diagonal(self.gram).clone()  # (H,)
-        self.projection = self.x @ W  # b (N,H)
+        self.projection = products(self.x, W)  # b (N,H)
 
     def state(self) -> tuple[torch.Tensor, ...]:
         """What a warm start needs: mean, log-std, σ², λ."""
@@ -108,7 +109,7 @@ class DiagonalNewtonFit:
     def dictionary_gradient(self, W: torch.Tensor) -> torch.Tensor:
         """``∂(N L_H)/∂W`` (D,H) at the current q (σ²*, λ* following it): only σ²* depends on W."""
         second_moment = self.mean.T @ self.mean + torch.diag(self.log_std.exp().square().sum(0))  # Σ_n E[z zᵀ] (H,H)
-        cross = parallel.total(self.x.T @ self.mean)  # Σ_n x_n μ_nᵀ (D,H)
+        cross = parallel.total(cross_products(self.x, self.mean))  # Σ_n x_n μ_nᵀ (D,H)
         return closed_forms.dictionary_gradient(cross, parallel.total(second_moment), W, self.sigma2)
 
     # ------------------------------------------------------------------------------------ the pieces

@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from sparse_elbo import closed_forms, parallel
+from sparse_elbo.data import cross_products, energy, products
 from sparse_elbo.inference.registry import POSTERIOR_FITS
 from sparse_elbo.inference.statistics import start_scales
 from sparse_elbo.objectives import DataStatistics, EntropyELBO
@@ -65,9 +66,9 @@ class FixedPointFit:
         self.x, self.prior, self.full, self.learn_scales = x, prior, full, learn_scales
         n = x.shape[0]
         self.set_dictionary(W)
-        self.x_energy = x.pow(2).sum()
+        self.x_energy = energy(x)
         self.n_total = parallel.count(n)  # data points over every rank
-        self.mean = x @ torch.linalg.pinv(W).T  # least-squares codes (N,H)
+        self.mean = products(x, torch.linalg.pinv(W).T)  # least-squares codes (N,H)
         self.sigma2, self.lam = start_scales(x, self.mean, W, prior.statistic(self.mean, torch.zeros_like(self.mean)))
         self.curvature = (1.0 / self.lam**2).expand(n, -1).clone()  # d (N,H)
         self.covariance = None
@@ -93,7 +94,7 @@ class FixedPointFit:
     def set_dictionary(self, W: torch.Tensor) -> None:
         """Move to the dictionary ``W (D,H)``, keeping q, d, σ², λ as the warm start of the next iterations."""
         self.gram = W.T @ W  # G (H,H)
-        self.projection = self.x @ W  # b (N,H)
+        self.projection = products(self.x, W)  # b (N,H)
 
     @torch.no_grad()
     def write_to(self, posterior, model) -> None:
@@ -109,7 +110,7 @@ class FixedPointFit:
     def dictionary_gradient(self, W: torch.Tensor) -> torch.Tensor:
         """``∂(N L_H)/∂W`` (D,H) at the current q (σ²*, λ* following it): only σ²* depends on W."""
         second_moment = parallel.total(self.mean.T @ self.mean + self.covariance.sum(0))  # Σ_n E[z zᵀ] (H,H)
-        return closed_forms.dictionary_gradient(parallel.total(self.x.T @ self.mean), second_moment, W, self.sigma2)
+        return closed_forms.dictionary_gradient(parallel.total(cross_products(self.x, self.mean)), second_moment, W, self.sigma2)
 
     def _prior_mean_objective(self, mean, std):
         """``F_n`` in ``μ`` at fixed ``s`` (the terms that depend on μ)  ->  (N,)"""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_elbo import closed_forms, parallel
+from sparse_elbo.data import squared_residual
 from sparse_elbo.parallel import summed
 
 # On a CPU, blocks of 16,384 points keep every (block, H) temporary of the E-step below glibc's 32 MiB
@@ -115,9 +116,9 @@ def start_scales(x: torch.Tensor, codes: torch.Tensor, W: torch.Tensor, statisti
     mean squared residual plus 10⁻³ of the data's mean square (the residual is 0 where H ≥ D), λ the mean of the
     prior ``statistic (N,H)`` of the codes — over the data points of every rank (``parallel.Ranks.sharing``)."""
     tiny = torch.finfo(x.dtype).tiny
-    if parallel.sharing() is None:
+    if parallel.sharing() is None and torch.is_tensor(x):
         return (x - codes @ W.T).pow(2).mean() + 1e-3 * x.pow(2).mean(), statistic.mean(0).clamp_min(tiny)
-    residual, energy, total_statistic = summed((x - codes @ W.T).pow(2).sum(), x.pow(2).sum(), statistic.sum(0))
+    residual, energy, total_statistic = summed(*squared_residual(x, codes, W), statistic.sum(0))  # rows in a file too
     n = parallel.count(x.shape[0])
     sigma2 = (residual + 1e-3 * energy) / (n * x.shape[1])
     return sigma2.to(x.dtype), (total_statistic / n).to(x.dtype).clamp_min(tiny)

@@ -159,8 +159,8 @@ def check_capabilities(
     capabilities, trainer_name, family = trainer.capabilities, type(trainer).__name__, family_class.family
     if streamed and not capabilities.streams_data:
         raise ConfigError(
-            f"dataset.stream=true: {name} {trainer_name} holds its data in memory; trainers that read them in "
-            f"minibatches: {trainers_with('streams_data')} (docs/scaling.md)"
+            f"dataset.stream=true: {name} {trainer_name} holds its data in memory; trainers that read them by "
+            f"rows: {trainers_with('streams_data')} (docs/scaling.md)"
         )
     if streamed and getattr(getattr(trainer, "initialisation", None), "holds_all_rows", False):
         raise ConfigError(

@@ -51,6 +51,7 @@ class EMTrainer(Trainer):
         annealing=True,
         prior_scales=("optimal", "fixed"),
         data_parallel=True,
+        streams_data=True,
     )
 
     def __init__(

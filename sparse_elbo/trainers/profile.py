@@ -57,7 +57,9 @@ class ProfileState:
 
 
 class ProfileLBFGSTrainer(Trainer):
-    capabilities = Capabilities(posteriors=("per_data_point",), objectives=("entropy",), annealing=False, data_parallel=True)
+    capabilities = Capabilities(
+        posteriors=("per_data_point",), objectives=("entropy",), annealing=False, data_parallel=True, streams_data=True
+    )
 
     def __init__(
         self,
