@@ -461,8 +461,23 @@ def plan_image_patches(
     seed: int = 0,
     images: list[str] | None = None,
 ) -> PatchPlan:
-    """The images and positions of ``make_image_patches`` with the same settings, nothing cut yet (for
-    writing many patches block by block: ``python -m sparse_elbo.patches``)."""
+    """The images and the drawn positions of ``make_image_patches``, nothing cut yet (``python -m
+    sparse_elbo.patches`` cuts them block by block).
+
+    source: ``builtin`` (the scikit-image photographs ``BUILTIN_IMAGES``, or the ones ``images`` names;
+    needs no path), ``mat`` (``path``
+    to a .mat file, variable ``key``, images along ``image_axis``), ``npy`` (``path`` to a .npy file with one
+    image, or a stack with the images along ``image_axis``), ``folder`` (image files in ``path``
+    matching ``pattern``, default ``*``) or ``vanhateren`` (``.iml`` files in ``path`` matching ``pattern``,
+    default ``*.iml``).
+    whiten_images: apply ``whiten`` (f0 = 0.4·size, variance 0.1) to every image before cutting patches.
+    Set it to false for Olshausen's ``IMAGES.mat``, which is already whitened: whitening twice multiplies
+    the spectrum by ``f²`` and leaves mostly high-frequency noise.
+    held_out: extra patches at positions distinct from every training patch, returned in
+    ``info["held_out"]`` as ``(held_out, p²)`` (None when 0).  They are drawn with the training patches
+    (``n_patches + held_out`` distinct positions, then split), so they may overlap training patches
+    partially (shifted by a few pixels) but never coincide with one.
+    """
     if source not in SOURCES:
         raise ConfigError(f"dataset.source must be one of {list(SOURCES)}, got {source!r}")
     p = _check_int(patch_size, "patch_size", 1)
@@ -488,39 +503,11 @@ def plan_image_patches(
     return PatchPlan(pictures, positions, n, p, bool(remove_dc), info)
 
 
-def make_image_patches(
-    source: str = "builtin",
-    path: str | None = None,
-    key: str = "IMAGES",
-    image_axis: int = -1,
-    pattern: str | None = None,
-    patch_size: int = 16,
-    n_patches: int = 204800,
-    held_out: int = 0,
-    whiten_images: bool = True,
-    remove_dc: bool = False,
-    seed: int = 0,
-    images: list[str] | None = None,
-) -> Dataset:
-    """Random ``p×p`` patches of (whitened) natural images -> ``Dataset`` with ``x (n_patches, p²)``.
-
-    source: ``builtin`` (the scikit-image photographs ``BUILTIN_IMAGES``, or the ones ``images`` names;
-    needs no path), ``mat`` (``path``
-    to a .mat file, variable ``key``, images along ``image_axis``), ``npy`` (``path`` to a .npy file with one
-    image, or a stack with the images along ``image_axis``), ``folder`` (image files in ``path``
-    matching ``pattern``, default ``*``) or ``vanhateren`` (``.iml`` files in ``path`` matching ``pattern``,
-    default ``*.iml``).
-    whiten_images: apply ``whiten`` (f0 = 0.4·size, variance 0.1) to every image before cutting patches.
-    Set it to false for Olshausen's ``IMAGES.mat``, which is already whitened: whitening twice multiplies
-    the spectrum by ``f²`` and leaves mostly high-frequency noise.
-    held_out: extra patches at positions distinct from every training patch, returned in
-    ``info["held_out"]`` as ``(held_out, p²)`` (None when 0).  They are drawn with the training patches
-    (``n_patches + held_out`` distinct positions, then split), so they may overlap training patches
-    partially (shifted by a few pixels) but never coincide with one.
-    """
-    plan = plan_image_patches(
-        source, path, key, image_axis, pattern, patch_size, n_patches, held_out, whiten_images, remove_dc, seed, images
-    )
+@functools.wraps(plan_image_patches, assigned=())  # its settings (__wrapped__): what configs and checks read
+def make_image_patches(*args, **settings) -> Dataset:
+    """Random ``p×p`` patches of (whitened) natural images -> ``Dataset`` with ``x (n_patches, p²)`` and
+    ``info["held_out"]`` ``(held_out, p²)`` (None when 0); the settings are ``plan_image_patches``'s."""
+    plan = plan_image_patches(*args, **settings)
     n, p = plan.n_patches, plan.patch_size
     patches = plan.cut(slice(None))  # (n + held_out, p²)
     info = {**plan.info, "held_out": patches[n:].copy() if len(patches) > n else None}

@@ -77,7 +77,7 @@ def check_type(key: str, value, annotation) -> None:
 
 def _annotations(target) -> dict:
     try:
-        return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+        return typing.get_type_hints(target.__init__ if inspect.isclass(target) else inspect.unwrap(target))
     except (NameError, TypeError):  # an annotation that cannot be resolved: left to the component
         return {}
 
