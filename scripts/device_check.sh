@@ -19,7 +19,7 @@
 #      time per epoch, peak device memory, ELBO, localisation;
 #   4. scripts/bench_amortized.py: three timed epochs of experiment=patches_amortized;
 #   5. on a machine with two or more GPUs only (NCCL will not run two ranks on one GPU): a 2-rank data-parallel
-#      EM run with the NCCL backend, one GPU per rank (at most 60 s more than the 570).
+#      EM and Adam runs with the NCCL backend, one GPU per rank (at most 120 s more than the 570).
 #
 # DEVICE=cpu runs the same steps on the CPU (a check of this script; steps 2-4 then run past their limits).
 set -uo pipefail
@@ -54,7 +54,10 @@ step 3_patches_em 180 python3 scripts/bench_patches.py --device "$DEVICE" --refe
 step 4_amortized 120 python3 scripts/bench_amortized.py --time-epochs 3 experiment=patches_amortized "device=$DEVICE"
 if [ "$DEVICE" = cuda ] && [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
     step 5_nccl 60 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m sparse_elbo.train \
-        trainer=em dataset.n_data=4000 trainer.max_epochs=3 device=cuda "hydra.run.dir=$OUT/nccl_run"
+        trainer=em dataset.n_data=4000 trainer.max_epochs=3 device=cuda "hydra.run.dir=$OUT/nccl_em"
+    step 5_nccl_adam 60 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m sparse_elbo.train \
+        trainer=adam posterior=amortized objective=sampled dataset.n_data=4000 trainer.max_epochs=3 device=cuda \
+        "hydra.run.dir=$OUT/nccl_adam"
 else
     echo "== 5_nccl: skipped (one GPU: NCCL runs one rank per GPU)"
 fi

@@ -254,14 +254,17 @@ class StreamedRows:
         return self.shape[0]
 
     def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, slice):
-            rows = np.asarray(self.source[index])
-        else:
+        if not isinstance(index, slice):
             positions = torch.as_tensor(index).cpu().numpy()
+            if len(positions) and positions[-1] - positions[0] == len(positions) - 1 and (np.diff(positions) == 1).all():
+                index = slice(int(positions[0]), int(positions[-1]) + 1)  # consecutive rows: one read
+        if isinstance(index, slice):
+            rows = np.array(self.source[index])  # a copy: a memory-mapped file is read-only
+        else:
             order = np.argsort(positions, kind="stable")
             rows = np.empty((len(positions), self.shape[1]), dtype=self.source.dtype)
             rows[order] = self._take(positions[order])
-        return torch.from_numpy(np.asarray(rows)).to(device=self.device, dtype=self.dtype)
+        return torch.from_numpy(rows).to(device=self.device, dtype=self.dtype)
 
     def _take(self, increasing: np.ndarray) -> np.ndarray:
         """Rows at ``increasing`` positions (repeats allowed: read once each)."""

@@ -503,7 +503,8 @@ def plan_image_patches(
     return PatchPlan(pictures, positions, n, p, bool(remove_dc), info)
 
 
-@functools.wraps(plan_image_patches, assigned=())  # its settings (__wrapped__): what configs and checks read
+# its settings (``__wrapped__``: what configs and checks read, so ``inspect.signature`` shows plan's return type too)
+@functools.wraps(plan_image_patches, assigned=())
 def make_image_patches(*args, **settings) -> Dataset:
     """Random ``p×p`` patches of (whitened) natural images -> ``Dataset`` with ``x (n_patches, p²)`` and
     ``info["held_out"]`` ``(held_out, p²)`` (None when 0); the settings are ``plan_image_patches``'s."""

@@ -216,6 +216,7 @@ def rows_to_main(rows_of: Callable[[slice], dict[str, torch.Tensor]], n: int, wr
         for start in range(0, n, block_rows):
             for value in rows_of(slice(start, min(start + block_rows, n))).values():
                 dist.send(value.detach().to(device).contiguous(), dst=0)
+        _SHARING.barrier()
         return
     like = {name: value.detach() for name, value in rows_of(slice(0, 1)).items()}  # every rank's arrays alike
     for rank in range(_SHARING.size):
@@ -229,6 +230,7 @@ def rows_to_main(rows_of: Callable[[slice], dict[str, torch.Tensor]], n: int, wr
                 for value in block.values():
                     dist.recv(value, src=rank)
             write(start, block)
+    _SHARING.barrier()  # a send may return before its rows arrive (NCCL): no rank leaves the group before then
 
 
 @contextlib.contextmanager
@@ -255,7 +257,7 @@ def batch_normal(shape: tuple[int, ...], **kwargs) -> torch.Tensor:
     if _MINIBATCH is None:
         return torch.randn(shape, **kwargs)
     whole = torch.randn((shape[0], _MINIBATCH, *shape[2:]), **kwargs)
-    return whole.index_select(1, _PLACES.to(whole.device))
+    return whole if _PLACES is None else whole.index_select(1, _PLACES.to(whole.device))
 
 
 def batch_size(n: int) -> int:
@@ -285,7 +287,9 @@ def complete_gradients(shared: list[torch.Tensor], local: list[torch.Tensor]) ->
     """Inside ``minibatch``: the gradients of the ``shared`` parameters (every rank holds them whole: the
     dictionary, σ², λ, an encoder's weights) summed over the ranks with one all-reduce, and a zero gradient
     for every parameter a rank's part of the minibatch did not reach (so that each rank's optimiser steps as
-    the single process's does: rows outside the batch get zero, not no gradient). Nothing outside it."""
+    the single process's does: rows outside the batch get zero, not no gradient). Nothing outside it. The sum is
+    the single process's gradient while every term of the loss reaches the shared parameters through the
+    minibatch's means (``batch_mean``); a term of the parameters alone (a penalty on W) would count once per rank."""
     if _MINIBATCH is None:
         return
     for parameter in (*shared, *local):

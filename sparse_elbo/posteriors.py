@@ -108,7 +108,8 @@ class PerDataPointPosterior(Posterior):
         return self(index)
 
     def state_rows(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
-        """``state_arrays``' rows of the data points ``index`` (the results file takes them in blocks)."""
+        """``state_arrays``' rows of the data points ``index`` (the results file takes them in blocks). This default
+        makes every row's arrays for each block; a family overrides it with its rows alone (as both shipped ones do)."""
         return {name: value[index] for name, value in self.state_arrays().items()}
 
     def per_data_point(self, x: torch.Tensor) -> PerDataPointPosterior:

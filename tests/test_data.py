@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import h5py
+import hydra.utils
 import numpy as np
 import pytest
 import scipy.io
@@ -15,7 +16,9 @@ from sparse_elbo.cli import user_error_message
 from sparse_elbo.data import HDF5Rows, StreamedRows, bars_dictionary, load_file, make_bars, read_data_file, rows_of
 from sparse_elbo.errors import ConfigError
 from sparse_elbo.parallel import Ranks
+from sparse_elbo.posteriors import DiagonalPosterior
 from sparse_elbo.runner import build
+from sparse_elbo.runner.checks import check_capabilities
 
 
 def test_bars_dictionary_has_g_vertical_and_g_horizontal_bars():
@@ -260,3 +263,7 @@ def test_a_streamed_run_is_the_in_memory_run_and_what_cannot_stream_is_refused_b
         trainer = [] if override.startswith("trainer=") else ["trainer=adam"]
         with pytest.raises(ConfigError, match=message):
             build(sparse_elbo.compose([*stream, *trainer, override]))
+    em = sparse_elbo.compose(["trainer=em", "posterior=diag"])  # on a GPU a null block size is the whole data set
+    components = [hydra.utils.instantiate(em[group]) for group in ("trainer", "objective", "annealing")]
+    with pytest.raises(ConfigError, match=r"^dataset.stream=true on CUDA: set trainer.driver.block_size \(null takes"):
+        check_capabilities(components[0], DiagonalPosterior, *components[1:], streamed=True, device_type="cuda")

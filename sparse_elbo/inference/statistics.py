@@ -27,10 +27,11 @@ CPU_BLOCK_SIZE = 16384
 
 
 def block_size(x: torch.Tensor, requested: int | None) -> int:
-    """``requested``, or when it is None the whole data set on CUDA and 16,384 points on a CPU."""
+    """``requested``, or when it is None the whole data set on CUDA (when it is in the device's memory, not
+    left in its file) and 16,384 points on a CPU."""
     if requested is not None:
         return requested
-    return x.shape[0] if x.is_cuda else CPU_BLOCK_SIZE
+    return x.shape[0] if x.is_cuda and torch.is_tensor(x) else CPU_BLOCK_SIZE
 
 
 def data_blocks(n: int, size: int, device) -> list[torch.Tensor]:

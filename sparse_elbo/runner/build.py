@@ -162,7 +162,7 @@ def build(cfg: DictConfig, ranks: Ranks | None = None) -> Components:
         call_at(posterior_factory, "posterior", n_data=1, n_latents=1, n_observed=1)
     family_class = posterior_factory.func
     streamed = bool(cfg.dataset.get("stream", False))
-    check_capabilities(trainer, family_class, objective, annealing, ranks=ranks.size, streamed=streamed)
+    check_capabilities(trainer, family_class, objective, annealing, "trainer", ranks.size, streamed, device.type)
     dataset = instantiate_at(cfg.dataset, "dataset")
     n_latents = resolve_n_latents(cfg, dataset)
     truth = ground_truth(cfg, dataset, family_class)

@@ -152,7 +152,14 @@ def _allowed_families(kinds: tuple[str, ...]) -> list[str]:
 
 
 def check_capabilities(
-    trainer: Trainer, family_class, objective, annealing, name: str = "trainer", ranks: int = 1, streamed: bool = False
+    trainer: Trainer,
+    family_class,
+    objective,
+    annealing,
+    name: str = "trainer",
+    ranks: int = 1,
+    streamed: bool = False,
+    device_type: str = "cpu",
 ) -> None:
     """The trainer's declared capabilities against the chosen posterior family, objective and schedule, the
     number of ranks the run has, and whether its data stay in their file (``dataset.stream``)."""
@@ -161,6 +168,10 @@ def check_capabilities(
         raise ConfigError(
             f"dataset.stream=true: {name} {trainer_name} holds its data in memory; trainers that read them by "
             f"rows: {trainers_with('streams_data')} (docs/scaling.md)"
+        )
+    if streamed and getattr(getattr(trainer, "driver", None), "block_size", 0) is None and device_type == "cuda":
+        raise ConfigError(
+            f"dataset.stream=true on CUDA: set {name}.driver.block_size (null takes the whole data set as one block on a GPU)"
         )
     if streamed and getattr(getattr(trainer, "initialisation", None), "holds_all_rows", False):
         raise ConfigError(

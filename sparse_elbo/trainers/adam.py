@@ -118,7 +118,8 @@ class AdamTrainer(Trainer):
     def _batches(self, n: int, generator: torch.Generator, device) -> Iterator[tuple[torch.Tensor, int, torch.Tensor | None]]:
         """Each minibatch of the epoch: the positions of this rank's points in it (of its ``n``), its size, and
         where in it they are (None: all of it). The order is drawn over every rank's points (global indices),
-        so that the minibatches do not depend on the number of ranks."""
+        so that the minibatches do not depend on the number of ranks (with ``shuffle=False`` each minibatch is
+        then mostly one rank's: the same steps, without the speed-up)."""
         ranks, size = parallel.sharing(), self.batch_size
         n_all = n if ranks is None else parallel.count(n)
         order = torch.randperm(n_all, generator=generator, device=device) if self.shuffle else torch.arange(n_all, device=device)
